@@ -1,0 +1,326 @@
+//! The policy document (SPEC "Policy files"): raw serde types, then a compiled policy.
+//! Two phases: serde with `deny_unknown_fields` catches shape errors with their JSON path and
+//! line; `compile` catches meaning errors (bad CIDR, empty list...) with their JSON path.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::cors::{is_token, CorsConfig, CorsPolicy};
+use crate::error::{index, join, ConfigError};
+use crate::ip_filter::{ClientIpConfig, IpFilterConfig, IpFilterPolicy};
+use crate::locate::locate;
+use crate::path::validate_prefix;
+use crate::subscription_key::{SubscriptionKeyConfig, SubscriptionKeyPolicy};
+use crate::value::{EnvLookup, ValueSource};
+
+/// Policies larger than this are refused before parsing.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Editors' JSON Schema reference; ignored by the filter.
+    #[serde(rename = "$schema", default)]
+    pub schema: Option<String>,
+    pub apis: Vec<ApiConfig>,
+    #[serde(default)]
+    pub client_ip: ClientIpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub name: String,
+    pub path_prefix: String,
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    #[serde(default)]
+    pub ip_filter: Option<IpFilterConfig>,
+    #[serde(default)]
+    pub subscription_key: Option<SubscriptionKeyConfig>,
+    #[serde(default)]
+    pub inject_headers: BTreeMap<String, ValueSource>,
+}
+
+/// A policy the filter can enforce: every field validated, every list compiled.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub apis: Vec<ApiPolicy>,
+    pub client_ip: ClientIpConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiPolicy {
+    pub name: String,
+    pub path_prefix: String,
+    pub cors: Option<CorsPolicy>,
+    pub ip_filter: Option<IpFilterPolicy>,
+    pub subscription_key: Option<SubscriptionKeyPolicy>,
+    /// (lower-case name, value), applied upstream after the client's copies are removed.
+    pub inject_headers: Vec<(String, String)>,
+}
+
+/// Parses and compiles a policy document. Errors carry the JSON path and, where it can be
+/// found, the line and column.
+pub fn parse_policy(text: &[u8], env: EnvLookup<'_>) -> Result<CompiledPolicy, ConfigError> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(ConfigError::new(
+            "",
+            format!("policy is {} bytes; the limit is {MAX_POLICY_BYTES}", text.len()),
+        ));
+    }
+    let text = std::str::from_utf8(text)
+        .map_err(|e| ConfigError::new("", format!("policy is not UTF-8: {e}")))?;
+    let raw = parse_raw(text)?;
+    compile(&raw, env).map_err(|e| match locate(text, &e.path) {
+        Some((line, column)) if e.line.is_none() => e.at(line, column),
+        _ => e,
+    })
+}
+
+/// Phase one: the document's shape.
+pub fn parse_raw(text: &str) -> Result<PolicyConfig, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: PolicyConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, column) = (inner.line(), inner.column());
+        let reason = strip_position(&inner.to_string());
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, reason).at(line, column)
+    })?;
+    de.end()
+        .map_err(|e| ConfigError::new("", strip_position(&e.to_string())).at(e.line(), e.column()))?;
+    Ok(raw)
+}
+
+/// serde_json appends " at line L column C"; we report position separately.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg.get(..i).unwrap_or(msg).to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Phase two: the document's meaning.
+pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy, ConfigError> {
+    if raw.apis.is_empty() {
+        return Err(ConfigError::new("apis", "must define at least one API"));
+    }
+    if raw.client_ip.trusted_proxy_hops > 16 {
+        return Err(ConfigError::new(
+            "client_ip.trusted_proxy_hops",
+            "must be at most 16",
+        ));
+    }
+    let mut apis: Vec<ApiPolicy> = Vec::with_capacity(raw.apis.len());
+    for (i, api) in raw.apis.iter().enumerate() {
+        let path = index("apis", i);
+        let compiled = compile_api(api, &path, env)?;
+        if let Some(other) = apis.iter().find(|a| a.name == compiled.name) {
+            return Err(ConfigError::new(
+                join(&path, "name"),
+                format!("duplicate API name {:?}", other.name),
+            ));
+        }
+        if let Some(other) = apis
+            .iter()
+            .find(|a| a.path_prefix.eq_ignore_ascii_case(&compiled.path_prefix))
+        {
+            return Err(ConfigError::new(
+                join(&path, "path_prefix"),
+                format!(
+                    "{:?} is already the prefix of API {:?} (prefixes match case-insensitively)",
+                    compiled.path_prefix, other.name
+                ),
+            ));
+        }
+        apis.push(compiled);
+    }
+    Ok(CompiledPolicy {
+        apis,
+        client_ip: raw.client_ip.clone(),
+    })
+}
+
+fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPolicy, ConfigError> {
+    // The name becomes part of stat names (`gateguard.<api>.allowed`).
+    if api.name.is_empty()
+        || api.name.len() > 64
+        || !api
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ConfigError::new(
+            join(path, "name"),
+            format!("{:?} must be 1-64 letters, digits, '_' or '-'", api.name),
+        ));
+    }
+    validate_prefix(&api.path_prefix)
+        .map_err(|reason| ConfigError::new(join(path, "path_prefix"), reason))?;
+
+    let cors = api
+        .cors
+        .as_ref()
+        .map(|c| CorsPolicy::compile(c, &join(path, "cors")))
+        .transpose()?;
+    let ip_filter = api
+        .ip_filter
+        .as_ref()
+        .map(|c| IpFilterPolicy::compile(c, &join(path, "ip_filter")))
+        .transpose()?;
+    let subscription_key = api
+        .subscription_key
+        .as_ref()
+        .map(|c| SubscriptionKeyPolicy::compile(c, &join(path, "subscription_key")))
+        .transpose()?;
+
+    let inject_path = join(path, "inject_headers");
+    let mut inject_headers = Vec::with_capacity(api.inject_headers.len());
+    for (name, source) in &api.inject_headers {
+        let field = join(&inject_path, name);
+        check_upstream_header_name(name).map_err(|r| ConfigError::new(&field, r))?;
+        let value = source.resolve(&field, env)?;
+        if !is_header_value(&value) {
+            return Err(ConfigError::new(
+                field,
+                "value contains control characters (CR, LF, NUL...)",
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if inject_headers.iter().any(|(n, _)| *n == lower) {
+            return Err(ConfigError::new(field, "header listed twice (names are case-insensitive)"));
+        }
+        inject_headers.push((lower, value));
+    }
+
+    Ok(ApiPolicy {
+        name: api.name.clone(),
+        path_prefix: api.path_prefix.clone(),
+        cors,
+        ip_filter,
+        subscription_key,
+        inject_headers,
+    })
+}
+
+/// Headers the gateway sets upstream: valid names that do not change how the request is
+/// routed or framed.
+pub fn check_upstream_header_name(name: &str) -> Result<(), String> {
+    if !is_token(name) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "authorization",
+        "cookie",
+    ];
+    let lower = name.to_ascii_lowercase();
+    if RESERVED.contains(&lower.as_str()) {
+        return Err(format!("{name:?} cannot be set by the gateway"));
+    }
+    Ok(())
+}
+
+pub fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<CompiledPolicy, ConfigError> {
+        parse_policy(text.as_bytes(), &no_env)
+    }
+
+    #[test]
+    fn minimal_policy_compiles() {
+        let p = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"}]}"#).unwrap();
+        assert_eq!(p.apis[0].name, "a");
+        assert_eq!(p.client_ip.trusted_proxy_hops, 0);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_path_and_line() {
+        let err = parse("{\"apis\":[\n{\"name\":\"a\",\"path_prefix\":\"/api\",\n \"corz\":{}}]}").unwrap_err();
+        assert_eq!(err.path, "apis[0].corz");
+        assert!(err.reason.contains("unknown field `corz`"), "{}", err.reason);
+        assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn semantic_errors_get_path_and_line() {
+        let text = "{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/api\",\n\"ip_filter\":{\"allow\":[\"10.0.0.0/8\",\n\"10.0.0.300\"]}}]}";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.path, "apis[0].ip_filter.allow[1]");
+        assert_eq!(err.line, Some(3));
+        assert!(err.to_string().starts_with("apis[0].ip_filter.allow[1]: "));
+    }
+
+    #[test]
+    fn names_and_prefixes_are_validated() {
+        let err = parse(r#"{"apis":[{"name":"a b","path_prefix":"/api"}]}"#).unwrap_err();
+        assert_eq!(err.path, "apis[0].name");
+        let err = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"a","path_prefix":"/b"}]}"#)
+            .unwrap_err();
+        assert_eq!(err.path, "apis[1].name");
+        let err = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"b","path_prefix":"/API"}]}"#)
+            .unwrap_err();
+        assert_eq!(err.path, "apis[1].path_prefix");
+        let err = parse(r#"{"apis":[]}"#).unwrap_err();
+        assert_eq!(err.path, "apis");
+        let err = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"}]} x"#).unwrap_err();
+        assert!(err.reason.contains("trailing"), "{}", err.reason);
+        let err = parse("[]").unwrap_err();
+        assert_eq!(err.path, "");
+    }
+
+    #[test]
+    fn inject_headers_resolve_env_and_refuse_missing_or_reserved() {
+        let text = r#"{"apis":[{"name":"a","path_prefix":"/api","inject_headers":{
+            "X-Functions-Key":{"env":"APP_KEY"},"x-lit":{"value":"v"}}}]}"#;
+        let env = |k: &str| (k == "APP_KEY").then(|| "secret".to_string());
+        let p = parse_policy(text.as_bytes(), &env).unwrap();
+        assert_eq!(
+            p.apis[0].inject_headers,
+            vec![
+                ("x-functions-key".to_string(), "secret".to_string()),
+                ("x-lit".to_string(), "v".to_string())
+            ]
+        );
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.path, "apis[0].inject_headers.X-Functions-Key");
+        assert!(err.reason.contains("APP_KEY"));
+        let err = parse(
+            r#"{"apis":[{"name":"a","path_prefix":"/api","inject_headers":{"host":{"value":"x"}}}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "apis[0].inject_headers.host");
+        let err = parse(
+            r#"{"apis":[{"name":"a","path_prefix":"/api","inject_headers":{"x":{"value":"a\r\nb"}}}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("control"));
+        let err = parse(
+            r#"{"apis":[{"name":"a","path_prefix":"/api","inject_headers":{"x":{"secret":"a"}}}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.path.starts_with("apis[0].inject_headers"), "{}", err.path);
+    }
+}

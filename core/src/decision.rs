@@ -1,0 +1,227 @@
+//! What the gateway does with a request, and the one place where every refusal is mapped to
+//! its status, message, stat and log reason (SPEC "Checks, in order").
+
+use crate::ip_filter::ClientIpError;
+use crate::path::PathError;
+use crate::subscription_key::KeyError;
+
+/// One Envoy counter each: `gateguard.<api>.<name>` (or `gateguard.<name>` without an API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allowed,
+    Preflight,
+    CorsDenied,
+    IpDenied,
+    CertDenied,
+    KeyDenied,
+    JwtDenied,
+    ClaimsDenied,
+    ReplayDenied,
+    ReplayStoreFull,
+    NotFound,
+    BadRequest,
+}
+
+impl Outcome {
+    /// Outcomes counted per API.
+    pub const PER_API: [Outcome; 10] = [
+        Outcome::Allowed,
+        Outcome::Preflight,
+        Outcome::CorsDenied,
+        Outcome::IpDenied,
+        Outcome::CertDenied,
+        Outcome::KeyDenied,
+        Outcome::JwtDenied,
+        Outcome::ClaimsDenied,
+        Outcome::ReplayDenied,
+        Outcome::ReplayStoreFull,
+    ];
+    /// Outcomes counted before any API is known.
+    pub const GLOBAL: [Outcome; 2] = [Outcome::NotFound, Outcome::BadRequest];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Preflight => "preflight",
+            Outcome::CorsDenied => "cors_denied",
+            Outcome::IpDenied => "ip_denied",
+            Outcome::CertDenied => "cert_denied",
+            Outcome::KeyDenied => "key_denied",
+            Outcome::JwtDenied => "jwt_denied",
+            Outcome::ClaimsDenied => "claims_denied",
+            Outcome::ReplayDenied => "replay_denied",
+            Outcome::ReplayStoreFull => "replay_store_full",
+            Outcome::NotFound => "not_found",
+            Outcome::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Why a request was refused. Each variant maps to exactly one status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotFound,
+    BadPath(PathError),
+    Cors,
+    Ip(Option<ClientIpError>),
+    Key(KeyError),
+}
+
+pub const MSG_NOT_FOUND: &str = "Resource not found";
+pub const MSG_BAD_PATH: &str = "Bad request path";
+pub const MSG_CORS: &str = "CORS origin not allowed";
+pub const MSG_IP: &str = "Forbidden: client IP not allowed";
+pub const MSG_CERT: &str = "Invalid client certificate";
+pub const MSG_KEY_MISSING: &str = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
+pub const MSG_KEY_INVALID: &str = "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
+pub const MSG_JWT_MISSING: &str = "Missing or malformed Authorization header";
+pub const MSG_JWT_MALFORMED: &str = "Malformed token or missing expiration";
+pub const MSG_JWT_INVALID: &str = "Invalid or expired token";
+pub const MSG_CLAIMS: &str = "Insufficient claims";
+pub const MSG_REPLAY: &str = "Token replay detected";
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::NotFound => 404,
+            Refusal::BadPath(_) => 400,
+            Refusal::Cors | Refusal::Ip(_) => 403,
+            Refusal::Key(_) => 401,
+        }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => MSG_NOT_FOUND,
+            Refusal::BadPath(_) => MSG_BAD_PATH,
+            Refusal::Cors => MSG_CORS,
+            Refusal::Ip(_) => MSG_IP,
+            Refusal::Key(KeyError::Missing) => MSG_KEY_MISSING,
+            Refusal::Key(KeyError::Invalid) => MSG_KEY_INVALID,
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::NotFound => Outcome::NotFound,
+            Refusal::BadPath(_) => Outcome::BadRequest,
+            Refusal::Cors => Outcome::CorsDenied,
+            Refusal::Ip(_) => Outcome::IpDenied,
+            Refusal::Key(_) => Outcome::KeyDenied,
+        }
+    }
+
+    /// The check that refused, for logs.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "routing",
+            Refusal::BadPath(_) => "path",
+            Refusal::Cors => "cors",
+            Refusal::Ip(_) => "ip_filter",
+            Refusal::Key(_) => "subscription_key",
+        }
+    }
+
+    /// A short machine reason for logs; never contains request content.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "no API matches the path",
+            Refusal::BadPath(e) => e.reason(),
+            Refusal::Cors => "origin or method not allowed",
+            Refusal::Ip(Some(e)) => e.reason(),
+            Refusal::Ip(None) => "client IP not admitted",
+            Refusal::Key(e) => e.reason(),
+        }
+    }
+
+    /// Extra response headers the refusal carries (RFC 6750 for JWT refusals).
+    pub fn headers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// APIM's error shape: `{"statusCode": N, "message": "..."}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "statusCode": self.status(), "message": self.message() }).to_string()
+    }
+}
+
+/// A response the gateway sends itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What to change on a request that goes upstream, and on its response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forward {
+    pub api: usize,
+    /// Client-sent headers the gateway owns (injected, claims, key, certificate headers).
+    pub remove_request_headers: Vec<String>,
+    pub set_request_headers: Vec<(String, String)>,
+    /// A new `:path` when the gateway removed its own query parameter.
+    pub new_path: Option<String>,
+    /// CORS headers for the upstream's response.
+    pub response_headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Answer locally: a preflight (204) or a refusal.
+    Reply {
+        api: Option<usize>,
+        outcome: Outcome,
+        refusal: Option<Refusal>,
+        reply: LocalReply,
+    },
+    Forward(Forward),
+}
+
+impl Decision {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Decision::Reply { outcome, .. } => *outcome,
+            Decision::Forward(_) => Outcome::Allowed,
+        }
+    }
+
+    pub fn refuse(api: Option<usize>, refusal: Refusal, cors: &[(String, String)]) -> Self {
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        headers.extend(refusal.headers());
+        headers.extend(cors.iter().cloned());
+        Decision::Reply {
+            api,
+            outcome: refusal.outcome(),
+            reply: LocalReply {
+                status: refusal.status(),
+                headers,
+                body: refusal.body(),
+            },
+            refusal: Some(refusal),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_apim_shaped_json() {
+        let body: serde_json::Value =
+            serde_json::from_str(&Refusal::Key(KeyError::Missing).body()).unwrap();
+        assert_eq!(body["statusCode"], 401);
+        assert_eq!(body["message"], MSG_KEY_MISSING);
+        let d = Decision::refuse(Some(0), Refusal::Cors, &[]);
+        let Decision::Reply { reply, outcome, .. } = d else {
+            panic!()
+        };
+        assert_eq!(reply.status, 403);
+        assert_eq!(outcome, Outcome::CorsDenied);
+        assert!(reply
+            .headers
+            .contains(&("content-type".into(), "application/json".into())));
+    }
+}

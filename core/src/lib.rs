@@ -1,0 +1,19 @@
+//! gateguard's policy engine: request facts in, decision out. No proxy-wasm dependency, so
+//! everything here is tested natively; the filter crate is a thin adapter around it.
+
+pub mod config;
+pub mod cors;
+pub mod decision;
+pub mod error;
+pub mod gateway;
+pub mod hex;
+pub mod ip_filter;
+pub mod locate;
+pub mod path;
+pub mod subscription_key;
+pub mod value;
+
+pub use config::{parse_policy, CompiledPolicy};
+pub use decision::{Decision, Outcome, Refusal};
+pub use error::ConfigError;
+pub use gateway::Request;

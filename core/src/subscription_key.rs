@@ -1,0 +1,220 @@
+//! Subscription keys (SPEC §4): APIM's `Ocp-Apim-Subscription-Key`, stored as SHA-256 hashes
+//! in the policy and compared in constant time.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::cors::is_token;
+use crate::error::{index, join, ConfigError};
+use crate::hex;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionKeyConfig {
+    #[serde(default = "default_header")]
+    pub header: String,
+    #[serde(default = "default_query")]
+    pub query: Option<String>,
+    pub keys_sha256: Vec<String>,
+}
+
+fn default_header() -> String {
+    "Ocp-Apim-Subscription-Key".into()
+}
+
+fn default_query() -> Option<String> {
+    Some("subscription-key".into())
+}
+
+#[derive(Debug, Clone)]
+pub struct SubscriptionKeyPolicy {
+    /// Lower-case, as Envoy presents header names.
+    header: String,
+    query: Option<String>,
+    hashes: Vec<[u8; 32]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    Missing,
+    Invalid,
+}
+
+impl KeyError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            KeyError::Missing => "subscription key missing",
+            KeyError::Invalid => "subscription key not recognised",
+        }
+    }
+}
+
+impl SubscriptionKeyPolicy {
+    pub fn compile(cfg: &SubscriptionKeyConfig, path: &str) -> Result<Self, ConfigError> {
+        if !is_token(&cfg.header) {
+            return Err(ConfigError::new(
+                join(path, "header"),
+                format!("{:?} is not a header name", cfg.header),
+            ));
+        }
+        if let Some(q) = &cfg.query {
+            if q.is_empty() || q.contains(['&', '=', '#', '?', ' ']) {
+                return Err(ConfigError::new(
+                    join(path, "query"),
+                    format!("{q:?} is not a query parameter name"),
+                ));
+            }
+        }
+        let keys_path = join(path, "keys_sha256");
+        if cfg.keys_sha256.is_empty() {
+            return Err(ConfigError::new(keys_path, "must list at least one key hash"));
+        }
+        let mut hashes = Vec::with_capacity(cfg.keys_sha256.len());
+        for (i, h) in cfg.keys_sha256.iter().enumerate() {
+            let bytes = hex::decode(h.trim())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        index(&keys_path, i),
+                        "not a SHA-256 hash (64 hex digits); `gateguard hash-key` computes one",
+                    )
+                })?;
+            hashes.push(bytes);
+        }
+        Ok(Self {
+            header: cfg.header.to_ascii_lowercase(),
+            query: cfg.query.clone(),
+            hashes,
+        })
+    }
+
+    pub fn header_name(&self) -> &str {
+        &self.header
+    }
+
+    pub fn query_name(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    /// `header_values`: every value of the key header; `query`: the raw query string.
+    /// The header wins over the query parameter; two header values are refused as invalid.
+    pub fn check(&self, header_values: &[&str], query: Option<&str>) -> Result<(), KeyError> {
+        let presented: Vec<u8> = match header_values {
+            [one] if !one.trim().is_empty() => one.trim().as_bytes().to_vec(),
+            [] | [_] => match self.query.as_deref().and_then(|q| query_param(query?, q)) {
+                Some(v) if !v.is_empty() => v,
+                _ => return Err(KeyError::Missing),
+            },
+            _ => return Err(KeyError::Invalid),
+        };
+        let digest: [u8; 32] = Sha256::digest(&presented).into();
+        // Compare against every hash without early exit so timing says nothing about which.
+        let mut matched = subtle::Choice::from(0);
+        for h in &self.hashes {
+            matched |= h.ct_eq(&digest);
+        }
+        if bool::from(matched) {
+            Ok(())
+        } else {
+            Err(KeyError::Invalid)
+        }
+    }
+}
+
+/// First value of `name` in a query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_encoding::percent_decode_str(v).collect())
+    })
+}
+
+/// The query string without `name`, to forward upstream (the key is the gateway's business).
+pub fn strip_query_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// SHA-256 of a key, as the policy stores it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn policy() -> SubscriptionKeyPolicy {
+        SubscriptionKeyPolicy::compile(
+            &SubscriptionKeyConfig {
+                header: default_header(),
+                query: default_query(),
+                keys_sha256: vec![hash_key("key-one"), hash_key("key-two").to_uppercase()],
+            },
+            "apis[0].subscription_key",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn header_key_is_checked_against_hashes() {
+        let p = policy();
+        assert_eq!(p.header_name(), "ocp-apim-subscription-key");
+        assert_eq!(p.check(&["key-one"], None), Ok(()));
+        assert_eq!(p.check(&["key-two"], None), Ok(()));
+        assert_eq!(p.check(&["key-three"], None), Err(KeyError::Invalid));
+        assert_eq!(p.check(&[], None), Err(KeyError::Missing));
+        assert_eq!(p.check(&[""], None), Err(KeyError::Missing));
+        assert_eq!(p.check(&["key-one", "key-one"], None), Err(KeyError::Invalid));
+    }
+
+    #[test]
+    fn query_key_is_a_fallback_and_percent_decoded() {
+        let p = policy();
+        assert_eq!(p.check(&[], Some("a=1&subscription-key=key-one")), Ok(()));
+        assert_eq!(p.check(&[], Some("subscription-key=key%2Done")), Ok(()));
+        assert_eq!(p.check(&[], Some("subscription-key=nope")), Err(KeyError::Invalid));
+        assert_eq!(p.check(&[], Some("subscription-key=")), Err(KeyError::Missing));
+        assert_eq!(p.check(&[], Some("Subscription-Key=key-one")), Err(KeyError::Missing));
+        // The header decides when both are present.
+        assert_eq!(
+            p.check(&["wrong"], Some("subscription-key=key-one")),
+            Err(KeyError::Invalid)
+        );
+    }
+
+    #[test]
+    fn strip_query_param_keeps_the_rest() {
+        assert_eq!(strip_query_param("a=1&subscription-key=x&b=2", "subscription-key"), "a=1&b=2");
+        assert_eq!(strip_query_param("subscription-key=x", "subscription-key"), "");
+    }
+
+    #[test]
+    fn bad_hashes_name_the_entry() {
+        let err = SubscriptionKeyPolicy::compile(
+            &SubscriptionKeyConfig {
+                header: default_header(),
+                query: None,
+                keys_sha256: vec![hash_key("a"), "abc".into()],
+            },
+            "apis[0].subscription_key",
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "apis[0].subscription_key.keys_sha256[1]");
+        let err = SubscriptionKeyPolicy::compile(
+            &SubscriptionKeyConfig {
+                header: default_header(),
+                query: None,
+                keys_sha256: vec![],
+            },
+            "apis[0].subscription_key",
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "apis[0].subscription_key.keys_sha256");
+    }
+}
