@@ -67,7 +67,10 @@ pub fn parse_policy(text: &[u8], env: EnvLookup<'_>) -> Result<CompiledPolicy, C
     if text.len() > MAX_POLICY_BYTES {
         return Err(ConfigError::new(
             "",
-            format!("policy is {} bytes; the limit is {MAX_POLICY_BYTES}", text.len()),
+            format!(
+                "policy is {} bytes; the limit is {MAX_POLICY_BYTES}",
+                text.len()
+            ),
         ));
     }
     let text = std::str::from_utf8(text)
@@ -90,8 +93,9 @@ pub fn parse_raw(text: &str) -> Result<PolicyConfig, ConfigError> {
         let path = if path == "." { String::new() } else { path };
         ConfigError::new(path, reason).at(line, column)
     })?;
-    de.end()
-        .map_err(|e| ConfigError::new("", strip_position(&e.to_string())).at(e.line(), e.column()))?;
+    de.end().map_err(|e| {
+        ConfigError::new("", strip_position(&e.to_string())).at(e.line(), e.column())
+    })?;
     Ok(raw)
 }
 
@@ -191,7 +195,10 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         }
         let lower = name.to_ascii_lowercase();
         if inject_headers.iter().any(|(n, _)| *n == lower) {
-            return Err(ConfigError::new(field, "header listed twice (names are case-insensitive)"));
+            return Err(ConfigError::new(
+                field,
+                "header listed twice (names are case-insensitive)",
+            ));
         }
         inject_headers.push((lower, value));
     }
@@ -258,9 +265,14 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_with_path_and_line() {
-        let err = parse("{\"apis\":[\n{\"name\":\"a\",\"path_prefix\":\"/api\",\n \"corz\":{}}]}").unwrap_err();
+        let err = parse("{\"apis\":[\n{\"name\":\"a\",\"path_prefix\":\"/api\",\n \"corz\":{}}]}")
+            .unwrap_err();
         assert_eq!(err.path, "apis[0].corz");
-        assert!(err.reason.contains("unknown field `corz`"), "{}", err.reason);
+        assert!(
+            err.reason.contains("unknown field `corz`"),
+            "{}",
+            err.reason
+        );
         assert_eq!(err.line, Some(3));
     }
 
@@ -277,11 +289,15 @@ mod tests {
     fn names_and_prefixes_are_validated() {
         let err = parse(r#"{"apis":[{"name":"a b","path_prefix":"/api"}]}"#).unwrap_err();
         assert_eq!(err.path, "apis[0].name");
-        let err = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"a","path_prefix":"/b"}]}"#)
-            .unwrap_err();
+        let err = parse(
+            r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"a","path_prefix":"/b"}]}"#,
+        )
+        .unwrap_err();
         assert_eq!(err.path, "apis[1].name");
-        let err = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"b","path_prefix":"/API"}]}"#)
-            .unwrap_err();
+        let err = parse(
+            r#"{"apis":[{"name":"a","path_prefix":"/api"},{"name":"b","path_prefix":"/API"}]}"#,
+        )
+        .unwrap_err();
         assert_eq!(err.path, "apis[1].path_prefix");
         let err = parse(r#"{"apis":[]}"#).unwrap_err();
         assert_eq!(err.path, "apis");
@@ -321,6 +337,10 @@ mod tests {
             r#"{"apis":[{"name":"a","path_prefix":"/api","inject_headers":{"x":{"secret":"a"}}}]}"#,
         )
         .unwrap_err();
-        assert!(err.path.starts_with("apis[0].inject_headers"), "{}", err.path);
+        assert!(
+            err.path.starts_with("apis[0].inject_headers"),
+            "{}",
+            err.path
+        );
     }
 }

@@ -37,7 +37,11 @@ pub struct Origin {
 enum OriginPattern {
     Exact(Origin),
     /// `https://*.contoso.com`: one or more labels in front of `contoso.com`, same scheme and port.
-    Subdomains { scheme: String, suffix: String, port: u16 },
+    Subdomains {
+        scheme: String,
+        suffix: String,
+        port: u16,
+    },
     /// `*`: any origin except `null` (refused with credentials at compile time).
     Any,
 }
@@ -70,7 +74,10 @@ impl CorsPolicy {
     pub fn compile(cfg: &CorsConfig, path: &str) -> Result<Self, ConfigError> {
         let origins_path = join(path, "allowed_origins");
         if cfg.allowed_origins.is_empty() {
-            return Err(ConfigError::new(origins_path, "must list at least one origin"));
+            return Err(ConfigError::new(
+                origins_path,
+                "must list at least one origin",
+            ));
         }
         let mut origins = Vec::with_capacity(cfg.allowed_origins.len());
         for (i, raw) in cfg.allowed_origins.iter().enumerate() {
@@ -87,7 +94,10 @@ impl CorsPolicy {
 
         let methods_path = join(path, "allowed_methods");
         if cfg.allowed_methods.is_empty() {
-            return Err(ConfigError::new(methods_path, "must list at least one method"));
+            return Err(ConfigError::new(
+                methods_path,
+                "must list at least one method",
+            ));
         }
         let mut methods = Vec::new();
         let mut any_method = false;
@@ -194,7 +204,10 @@ impl CorsPolicy {
 
     fn common_headers(&self, origin: &str) -> Vec<(String, String)> {
         let mut headers = vec![
-            ("access-control-allow-origin".to_string(), origin.trim().to_string()),
+            (
+                "access-control-allow-origin".to_string(),
+                origin.trim().to_string(),
+            ),
             ("vary".to_string(), "Origin".to_string()),
         ];
         if self.allow_credentials {
@@ -253,9 +266,8 @@ fn header_list(names: &[String], path: &str) -> Result<Vec<String>, ConfigError>
 /// RFC 9110 `token`: what method and header names are made of.
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn default_port(scheme: &str) -> Option<u16> {
@@ -328,7 +340,9 @@ fn parse_pattern(raw: &str) -> Result<OriginPattern, String> {
     if raw.eq_ignore_ascii_case("null") {
         return Err("\"null\" origins (sandboxed frames, file: pages) cannot be allowed".into());
     }
-    let bad = || format!("{raw:?} is not an origin like https://portal.example.com or https://*.contoso.com");
+    let bad = || {
+        format!("{raw:?} is not an origin like https://portal.example.com or https://*.contoso.com")
+    };
     let (scheme, rest) = raw.split_once("://").ok_or_else(bad)?;
     let scheme = scheme.to_ascii_lowercase();
     let default = default_port(&scheme).ok_or_else(bad)?;
@@ -346,7 +360,9 @@ fn parse_pattern(raw: &str) -> Result<OriginPattern, String> {
         });
     }
     if rest.contains('*') {
-        return Err(format!("{raw:?}: \"*\" is only allowed as a leading \"*.\" label"));
+        return Err(format!(
+            "{raw:?}: \"*\" is only allowed as a leading \"*.\" label"
+        ));
     }
     parse_origin(raw).map(OriginPattern::Exact).ok_or_else(bad)
 }
@@ -417,7 +433,10 @@ mod tests {
             header(&h, "access-control-allow-origin"),
             Some("https://portal.example.com")
         );
-        assert_eq!(header(&h, "access-control-allow-methods"), Some("GET, POST"));
+        assert_eq!(
+            header(&h, "access-control-allow-methods"),
+            Some("GET, POST")
+        );
         assert_eq!(
             header(&h, "access-control-allow-headers"),
             Some("authorization, content-type")
@@ -450,11 +469,17 @@ mod tests {
             header(&h, "access-control-allow-origin"),
             Some("https://portal.example.com")
         );
-        assert_eq!(header(&h, "access-control-expose-headers"), Some("x-request-id"));
+        assert_eq!(
+            header(&h, "access-control-expose-headers"),
+            Some("x-request-id")
+        );
         assert_eq!(header(&h, "access-control-allow-credentials"), None);
         assert_eq!(p.evaluate(&[], None), CorsVerdict::NotCors);
         assert_eq!(
-            p.evaluate(&["https://portal.example.com", "https://portal.example.com"], None),
+            p.evaluate(
+                &["https://portal.example.com", "https://portal.example.com"],
+                None
+            ),
             CorsVerdict::Denied
         );
     }

@@ -141,7 +141,9 @@ impl Refusal {
 
     /// APIM's error shape: `{"statusCode": N, "message": "..."}`.
     pub fn body(&self) -> String {
-        serde_json::json!({ "statusCode": self.status(), "message": self.message() }).to_string()
+        // Built by hand to keep APIM's key order; messages are constants, escaped anyway.
+        let message = serde_json::Value::from(self.message());
+        format!(r#"{{"statusCode":{},"message":{message}}}"#, self.status())
     }
 }
 

@@ -31,7 +31,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "$" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "$"
+        } else {
+            &self.path
+        };
         write!(f, "{path}: {}", self.reason)?;
         if let (Some(line), Some(column)) = (self.line, self.column) {
             write!(f, " (line {line}, column {column})")?;

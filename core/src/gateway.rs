@@ -54,9 +54,8 @@ impl CompiledPolicy {
         let Some(api) = self.apis.get(api_index) else {
             return Decision::refuse(None, Refusal::NotFound, &[]);
         };
-        let refuse = |refusal, cors: &[(String, String)]| {
-            Decision::refuse(Some(api_index), refusal, cors)
-        };
+        let refuse =
+            |refusal, cors: &[(String, String)]| Decision::refuse(Some(api_index), refusal, cors);
 
         // 1. CORS
         let mut cors_headers = Vec::new();
@@ -133,6 +132,8 @@ impl CompiledPolicy {
 fn apply_injections(api: &ApiPolicy, forward: &mut Forward) {
     for (name, value) in &api.inject_headers {
         forward.remove_request_headers.push(name.clone());
-        forward.set_request_headers.push((name.clone(), value.clone()));
+        forward
+            .set_request_headers
+            .push((name.clone(), value.clone()));
     }
 }

@@ -32,7 +32,10 @@ pub struct IpFilterPolicy {
 impl IpFilterPolicy {
     pub fn compile(cfg: &IpFilterConfig, path: &str) -> Result<Self, ConfigError> {
         if cfg.allow.is_none() && cfg.deny.is_none() {
-            return Err(ConfigError::new(path, "needs an allow list, a deny list, or both"));
+            return Err(ConfigError::new(
+                path,
+                "needs an allow list, a deny list, or both",
+            ));
         }
         let allow = match &cfg.allow {
             Some(list) if list.is_empty() => {
@@ -148,7 +151,10 @@ pub fn client_ip(
     }
     let trusted = &entries[entries.len() - hops..];
     let mut parsed = trusted.iter().map(|e| parse_address(e));
-    let first = parsed.next().flatten().ok_or(ClientIpError::BadForwardedFor)?;
+    let first = parsed
+        .next()
+        .flatten()
+        .ok_or(ClientIpError::BadForwardedFor)?;
     if parsed.any(|p| p.is_none()) {
         return Err(ClientIpError::BadForwardedFor);
     }
@@ -257,7 +263,10 @@ mod tests {
     #[test]
     fn client_ip_from_peer_strips_port() {
         let cfg = ClientIpConfig::default();
-        assert_eq!(client_ip(&cfg, Some("127.0.0.1:5555"), &[]), Ok(ip("127.0.0.1")));
+        assert_eq!(
+            client_ip(&cfg, Some("127.0.0.1:5555"), &[]),
+            Ok(ip("127.0.0.1"))
+        );
         assert_eq!(client_ip(&cfg, Some("[::1]:5555"), &[]), Ok(ip("::1")));
         assert_eq!(
             client_ip(&cfg, Some("[::ffff:10.0.0.1]:1"), &[]),
@@ -280,13 +289,22 @@ mod tests {
             trusted_proxy_hops: 2,
         };
         let xff = ["198.51.100.1, 203.0.113.5", "192.0.2.9:443"];
-        assert_eq!(client_ip(&one, Some("127.0.0.1:1"), &xff), Ok(ip("192.0.2.9")));
-        assert_eq!(client_ip(&two, Some("127.0.0.1:1"), &xff), Ok(ip("203.0.113.5")));
+        assert_eq!(
+            client_ip(&one, Some("127.0.0.1:1"), &xff),
+            Ok(ip("192.0.2.9"))
+        );
+        assert_eq!(
+            client_ip(&two, Some("127.0.0.1:1"), &xff),
+            Ok(ip("203.0.113.5"))
+        );
         assert_eq!(
             client_ip(&two, None, &["1.1.1.1"]),
             Err(ClientIpError::BadForwardedFor)
         );
-        assert_eq!(client_ip(&one, None, &[]), Err(ClientIpError::BadForwardedFor));
+        assert_eq!(
+            client_ip(&one, None, &[]),
+            Err(ClientIpError::BadForwardedFor)
+        );
         // Garbage in a trusted position is refused, not skipped.
         assert_eq!(
             client_ip(&two, None, &["1.1.1.1, evil, 2.2.2.2"]),

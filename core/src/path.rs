@@ -28,7 +28,9 @@ impl PathError {
         match self {
             PathError::NotAbsolute => "path is not absolute",
             PathError::BadEscape => "invalid percent-escape in path",
-            PathError::AmbiguousCharacter => "encoded slash, backslash or control character in path",
+            PathError::AmbiguousCharacter => {
+                "encoded slash, backslash or control character in path"
+            }
             PathError::DotSegment => "dot segment in path",
             PathError::TooLong => "path too long",
         }

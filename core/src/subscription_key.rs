@@ -68,7 +68,10 @@ impl SubscriptionKeyPolicy {
         }
         let keys_path = join(path, "keys_sha256");
         if cfg.keys_sha256.is_empty() {
-            return Err(ConfigError::new(keys_path, "must list at least one key hash"));
+            return Err(ConfigError::new(
+                keys_path,
+                "must list at least one key hash",
+            ));
         }
         let mut hashes = Vec::with_capacity(cfg.keys_sha256.len());
         for (i, h) in cfg.keys_sha256.iter().enumerate() {
@@ -170,7 +173,10 @@ mod tests {
         assert_eq!(p.check(&["key-three"], None), Err(KeyError::Invalid));
         assert_eq!(p.check(&[], None), Err(KeyError::Missing));
         assert_eq!(p.check(&[""], None), Err(KeyError::Missing));
-        assert_eq!(p.check(&["key-one", "key-one"], None), Err(KeyError::Invalid));
+        assert_eq!(
+            p.check(&["key-one", "key-one"], None),
+            Err(KeyError::Invalid)
+        );
     }
 
     #[test]
@@ -178,9 +184,18 @@ mod tests {
         let p = policy();
         assert_eq!(p.check(&[], Some("a=1&subscription-key=key-one")), Ok(()));
         assert_eq!(p.check(&[], Some("subscription-key=key%2Done")), Ok(()));
-        assert_eq!(p.check(&[], Some("subscription-key=nope")), Err(KeyError::Invalid));
-        assert_eq!(p.check(&[], Some("subscription-key=")), Err(KeyError::Missing));
-        assert_eq!(p.check(&[], Some("Subscription-Key=key-one")), Err(KeyError::Missing));
+        assert_eq!(
+            p.check(&[], Some("subscription-key=nope")),
+            Err(KeyError::Invalid)
+        );
+        assert_eq!(
+            p.check(&[], Some("subscription-key=")),
+            Err(KeyError::Missing)
+        );
+        assert_eq!(
+            p.check(&[], Some("Subscription-Key=key-one")),
+            Err(KeyError::Missing)
+        );
         // The header decides when both are present.
         assert_eq!(
             p.check(&["wrong"], Some("subscription-key=key-one")),
@@ -190,8 +205,14 @@ mod tests {
 
     #[test]
     fn strip_query_param_keeps_the_rest() {
-        assert_eq!(strip_query_param("a=1&subscription-key=x&b=2", "subscription-key"), "a=1&b=2");
-        assert_eq!(strip_query_param("subscription-key=x", "subscription-key"), "");
+        assert_eq!(
+            strip_query_param("a=1&subscription-key=x&b=2", "subscription-key"),
+            "a=1&b=2"
+        );
+        assert_eq!(
+            strip_query_param("subscription-key=x", "subscription-key"),
+            ""
+        );
     }
 
     #[test]

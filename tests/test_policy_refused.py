@@ -1,0 +1,30 @@
+"""A bad policy is refused by Envoy at startup, with the field and the reason in its log."""
+
+import pytest
+
+from envoy_harness import Envoy, bootstrap, free_port, http_listener, static_cluster
+
+BAD = [
+    ({"apis": [{"name": "a", "path_prefix": "/a", "ip_filter": {"allow": ["10.0.0.0/33"]}}]}, "apis[0].ip_filter.allow[0]"),
+    ({"apis": [{"name": "a", "path_prefix": "/a", "ip_filter": {"allow": []}}]}, "apis[0].ip_filter.allow"),
+    ({"apis": [{"name": "a", "path_prefix": "/a", "surprise": 1}]}, "unknown field `surprise`"),
+    ({"apis": [{"name": "a", "path_prefix": "/a", "cors": {"allowed_origins": ["https://*"]}}]}, "apis[0].cors.allowed_origins[0]"),
+    ({"apis": [{"name": "a", "path_prefix": "/a", "subscription_key": {"keys_sha256": ["abc"]}}]}, "apis[0].subscription_key.keys_sha256[0]"),
+    ({"apis": [{"name": "a", "path_prefix": "/a", "inject_headers": {"x-k": {"env": "GATEGUARD_UNSET_VAR"}}}]}, "GATEGUARD_UNSET_VAR"),
+    ("{not json", "policy refused"),
+]
+
+
+@pytest.mark.parametrize("policy,expected", BAD)
+def test_envoy_refuses_bad_policy(echo_upstream, policy, expected):
+    config = bootstrap([http_listener("l", free_port(), policy)], [static_cluster("upstream", echo_upstream)], free_port())
+    envoy = Envoy(config, concurrency=1, name="bad")
+    envoy.start(wait=False)
+    try:
+        code = envoy.wait_exit(30)
+        assert code not in (None, 0), "Envoy kept running with a bad policy"
+        log = envoy.log_text()
+        assert "gateguard: policy refused" in log, log[-3000:]
+        assert expected in log, log[-3000:]
+    finally:
+        envoy.stop()
