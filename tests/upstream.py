@@ -4,20 +4,29 @@ Tests read the echoed headers to see what the gateway injected, stripped or rewr
 Run standalone: python3 tests/upstream.py PORT
 """
 
+import hashlib
 import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+SECRET_HEADERS = {"x-functions-key"}
+
+
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The demo masks secrets it was given (it proves they arrived without showing them to the
+    # caller); tests see them in full.
+    mask_secrets = False
 
     def _echo(self):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {}
         for name, value in self.headers.items():
+            if self.mask_secrets and name.lower() in SECRET_HEADERS:
+                value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:12] + "..."
             headers.setdefault(name.lower(), []).append(value)
         payload = json.dumps(
             {
@@ -50,6 +59,7 @@ def start(port=0):
 
 if __name__ == "__main__":
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8081
+    EchoHandler.mask_secrets = "--mask-secrets" in sys.argv
     srv = ThreadingHTTPServer(("127.0.0.1", port), EchoHandler)
     print(f"demo function app listening on http://127.0.0.1:{port}", flush=True)
     try:

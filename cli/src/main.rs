@@ -1,1 +1,61 @@
-fn main() {}
+//! `gateguard`: validate policies before they reach Envoy, and the small tools operators need
+//! around them.
+
+mod render;
+mod validate;
+mod yaml;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gateguard",
+    version,
+    about = "API-gateway security policies for Envoy: validate, render and operate gateguard policies",
+    long_about = "gateguard enforces CORS, IP filters, client certificates, subscription keys, JWT \
+                  validation and replay detection inside Envoy as a proxy-wasm filter. This tool \
+                  checks policy files with the filter's own code before deployment."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check policy files exactly as the filter will. Exit 0 if all are valid, 1 if any is not,
+    /// 2 if a file cannot be read.
+    Validate(validate::Args),
+    /// Print a complete Envoy configuration that runs gateguard with a policy.
+    Render(render::Args),
+    /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
+    HashKey {
+        /// The key; reads one line from standard input when omitted (keeps it out of shell history).
+        key: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate(args) => validate::run(&args),
+        Command::Render(args) => render::run(&args),
+        Command::HashKey { key } => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    if std::io::stdin().read_line(&mut line).is_err() {
+                        eprintln!("gateguard: could not read a key from standard input");
+                        return ExitCode::from(2);
+                    }
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            println!("{}", gateguard_core::subscription_key::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+    }
+}

