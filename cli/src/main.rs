@@ -29,7 +29,7 @@ enum Command {
     /// 2 if a file cannot be read.
     Validate(validate::Args),
     /// Print a complete Envoy configuration that runs gateguard with a policy.
-    Render(render::Args),
+    Render(Box<render::Args>),
     /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
