@@ -58,3 +58,7 @@ fmt:
 clean:
 	cargo clean
 	rm -rf $(VENV) .dev
+
+## Regenerates the shipped sidecar configuration from the demo policy.
+envoy.yaml: policies/demo.json cli
+	$(CLI) render --policy policies/demo.json --out envoy.yaml

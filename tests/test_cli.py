@@ -1,0 +1,75 @@
+"""The gateguard CLI: validate's exit codes and messages, render's output accepted by Envoy, and
+the shipped envoy.yaml kept in sync with the demo policy."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from envoy_harness import ENVOY, ROOT
+
+CLI = ROOT / "target" / "release" / "gateguard"
+
+
+def run(*args, env=None, input=None):
+    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, env=env, input=input, timeout=60, cwd=ROOT)
+
+
+def test_validate_accepts_the_shipped_policies():
+    policies = sorted((ROOT / "policies").glob("*.json"))
+    policies = [p for p in policies if not p.name.endswith(".schema.json")]
+    assert policies
+    r = run("validate", *policies)
+    assert r.returncode == 0, r.stderr
+
+
+def test_validate_reports_file_line_path_and_reason(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"apis": [{"name": "a", "path_prefix": "/a",\n  "ip_filter": {"deny": ["10.0.0.0/8", "10.0.0.1/8"]}}]}')
+    r = run("validate", bad)
+    assert r.returncode == 1
+    assert f"{bad}:2:" in r.stderr
+    assert "apis[0].ip_filter.deny[1]" in r.stderr
+    assert "host bits" in r.stderr
+
+
+def test_validate_exit_code_2_for_unreadable_file(tmp_path):
+    r = run("validate", tmp_path / "missing.json")
+    assert r.returncode == 2
+
+
+def test_validate_check_env(tmp_path):
+    p = tmp_path / "env.json"
+    p.write_text('{"apis": [{"name": "a", "path_prefix": "/a", "inject_headers": {"x-k": {"env": "GG_TEST_UNSET"}}}]}')
+    assert run("validate", p).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "GG_TEST_UNSET"}
+    r = run("validate", "--check-env", p, env=env)
+    assert r.returncode == 1 and "GG_TEST_UNSET" in r.stderr
+    assert run("validate", "--check-env", p, env=dict(env, GG_TEST_UNSET="v")).returncode == 0
+
+
+def test_hash_key_from_stdin_matches_argument():
+    a = run("hash-key", "abc").stdout.strip()
+    b = run("hash-key", input="abc\n").stdout.strip()
+    assert a == b == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_shipped_envoy_yaml_is_render_of_demo_policy(tmp_path):
+    out = tmp_path / "envoy.yaml"
+    r = run("render", "--policy", "policies/demo.json", "--out", out, *RENDER_DEMO_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == (ROOT / "envoy.yaml").read_text(), \
+        "envoy.yaml is stale: run `make envoy.yaml`"
+
+
+RENDER_DEMO_ARGS = []
+
+
+def test_rendered_config_passes_envoy_validate(tmp_path):
+    out = tmp_path / "envoy.yaml"
+    assert run("render", "--policy", "policies/demo.json", "--out", out).returncode == 0
+    env = dict(os.environ, CONFIG_APP_KEY="x")
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
