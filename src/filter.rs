@@ -3,13 +3,14 @@
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
+use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward};
 use gateguard_core::{CompiledPolicy, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, CERT_EXPIRING};
 use crate::root::log;
 
 pub struct Gateway {
@@ -49,6 +50,7 @@ impl HttpContext for RequestFilter {
         let method = header(&headers, ":method").unwrap_or_default();
         let path = header(&headers, ":path").unwrap_or_default();
         let peer = property_string(&["source", "address"]);
+        let peer_certificate = property_bytes(&["connection", "peer_certificate"]);
         let now = hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -58,6 +60,7 @@ impl HttpContext for RequestFilter {
             path,
             headers: &headers,
             peer_address: peer.as_deref(),
+            peer_certificate: peer_certificate.as_deref(),
             now,
         };
         let decision = gateway.policy.evaluate(&request);
@@ -93,6 +96,9 @@ impl HttpContext for RequestFilter {
                 Action::Pause
             }
             Decision::Forward(forward) => {
+                if let Some(cert) = &forward.expiring_certificate {
+                    warn_expiring_certificate(&gateway, forward.api, cert, now);
+                }
                 apply(&forward);
                 self.response_headers = forward.response_headers;
                 Action::Continue
@@ -105,6 +111,32 @@ impl HttpContext for RequestFilter {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         Action::Continue
+    }
+}
+
+/// Counts every request with a soon-expiring certificate; logs once per certificate per day
+/// across all workers (the day is remembered in shared data).
+fn warn_expiring_certificate(gateway: &Gateway, api: usize, cert: &AcceptedCertificate, now: u64) {
+    gateway.metrics.add(Some(api), CERT_EXPIRING, 1);
+    let key = format!("gateguard.certwarn.{}", cert.sha256_hex);
+    let today = (now / 86_400).to_string();
+    let seen =
+        matches!(hostcalls::get_shared_data(&key), Ok((Some(day), _)) if day == today.as_bytes());
+    if !seen && hostcalls::set_shared_data(&key, Some(today.as_bytes()), None).is_ok() {
+        let api_name = gateway
+            .policy
+            .apis
+            .get(api)
+            .map_or("-", |a| a.name.as_str());
+        let days_left = cert.not_after.map(|t| (t.saturating_sub(now)) / 86_400);
+        log(
+            LogLevel::Warn,
+            &format!(
+                "gateguard: client certificate sha256={} for api={api_name} expires in {} days; rotate it before it expires",
+                cert.sha256_hex,
+                days_left.map_or("unknown".to_string(), |d| d.to_string())
+            ),
+        );
     }
 }
 
@@ -144,9 +176,10 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+fn property_bytes(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
 fn property_string(path: &[&str]) -> Option<String> {
-    hostcalls::get_property(path.to_vec())
-        .ok()
-        .flatten()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    property_bytes(path).map(|b| String::from_utf8_lossy(&b).into_owned())
 }

@@ -1,4 +1,5 @@
-//! Envoy counters: `gateguard.<api>.<outcome>` and `gateguard.<outcome>` before routing.
+//! Envoy counters: `gateguard.<api>.<name>` and `gateguard.<name>` before routing. Envoy shows
+//! Wasm-defined stats under the `wasmcustom.` prefix on `/stats`.
 
 use std::collections::HashMap;
 
@@ -6,10 +7,33 @@ use gateguard_core::{CompiledPolicy, Outcome};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+/// Per-API counters that are not request outcomes.
+pub const CERT_EXPIRING: &str = "cert_expiring";
+pub const JWT_CACHE_HIT: &str = "jwt_cache_hit";
+pub const JWT_CACHE_MISS: &str = "jwt_cache_miss";
+pub const JWKS_FETCH: &str = "jwks_fetch";
+pub const JWKS_FETCH_FAILED: &str = "jwks_fetch_failed";
+pub const REPLAY_CAS_RETRIES: &str = "replay_cas_retries";
+pub const REPLAY_RECLAIMED: &str = "replay_reclaimed";
+const EXTRA_PER_API: [&str; 7] = [
+    CERT_EXPIRING,
+    JWT_CACHE_HIT,
+    JWT_CACHE_MISS,
+    JWKS_FETCH,
+    JWKS_FETCH_FAILED,
+    REPLAY_CAS_RETRIES,
+    REPLAY_RECLAIMED,
+];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    per_api: Vec<HashMap<Outcome, u32>>,
-    global: HashMap<Outcome, u32>,
+    per_api: Vec<HashMap<&'static str, u32>>,
+    global: HashMap<&'static str, u32>,
+    gauges: HashMap<&'static str, u32>,
+}
+
+fn define(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, name).ok()
 }
 
 impl Metrics {
@@ -21,11 +45,11 @@ impl Metrics {
             .map(|api| {
                 Outcome::PER_API
                     .iter()
-                    .filter_map(|o| {
-                        let name = format!("gateguard.{}.{}", api.name, o.name());
-                        hostcalls::define_metric(MetricType::Counter, &name)
-                            .ok()
-                            .map(|id| (*o, id))
+                    .map(|o| o.name())
+                    .chain(EXTRA_PER_API)
+                    .filter_map(|n| {
+                        define(MetricType::Counter, &format!("gateguard.{}.{n}", api.name))
+                            .map(|id| (n, id))
                     })
                     .collect()
             })
@@ -33,21 +57,40 @@ impl Metrics {
         let global = Outcome::GLOBAL
             .iter()
             .filter_map(|o| {
-                hostcalls::define_metric(MetricType::Counter, &format!("gateguard.{}", o.name()))
-                    .ok()
-                    .map(|id| (*o, id))
+                define(MetricType::Counter, &format!("gateguard.{}", o.name()))
+                    .map(|id| (o.name(), id))
             })
             .collect();
-        Self { per_api, global }
+        let gauges = ["replay_store_live_entries"]
+            .into_iter()
+            .filter_map(|n| define(MetricType::Gauge, &format!("gateguard.{n}")).map(|id| (n, id)))
+            .collect();
+        Self {
+            per_api,
+            global,
+            gauges,
+        }
     }
 
     pub fn count(&self, api: Option<usize>, outcome: Outcome) {
+        self.add(api, outcome.name(), 1);
+    }
+
+    pub fn add(&self, api: Option<usize>, name: &str, n: u64) {
         let id = match api {
-            Some(i) => self.per_api.get(i).and_then(|m| m.get(&outcome)),
-            None => self.global.get(&outcome),
+            Some(i) => self.per_api.get(i).and_then(|m| m.get(name)),
+            None => self.global.get(name),
         };
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(*id, 1);
+        if let (Some(id), Ok(n)) = (id, i64::try_from(n)) {
+            if n > 0 {
+                let _ = hostcalls::increment_metric(*id, n);
+            }
+        }
+    }
+
+    pub fn set_gauge(&self, name: &str, value: u64) {
+        if let Some(id) = self.gauges.get(name) {
+            let _ = hostcalls::record_metric(*id, value);
         }
     }
 }

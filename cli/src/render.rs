@@ -245,7 +245,9 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
         .upstream
         .rsplit_once(':')
         .ok_or("--upstream must be host:port")?;
-    let up_port: u16 = up_port.parse().map_err(|_| "--upstream has no valid port")?;
+    let up_port: u16 = up_port
+        .parse()
+        .map_err(|_| "--upstream has no valid port")?;
     let mut clusters = vec![cluster(
         "function_app",
         up_host,
@@ -257,7 +259,10 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
         let authority = rest.split('/').next().unwrap_or_default();
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().unwrap_or(443)),
-            _ => (authority.to_string(), if scheme == "http" { 80 } else { 443 }),
+            _ => (
+                authority.to_string(),
+                if scheme == "http" { 80 } else { 443 },
+            ),
         };
         let sni = (scheme == "https").then_some(host.as_str());
         clusters.push(cluster(&name, &host, port, sni));

@@ -32,13 +32,19 @@ pub fn run(args: &Args) -> ExitCode {
             }
         };
         let strict = |name: &str| std::env::var(name).ok();
-        let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| "placeholder".into()));
+        let lenient =
+            |name: &str| Some(std::env::var(name).unwrap_or_else(|_| "placeholder".into()));
         let env: &dyn Fn(&str) -> Option<String> = if args.check_env { &strict } else { &lenient };
         match parse_policy(&text, env) {
             Ok(policy) => {
                 if !args.quiet {
                     let names: Vec<&str> = policy.apis.iter().map(|a| a.name.as_str()).collect();
-                    println!("{}: ok ({} APIs: {})", file.display(), names.len(), names.join(", "));
+                    println!(
+                        "{}: ok ({} APIs: {})",
+                        file.display(),
+                        names.len(),
+                        names.join(", ")
+                    );
                 }
             }
             Err(e) => {

@@ -115,7 +115,8 @@ mod tests {
 
     #[test]
     fn emits_block_yaml() {
-        let v = json!({"a": {"b": [1, {"c": "x y", "d": true}], "e": "on"}, "f": "l1\nl2\n", "g": []});
+        let v =
+            json!({"a": {"b": [1, {"c": "x y", "d": true}], "e": "on"}, "f": "l1\nl2\n", "g": []});
         assert_eq!(
             to_yaml(&v),
             "a:\n  b:\n  - 1\n  - c: \"x y\"\n    d: true\n  e: \"on\"\nf: |\n  l1\n  l2\ng: []\n"

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{is_token, CorsConfig, CorsPolicy};
 use crate::error::{index, join, ConfigError};
 use crate::ip_filter::{ClientIpConfig, IpFilterConfig, IpFilterPolicy};
@@ -38,6 +39,8 @@ pub struct ApiConfig {
     #[serde(default)]
     pub ip_filter: Option<IpFilterConfig>,
     #[serde(default)]
+    pub client_certificate: Option<ClientCertConfig>,
+    #[serde(default)]
     pub subscription_key: Option<SubscriptionKeyConfig>,
     #[serde(default)]
     pub inject_headers: BTreeMap<String, ValueSource>,
@@ -56,6 +59,7 @@ pub struct ApiPolicy {
     pub path_prefix: String,
     pub cors: Option<CorsPolicy>,
     pub ip_filter: Option<IpFilterPolicy>,
+    pub client_certificate: Option<ClientCertPolicy>,
     pub subscription_key: Option<SubscriptionKeyPolicy>,
     /// (lower-case name, value), applied upstream after the client's copies are removed.
     pub inject_headers: Vec<(String, String)>,
@@ -175,6 +179,11 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         .as_ref()
         .map(|c| IpFilterPolicy::compile(c, &join(path, "ip_filter")))
         .transpose()?;
+    let client_certificate = api
+        .client_certificate
+        .as_ref()
+        .map(|c| ClientCertPolicy::compile(c, &join(path, "client_certificate")))
+        .transpose()?;
     let subscription_key = api
         .subscription_key
         .as_ref()
@@ -208,6 +217,7 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         path_prefix: api.path_prefix.clone(),
         cors,
         ip_filter,
+        client_certificate,
         subscription_key,
         inject_headers,
     })

@@ -1,6 +1,7 @@
 //! What the gateway does with a request, and the one place where every refusal is mapped to
 //! its status, message, stat and log reason (SPEC "Checks, in order").
 
+use crate::client_cert::{AcceptedCertificate, CertError};
 use crate::ip_filter::ClientIpError;
 use crate::path::PathError;
 use crate::subscription_key::KeyError;
@@ -64,6 +65,7 @@ pub enum Refusal {
     BadPath(PathError),
     Cors,
     Ip(Option<ClientIpError>),
+    Cert(CertError),
     Key(KeyError),
 }
 
@@ -85,7 +87,7 @@ impl Refusal {
         match self {
             Refusal::NotFound => 404,
             Refusal::BadPath(_) => 400,
-            Refusal::Cors | Refusal::Ip(_) => 403,
+            Refusal::Cors | Refusal::Ip(_) | Refusal::Cert(_) => 403,
             Refusal::Key(_) => 401,
         }
     }
@@ -96,6 +98,7 @@ impl Refusal {
             Refusal::BadPath(_) => MSG_BAD_PATH,
             Refusal::Cors => MSG_CORS,
             Refusal::Ip(_) => MSG_IP,
+            Refusal::Cert(_) => MSG_CERT,
             Refusal::Key(KeyError::Missing) => MSG_KEY_MISSING,
             Refusal::Key(KeyError::Invalid) => MSG_KEY_INVALID,
         }
@@ -107,6 +110,7 @@ impl Refusal {
             Refusal::BadPath(_) => Outcome::BadRequest,
             Refusal::Cors => Outcome::CorsDenied,
             Refusal::Ip(_) => Outcome::IpDenied,
+            Refusal::Cert(_) => Outcome::CertDenied,
             Refusal::Key(_) => Outcome::KeyDenied,
         }
     }
@@ -118,6 +122,7 @@ impl Refusal {
             Refusal::BadPath(_) => "path",
             Refusal::Cors => "cors",
             Refusal::Ip(_) => "ip_filter",
+            Refusal::Cert(_) => "client_certificate",
             Refusal::Key(_) => "subscription_key",
         }
     }
@@ -130,6 +135,7 @@ impl Refusal {
             Refusal::Cors => "origin or method not allowed",
             Refusal::Ip(Some(e)) => e.reason(),
             Refusal::Ip(None) => "client IP not admitted",
+            Refusal::Cert(e) => e.reason(),
             Refusal::Key(e) => e.reason(),
         }
     }
@@ -166,6 +172,8 @@ pub struct Forward {
     pub new_path: Option<String>,
     /// CORS headers for the upstream's response.
     pub response_headers: Vec<(String, String)>,
+    /// An accepted client certificate close to expiry: worth a gauge and a daily log line.
+    pub expiring_certificate: Option<AcceptedCertificate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

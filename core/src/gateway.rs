@@ -1,6 +1,7 @@
 //! The pipeline: request facts in, decision out. Checks run in SPEC order; the first refusal
 //! wins; nothing here talks to the host except through the `Host` trait.
 
+use crate::client_cert::{CertError, CertSource, Malformed, PresentedCertificates};
 use crate::config::{ApiPolicy, CompiledPolicy};
 use crate::cors::CorsVerdict;
 use crate::decision::{Decision, Forward, LocalReply, Outcome, Refusal};
@@ -18,6 +19,8 @@ pub struct Request<'a> {
     pub headers: &'a [(String, String)],
     /// Envoy's `source.address`, `ip:port`.
     pub peer_address: Option<&'a str>,
+    /// Envoy's `connection.peer_certificate`: the TLS client certificate, PEM.
+    pub peer_certificate: Option<&'a [u8]>,
     /// Unix seconds from the host clock.
     pub now: u64,
 }
@@ -102,6 +105,42 @@ impl CompiledPolicy {
             response_headers: cors_headers.clone(),
             ..Forward::default()
         };
+
+        // 3. Client certificate
+        if let Some(certs) = &api.client_certificate {
+            let xfcc = req.header_values("x-forwarded-client-cert");
+            let arr = req.header_values("x-arr-clientcert");
+            for (source, values) in [(CertSource::Xfcc, &xfcc), (CertSource::Arr, &arr)] {
+                if values.len() > 1 && certs.sources().contains(&source) {
+                    // One certificate per request; two headers are a forgery attempt or a bug.
+                    let why = Malformed::DuplicateHeader;
+                    return refuse(
+                        Refusal::Cert(CertError::Unparseable { source, why }),
+                        &cors_headers,
+                    );
+                }
+            }
+            let presented = PresentedCertificates {
+                connection: req.peer_certificate,
+                xfcc: xfcc.first().copied(),
+                arr: arr.first().copied(),
+            };
+            match certs.check(&presented, req.now) {
+                Ok(accepted) => {
+                    if accepted.expires_within_warning {
+                        forward.expiring_certificate = Some(accepted);
+                    }
+                }
+                Err(e) => return refuse(Refusal::Cert(e), &cors_headers),
+            }
+            // The gateway is the certificate authority for this API: forwarded-certificate
+            // headers from the client must not reach a backend that might trust them.
+            for source in CertSource::ALL {
+                if let Some(name) = source.header_name() {
+                    forward.remove_request_headers.push(name.to_string());
+                }
+            }
+        }
 
         // 4. Subscription key
         if let Some(keys) = &api.subscription_key {
