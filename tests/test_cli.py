@@ -73,3 +73,35 @@ def test_rendered_config_passes_envoy_validate(tmp_path):
     r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_thumbprint_of_pem_der_and_pfx(tmp_path):
+    from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+
+    from certs import make_ca, make_leaf
+
+    ca = make_ca()
+    leaf = make_leaf(ca, "apim-client").write(tmp_path, "client")
+    der = tmp_path / "client.cer"
+    der.write_bytes(leaf.der)
+    pfx = tmp_path / "client.pfx"
+    pfx.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"apim client", leaf.key, leaf.cert, [ca.cert], BestAvailableEncryption(b"s3cret")))
+    for path, extra in ((leaf.cert_path, []), (der, []), (pfx, ["--password", "s3cret"])):
+        r = run("thumbprint", path, *extra)
+        assert r.returncode == 0, r.stderr
+        assert leaf.sha1.upper() in r.stdout and leaf.sha256.upper() in r.stdout
+        assert "CN=apim-client" in r.stdout
+    env = dict(os.environ, GATEGUARD_PFX_PASSWORD="s3cret")
+    r = run("thumbprint", pfx, "--json", env=env)
+    first = __import__("json").loads(r.stdout)[0]
+    assert first["sha256"] == leaf.sha256.upper()
+    r = run("thumbprint", pfx, "--password", "wrong")
+    assert r.returncode == 1 and "password" in r.stderr
+
+
+def test_thumbprint_refuses_garbage(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    r = run("thumbprint", bad)
+    assert r.returncode == 1

@@ -2,6 +2,7 @@
 //! around them.
 
 mod render;
+mod thumbprint;
 mod validate;
 mod yaml;
 
@@ -30,6 +31,9 @@ enum Command {
     Validate(validate::Args),
     /// Print a complete Envoy configuration that runs gateguard with a policy.
     Render(Box<render::Args>),
+    /// Print SHA-1 and SHA-256 thumbprints, subject, issuer and validity of a certificate
+    /// (PEM, DER or PKCS#12 .pfx/.p12).
+    Thumbprint(thumbprint::Args),
     /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Render(args) => render::run(&args),
+        Command::Thumbprint(args) => thumbprint::run(&args),
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k,

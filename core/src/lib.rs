@@ -11,6 +11,7 @@ pub mod hex;
 pub mod ip_filter;
 pub mod locate;
 pub mod path;
+pub mod replay;
 pub mod subscription_key;
 pub mod value;
 
