@@ -50,7 +50,12 @@ impl HttpContext for RequestFilter {
         let method = header(&headers, ":method").unwrap_or_default();
         let path = header(&headers, ":path").unwrap_or_default();
         let peer = property_string(&["source", "address"]);
-        let peer_certificate = property_bytes(&["connection", "peer_certificate"]);
+        // A host call per request only when some API reads the TLS peer certificate.
+        let peer_certificate = if gateway.policy.reads_peer_certificate() {
+            property_bytes(&["connection", "peer_certificate"])
+        } else {
+            None
+        };
         let now = hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

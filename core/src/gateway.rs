@@ -46,6 +46,15 @@ impl CompiledPolicy {
             .map(|(i, _)| i)
     }
 
+    /// Whether any API takes its client certificate from the TLS connection.
+    pub fn reads_peer_certificate(&self) -> bool {
+        self.apis.iter().any(|a| {
+            a.client_certificate
+                .as_ref()
+                .is_some_and(|c| c.sources().contains(&CertSource::Connection))
+        })
+    }
+
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         let path = match normalize(req.path) {
             Ok(p) => p,
