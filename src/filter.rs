@@ -5,11 +5,13 @@ use std::time::UNIX_EPOCH;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward};
+use gateguard_core::replay::SharedStore;
 use gateguard_core::{CompiledPolicy, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 
+use crate::host::HostStore;
 use crate::metrics::{Metrics, CERT_EXPIRING};
 use crate::root::log;
 

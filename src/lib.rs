@@ -2,6 +2,7 @@
 //! applies it. Everything that decides lives in `gateguard-core`.
 
 mod filter;
+mod host;
 mod metrics;
 mod root;
 
