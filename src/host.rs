@@ -58,9 +58,14 @@ impl SharedStore for HostStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        let ptr = if value.is_empty() { null() } else { value.as_ptr() };
+        let ptr = if value.is_empty() {
+            null()
+        } else {
+            value.as_ptr()
+        };
         // SAFETY: pointers and lengths describe live slices for the duration of the call.
-        let status = unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) };
+        let status =
+            unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) };
         match status {
             OK => Ok(()),
             CAS_MISMATCH => Err(SetError::CasMismatch),

@@ -3,6 +3,7 @@
 
 mod render;
 mod thumbprint;
+mod token;
 mod validate;
 mod yaml;
 
@@ -34,6 +35,10 @@ enum Command {
     /// Print SHA-1 and SHA-256 thumbprints, subject, issuer and validity of a certificate
     /// (PEM, DER or PKCS#12 .pfx/.p12).
     Thumbprint(thumbprint::Args),
+    /// Mint a development JWT signed with a local private key (claims from flags).
+    Token(Box<token::TokenArgs>),
+    /// Print the JWKS (public key set) for a local private key, for a dev identity provider.
+    Jwks(token::JwksArgs),
     /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
@@ -47,6 +52,8 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(&args),
         Command::Render(args) => render::run(&args),
         Command::Thumbprint(args) => thumbprint::run(&args),
+        Command::Token(args) => token::token(&args),
+        Command::Jwks(args) => token::jwks(&args),
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k,
