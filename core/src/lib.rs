@@ -9,6 +9,7 @@ pub mod error;
 pub mod gateway;
 pub mod hex;
 pub mod ip_filter;
+pub mod jwt;
 pub mod locate;
 pub mod path;
 pub mod replay;

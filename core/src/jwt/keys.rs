@@ -1,0 +1,224 @@
+//! Verification keys: a JWKS parsed into the keys gateguard will use, and the choice of key for
+//! a token. The key's type decides which algorithms it can verify, never the token alone.
+
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+
+/// Largest JWKS document accepted (Entra ID's is a few KiB).
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Most keys kept from one JWKS.
+pub const MAX_KEYS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFamily {
+    Rsa,
+    EcP256,
+    EcP384,
+    Ed25519,
+    Hmac,
+    /// An algorithm a future jsonwebtoken adds: no key of ours will ever verify it.
+    Unsupported,
+}
+
+impl KeyFamily {
+    /// The only key family that can verify `alg`.
+    pub fn for_algorithm(alg: Algorithm) -> KeyFamily {
+        match alg {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => KeyFamily::Rsa,
+            Algorithm::ES256 => KeyFamily::EcP256,
+            Algorithm::ES384 => KeyFamily::EcP384,
+            Algorithm::EdDSA => KeyFamily::Ed25519,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => KeyFamily::Hmac,
+            _ => KeyFamily::Unsupported,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    pub family: KeyFamily,
+    /// The `alg` the JWK declares, if any: then only that algorithm may use it.
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerificationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerificationKey")
+            .field("kid", &self.kid)
+            .field("family", &self.family)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    keys: Vec<VerificationKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksError {
+    TooLarge,
+    NotJson,
+    NoKeysArray,
+    NoUsableKey,
+    NoJwksUri,
+    HttpStatus(u32),
+    Timeout,
+}
+
+impl JwksError {
+    pub fn reason(&self) -> String {
+        match self {
+            JwksError::TooLarge => format!("JWKS larger than {MAX_JWKS_BYTES} bytes"),
+            JwksError::NotJson => "response is not a JSON object".into(),
+            JwksError::NoKeysArray => "no \"keys\" array".into(),
+            JwksError::NoUsableKey => {
+                "no usable signing key (RSA, EC P-256/P-384 or Ed25519, use \"sig\")".into()
+            }
+            JwksError::NoJwksUri => "discovery document has no https/http \"jwks_uri\"".into(),
+            JwksError::HttpStatus(s) => format!("HTTP status {s}"),
+            JwksError::Timeout => "no response in time".into(),
+        }
+    }
+}
+
+/// Why no key could be chosen for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChoiceError {
+    UnknownKid,
+    /// No `kid` and not exactly one key of the algorithm's family.
+    AmbiguousKey,
+    /// The key with that `kid` is of another type, or declares another `alg`.
+    KeyAlgorithmMismatch,
+}
+
+impl KeySet {
+    pub fn new(keys: Vec<VerificationKey>) -> Self {
+        Self { keys }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn has_family(&self, family: KeyFamily) -> bool {
+        self.keys.iter().any(|k| k.family == family)
+    }
+
+    pub fn from_jwks_json(bytes: &[u8]) -> Result<KeySet, JwksError> {
+        if bytes.len() > MAX_JWKS_BYTES {
+            return Err(JwksError::TooLarge);
+        }
+        let doc: Value = serde_json::from_slice(bytes).map_err(|_| JwksError::NotJson)?;
+        Self::from_jwks_value(&doc)
+    }
+
+    pub fn from_jwks_value(doc: &Value) -> Result<KeySet, JwksError> {
+        let list = doc
+            .as_object()
+            .ok_or(JwksError::NotJson)?
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or(JwksError::NoKeysArray)?;
+        let keys: Vec<VerificationKey> = list.iter().filter_map(parse_jwk).take(MAX_KEYS).collect();
+        if keys.is_empty() {
+            return Err(JwksError::NoUsableKey);
+        }
+        Ok(KeySet { keys })
+    }
+
+    pub fn choose(&self, kid: Option<&str>, alg: Algorithm) -> Result<&VerificationKey, KeyChoiceError> {
+        let family = KeyFamily::for_algorithm(alg);
+        let fits = |k: &&VerificationKey| k.family == family && k.alg.is_none_or(|a| a == alg);
+        match kid {
+            Some(kid) => {
+                let mut with_kid = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+                if with_kid.peek().is_none() {
+                    return Err(KeyChoiceError::UnknownKid);
+                }
+                with_kid.find(fits).ok_or(KeyChoiceError::KeyAlgorithmMismatch)
+            }
+            None => {
+                let mut candidates = self.keys.iter().filter(fits);
+                match (candidates.next(), candidates.next()) {
+                    (Some(only), None) => Ok(only),
+                    _ => Err(KeyChoiceError::AmbiguousKey),
+                }
+            }
+        }
+    }
+}
+
+fn text<'a>(jwk: &'a serde_json::Map<String, Value>, field: &str) -> Option<&'a str> {
+    jwk.get(field).and_then(Value::as_str)
+}
+
+/// One JWK, or `None` when it is not a signature-verification key we support.
+fn parse_jwk(value: &Value) -> Option<VerificationKey> {
+    let jwk = value.as_object()?;
+    if text(jwk, "use").is_some_and(|u| u != "sig") {
+        return None;
+    }
+    if let Some(ops) = jwk.get("key_ops").and_then(Value::as_array) {
+        if !ops.iter().any(|o| o.as_str() == Some("verify")) {
+            return None;
+        }
+    }
+    let alg = match text(jwk, "alg") {
+        Some(a) => Some(a.parse::<Algorithm>().ok()?),
+        None => None,
+    };
+    let (family, key) = match text(jwk, "kty")? {
+        "RSA" => {
+            let key = DecodingKey::from_rsa_components(text(jwk, "n")?, text(jwk, "e")?).ok()?;
+            (KeyFamily::Rsa, key)
+        }
+        "EC" => {
+            let family = match text(jwk, "crv")? {
+                "P-256" => KeyFamily::EcP256,
+                "P-384" => KeyFamily::EcP384,
+                _ => return None,
+            };
+            let key = DecodingKey::from_ec_components(text(jwk, "x")?, text(jwk, "y")?).ok()?;
+            (family, key)
+        }
+        "OKP" if text(jwk, "crv")? == "Ed25519" => {
+            (KeyFamily::Ed25519, DecodingKey::from_ed_components(text(jwk, "x")?).ok()?)
+        }
+        // Symmetric keys never come from a JWKS: a published "oct" key would let anyone sign.
+        _ => return None,
+    };
+    if alg.is_some_and(|a| KeyFamily::for_algorithm(a) != family) {
+        return None;
+    }
+    Some(VerificationKey {
+        kid: text(jwk, "kid").map(str::to_string),
+        family,
+        alg,
+        key,
+    })
+}
+
+/// `jwks_uri` from an OpenID discovery document.
+pub fn jwks_uri_from_discovery(bytes: &[u8]) -> Result<String, JwksError> {
+    if bytes.len() > MAX_JWKS_BYTES {
+        return Err(JwksError::TooLarge);
+    }
+    let doc: Value = serde_json::from_slice(bytes).map_err(|_| JwksError::NotJson)?;
+    match doc.get("jwks_uri").and_then(Value::as_str) {
+        Some(uri) if uri.starts_with("https://") || uri.starts_with("http://") => Ok(uri.to_string()),
+        _ => Err(JwksError::NoJwksUri),
+    }
+}

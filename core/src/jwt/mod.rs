@@ -1,0 +1,420 @@
+//! JWT validation (SPEC §5), written against RFC 7519, RFC 8725 and RFC 6750: the algorithm
+//! comes from the policy and the key, never from the token alone; time claims are checked
+//! against the host clock passed in; every failure maps to one of four messages.
+
+pub mod cache;
+pub mod claims;
+pub mod fetch;
+pub mod keys;
+pub mod token;
+pub mod verify;
+
+use std::collections::BTreeMap;
+
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{index, join, ConfigError};
+use crate::value::{EnvLookup, ValueSource};
+
+pub use claims::{RequiredClaim, RequiredClaimConfig};
+pub use keys::{JwksError, KeyChoiceError, KeyFamily, KeySet};
+pub use token::extract_bearer;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub jwks: JwksConfig,
+    #[serde(default = "default_skew")]
+    pub clock_skew_seconds: u64,
+    #[serde(default)]
+    pub required_claims: Vec<RequiredClaimConfig>,
+    #[serde(default)]
+    pub claims_to_headers: BTreeMap<String, String>,
+    /// Shared secret for HS256/384/512; only with an HS algorithm listed.
+    #[serde(default)]
+    pub hmac_secret: Option<ValueSource>,
+}
+
+fn default_skew() -> u64 {
+    60
+}
+
+/// Either `{"inline": <JWKS>}` or `{"cluster": ..., "uri": ..., "refresh_seconds": ...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    #[serde(default)]
+    pub inline: Option<Value>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub refresh_seconds: Option<u64>,
+}
+
+const DEFAULT_REFRESH_SECONDS: u64 = 3600;
+
+/// Where an API's keys come from, once compiled.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    Inline(KeySet),
+    Remote {
+        cluster: String,
+        uri: String,
+        refresh_seconds: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtPolicy {
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    pub jwks: JwksSource,
+    clock_skew: u64,
+    required_claims: Vec<RequiredClaim>,
+    /// (claim, lower-case header)
+    claims_to_headers: Vec<(String, String)>,
+    hmac: Option<DecodingKey>,
+}
+
+/// A token that passed: signature, time, issuer and audience.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedToken {
+    pub claims: Map<String, Value>,
+    pub exp: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    AlgorithmNotAllowed,
+    CritHeader,
+    NoKeySet,
+    UnknownKid,
+    AmbiguousKey,
+    KeyAlgorithmMismatch,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongIssuer,
+    WrongAudience,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtError {
+    /// No header, wrong scheme, empty or several tokens.
+    MissingHeader,
+    /// Not three base64url parts of JSON, or no numeric `exp`.
+    Malformed,
+    Invalid(InvalidReason),
+    InsufficientClaims,
+}
+
+impl JwtError {
+    /// A short reason for logs; never token content.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            JwtError::MissingHeader => "missing or malformed Authorization header",
+            JwtError::Malformed => "malformed token or missing exp",
+            JwtError::InsufficientClaims => "required claim missing or not matching",
+            JwtError::Invalid(r) => match r {
+                InvalidReason::AlgorithmNotAllowed => "algorithm not allowed",
+                InvalidReason::CritHeader => "unsupported crit header",
+                InvalidReason::NoKeySet => "no key set available yet",
+                InvalidReason::UnknownKid => "unknown kid",
+                InvalidReason::AmbiguousKey => "no kid and not exactly one matching key",
+                InvalidReason::KeyAlgorithmMismatch => "key does not match the algorithm",
+                InvalidReason::BadSignature => "bad signature",
+                InvalidReason::Expired => "token expired",
+                InvalidReason::NotYetValid => "token not yet valid (nbf)",
+                InvalidReason::IssuedInFuture => "token issued in the future (iat)",
+                InvalidReason::WrongIssuer => "issuer not accepted",
+                InvalidReason::WrongAudience => "audience not accepted",
+            },
+        }
+    }
+}
+
+const SUPPORTED: &str = "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512";
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+impl JwtPolicy {
+    pub fn compile(cfg: &JwtConfig, path: &str, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        let non_empty = |list: &Vec<String>, field: &str| {
+            if list.is_empty() {
+                return Err(ConfigError::new(join(path, field), "must list at least one value"));
+            }
+            if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
+                return Err(ConfigError::new(index(&join(path, field), i), "must not be empty"));
+            }
+            Ok(())
+        };
+        non_empty(&cfg.issuers, "issuers")?;
+        non_empty(&cfg.audiences, "audiences")?;
+        non_empty(&cfg.algorithms, "algorithms")?;
+
+        let mut algorithms = Vec::new();
+        for (i, name) in cfg.algorithms.iter().enumerate() {
+            let alg = name.parse::<Algorithm>().map_err(|_| {
+                ConfigError::new(
+                    index(&join(path, "algorithms"), i),
+                    format!("unsupported algorithm {name:?} (supported: {SUPPORTED})"),
+                )
+            })?;
+            if !algorithms.contains(&alg) {
+                algorithms.push(alg);
+            }
+        }
+
+        let wants_hmac = algorithms.iter().any(|a| is_hmac(*a));
+        let hmac = match (&cfg.hmac_secret, wants_hmac) {
+            (Some(source), true) => {
+                let field = join(path, "hmac_secret");
+                let secret = source.resolve(&field, env)?;
+                // RFC 7518 §3.2: the key must be at least as long as the hash output.
+                if secret.len() < 32 {
+                    return Err(ConfigError::new(field, "an HMAC secret needs at least 32 bytes"));
+                }
+                Some(DecodingKey::from_secret(secret.as_bytes()))
+            }
+            (None, true) => {
+                return Err(ConfigError::new(
+                    join(path, "algorithms"),
+                    "HS256/HS384/HS512 need \"hmac_secret\" (a shared secret, never a public key)",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(ConfigError::new(
+                    join(path, "hmac_secret"),
+                    "set, but no HS256/HS384/HS512 algorithm is allowed",
+                ))
+            }
+            (None, false) => None,
+        };
+
+        let jwks_path = join(path, "jwks");
+        let jwks = match &cfg.jwks {
+            JwksConfig {
+                inline: Some(inline),
+                cluster: None,
+                uri: None,
+                refresh_seconds: None,
+            } => {
+                let set = KeySet::from_jwks_value(inline).map_err(|e| {
+                    ConfigError::new(join(&jwks_path, "inline"), e.reason())
+                })?;
+                JwksSource::Inline(set)
+            }
+            JwksConfig {
+                inline: None,
+                cluster: Some(cluster),
+                uri: Some(uri),
+                refresh_seconds,
+            } => {
+                let refresh_seconds = &refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
+                if cluster.trim().is_empty() {
+                    return Err(ConfigError::new(join(&jwks_path, "cluster"), "must name an Envoy cluster"));
+                }
+                if fetch::split_uri(uri).is_none() {
+                    return Err(ConfigError::new(
+                        join(&jwks_path, "uri"),
+                        format!("{uri:?} is not an https:// or http:// URL"),
+                    ));
+                }
+                if *refresh_seconds == 0 || *refresh_seconds > 7 * 86_400 {
+                    return Err(ConfigError::new(
+                        join(&jwks_path, "refresh_seconds"),
+                        "must be between 1 and 604800",
+                    ));
+                }
+                JwksSource::Remote {
+                    cluster: cluster.clone(),
+                    uri: uri.clone(),
+                    refresh_seconds: *refresh_seconds,
+                }
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    jwks_path,
+                    "needs either \"inline\" (a JWKS) or \"cluster\" and \"uri\" (fetched through Envoy), not both",
+                ))
+            }
+        };
+        let asymmetric = algorithms.iter().any(|a| !is_hmac(*a));
+        if let (JwksSource::Inline(set), true) = (&jwks, asymmetric) {
+            if !algorithms
+                .iter()
+                .filter(|a| !is_hmac(**a))
+                .any(|a| set.has_family(KeyFamily::for_algorithm(*a)))
+            {
+                return Err(ConfigError::new(
+                    join(&jwks_path, "inline"),
+                    "no key in the set fits any allowed algorithm",
+                ));
+            }
+        }
+
+        if cfg.clock_skew_seconds > 600 {
+            return Err(ConfigError::new(
+                join(path, "clock_skew_seconds"),
+                "must be at most 600",
+            ));
+        }
+
+        let required_claims = cfg
+            .required_claims
+            .iter()
+            .enumerate()
+            .map(|(i, c)| RequiredClaim::compile(c, &index(&join(path, "required_claims"), i)))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let headers_path = join(path, "claims_to_headers");
+        let mut claims_to_headers: Vec<(String, String)> = Vec::new();
+        for (claim, header) in &cfg.claims_to_headers {
+            let field = join(&headers_path, claim);
+            crate::config::check_upstream_header_name(header).map_err(|r| ConfigError::new(&field, r))?;
+            let lower = header.to_ascii_lowercase();
+            if claims_to_headers.iter().any(|(_, h)| *h == lower) {
+                return Err(ConfigError::new(field, format!("header {header:?} used twice")));
+            }
+            claims_to_headers.push((claim.clone(), lower));
+        }
+
+        Ok(Self {
+            issuers: cfg.issuers.clone(),
+            audiences: cfg.audiences.clone(),
+            algorithms,
+            jwks,
+            clock_skew: cfg.clock_skew_seconds,
+            required_claims,
+            claims_to_headers,
+            hmac,
+        })
+    }
+
+    pub fn clock_skew(&self) -> u64 {
+        self.clock_skew
+    }
+
+    /// Verifies a token: structure, algorithm, key, signature, time, issuer, audience.
+    /// `keys` is the API's current key set (`None` while a remote JWKS is not fetched yet).
+    pub fn verify(&self, token: &str, keys: Option<&KeySet>, now: u64) -> Result<VerifiedToken, JwtError> {
+        let parsed = token::parse(token)?;
+        let invalid = JwtError::Invalid;
+
+        let alg = parsed
+            .header
+            .get("alg")
+            .and_then(Value::as_str)
+            .and_then(|a| a.parse::<Algorithm>().ok())
+            .filter(|a| self.algorithms.contains(a))
+            .ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?;
+        // RFC 7515 §4.1.11: extensions we do not understand must make the token invalid.
+        if parsed.header.contains_key("crit") {
+            return Err(invalid(InvalidReason::CritHeader));
+        }
+        // `jku`, `x5u`, `jwk` and `x5c` are never used: keys come only from the policy.
+        let key = if is_hmac(alg) {
+            self.hmac.as_ref().ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?
+        } else {
+            let set = keys.ok_or(invalid(InvalidReason::NoKeySet))?;
+            let kid = match parsed.header.get("kid") {
+                None => None,
+                Some(Value::String(k)) => Some(k.as_str()),
+                Some(_) => return Err(invalid(InvalidReason::UnknownKid)),
+            };
+            &set.choose(kid, alg)
+                .map_err(|e| {
+                    invalid(match e {
+                        KeyChoiceError::UnknownKid => InvalidReason::UnknownKid,
+                        KeyChoiceError::AmbiguousKey => InvalidReason::AmbiguousKey,
+                        KeyChoiceError::KeyAlgorithmMismatch => InvalidReason::KeyAlgorithmMismatch,
+                    })
+                })?
+                .key
+        };
+        if !verify::signature_is_valid(parsed.signature, parsed.signing_input, key, alg) {
+            return Err(invalid(InvalidReason::BadSignature));
+        }
+
+        let claims = parsed.claims;
+        let skew = self.clock_skew;
+        if parsed.exp.saturating_add(skew) <= now {
+            return Err(invalid(InvalidReason::Expired));
+        }
+        for (claim, reason) in [("nbf", InvalidReason::NotYetValid), ("iat", InvalidReason::IssuedInFuture)] {
+            match claims.get(claim) {
+                None => {}
+                Some(v) => {
+                    let t = token::numeric_date(v).ok_or(JwtError::Malformed)?;
+                    if t > now.saturating_add(skew) {
+                        return Err(invalid(reason));
+                    }
+                }
+            }
+        }
+        match claims.get("iss").and_then(Value::as_str) {
+            Some(iss) if self.issuers.iter().any(|i| i == iss) => {}
+            _ => return Err(invalid(InvalidReason::WrongIssuer)),
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => self.audiences.contains(a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| self.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(invalid(InvalidReason::WrongAudience));
+        }
+        Ok(VerifiedToken {
+            claims,
+            exp: parsed.exp,
+        })
+    }
+
+    /// Required claims for this method (re-checked on every request, cached token or not).
+    pub fn check_claims(&self, claims: &Map<String, Value>, method: &str) -> Result<(), JwtError> {
+        let ok = self
+            .required_claims
+            .iter()
+            .filter(|r| r.applies_to(method))
+            .all(|r| r.satisfied_by(claims));
+        if ok {
+            Ok(())
+        } else {
+            Err(JwtError::InsufficientClaims)
+        }
+    }
+
+    /// (lower-case header, value) for each configured claim the token carries.
+    pub fn claim_headers(&self, claims: &Map<String, Value>) -> Vec<(String, String)> {
+        self.claims_to_headers
+            .iter()
+            .filter_map(|(claim, header)| {
+                claims
+                    .get(claim)
+                    .and_then(claims::header_value)
+                    .map(|v| (header.clone(), v))
+            })
+            .collect()
+    }
+
+    pub fn claim_header_names(&self) -> impl Iterator<Item = &str> {
+        self.claims_to_headers.iter().map(|(_, h)| h.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests;
