@@ -70,7 +70,9 @@ impl HttpContext for RequestFilter {
             peer_certificate: peer_certificate.as_deref(),
             now,
         };
-        let decision = gateway.policy.evaluate(&request);
+        let decision = gateway
+            .policy
+            .evaluate(&request, &gateguard_core::gateway::NoHost);
         gateway.metrics.count(
             match &decision {
                 Decision::Reply { api, .. } => *api,

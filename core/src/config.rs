@@ -5,13 +5,16 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{is_token, CorsConfig, CorsPolicy};
 use crate::error::{index, join, ConfigError};
 use crate::ip_filter::{ClientIpConfig, IpFilterConfig, IpFilterPolicy};
+use crate::jwt::{JwtConfig, JwtPolicy};
 use crate::locate::locate;
 use crate::path::validate_prefix;
+use crate::replay::{ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode};
 use crate::subscription_key::{SubscriptionKeyConfig, SubscriptionKeyPolicy};
 use crate::value::{EnvLookup, ValueSource};
 
@@ -27,6 +30,30 @@ pub struct PolicyConfig {
     pub apis: Vec<ApiConfig>,
     #[serde(default)]
     pub client_ip: ClientIpConfig,
+    #[serde(default)]
+    pub replay_cache: ReplayCacheConfig,
+    #[serde(default)]
+    pub token_cache: TokenCacheConfig,
+}
+
+/// The verified-token cache: a fixed number of shared-data slots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheConfig {
+    #[serde(default = "default_token_cache_entries")]
+    pub max_entries: u32,
+}
+
+impl Default for TokenCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_token_cache_entries(),
+        }
+    }
+}
+
+fn default_token_cache_entries() -> u32 {
+    2048
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +70,10 @@ pub struct ApiConfig {
     #[serde(default)]
     pub subscription_key: Option<SubscriptionKeyConfig>,
     #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    #[serde(default)]
+    pub replay: Option<ReplayConfig>,
+    #[serde(default)]
     pub inject_headers: BTreeMap<String, ValueSource>,
 }
 
@@ -51,6 +82,12 @@ pub struct ApiConfig {
 pub struct CompiledPolicy {
     pub apis: Vec<ApiPolicy>,
     pub client_ip: ClientIpConfig,
+    pub replay_cache: ReplayCachePolicy,
+    /// Slots of the verified-token cache; 0 disables it.
+    pub token_cache_slots: u32,
+    /// SHA-256 of the policy document: verified-token cache entries are bound to it, so a
+    /// changed policy never serves a token verified under the old one.
+    pub fingerprint: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +98,8 @@ pub struct ApiPolicy {
     pub ip_filter: Option<IpFilterPolicy>,
     pub client_certificate: Option<ClientCertPolicy>,
     pub subscription_key: Option<SubscriptionKeyPolicy>,
+    pub jwt: Option<JwtPolicy>,
+    pub replay: Option<ReplayMode>,
     /// (lower-case name, value), applied upstream after the client's copies are removed.
     pub inject_headers: Vec<(String, String)>,
 }
@@ -80,10 +119,12 @@ pub fn parse_policy(text: &[u8], env: EnvLookup<'_>) -> Result<CompiledPolicy, C
     let text = std::str::from_utf8(text)
         .map_err(|e| ConfigError::new("", format!("policy is not UTF-8: {e}")))?;
     let raw = parse_raw(text)?;
-    compile(&raw, env).map_err(|e| match locate(text, &e.path) {
+    let mut policy = compile(&raw, env).map_err(|e| match locate(text, &e.path) {
         Some((line, column)) if e.line.is_none() => e.at(line, column),
         _ => e,
-    })
+    })?;
+    policy.fingerprint = Sha256::digest(text.as_bytes()).into();
+    Ok(policy)
 }
 
 /// Phase one: the document's shape.
@@ -146,9 +187,19 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         }
         apis.push(compiled);
     }
+    let replay_cache = ReplayCachePolicy::compile(&raw.replay_cache, "replay_cache")?;
+    if raw.token_cache.max_entries > 1_000_000 {
+        return Err(ConfigError::new(
+            "token_cache.max_entries",
+            "must be at most 1000000 (each slot may hold up to 8 KiB)",
+        ));
+    }
     Ok(CompiledPolicy {
         apis,
         client_ip: raw.client_ip.clone(),
+        replay_cache,
+        token_cache_slots: raw.token_cache.max_entries,
+        fingerprint: [0; 32],
     })
 }
 
@@ -190,6 +241,19 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         .map(|c| SubscriptionKeyPolicy::compile(c, &join(path, "subscription_key")))
         .transpose()?;
 
+    let jwt = api
+        .jwt
+        .as_ref()
+        .map(|c| JwtPolicy::compile(c, &join(path, "jwt"), env))
+        .transpose()?;
+    if api.replay.is_some() && jwt.is_none() {
+        return Err(ConfigError::new(
+            join(path, "replay"),
+            "replay detection needs \"jwt\": only validated tokens are recorded",
+        ));
+    }
+    let replay = api.replay.as_ref().map(|r| r.mode);
+
     let inject_path = join(path, "inject_headers");
     let mut inject_headers = Vec::with_capacity(api.inject_headers.len());
     for (name, source) in &api.inject_headers {
@@ -219,6 +283,8 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         ip_filter,
         client_certificate,
         subscription_key,
+        jwt,
+        replay,
         inject_headers,
     })
 }

@@ -3,7 +3,9 @@
 
 use crate::client_cert::{AcceptedCertificate, CertError};
 use crate::ip_filter::ClientIpError;
+use crate::jwt::JwtError;
 use crate::path::PathError;
+use crate::replay::Verdict;
 use crate::subscription_key::KeyError;
 
 /// One Envoy counter each: `gateguard.<api>.<name>` (or `gateguard.<name>` without an API).
@@ -19,13 +21,14 @@ pub enum Outcome {
     ClaimsDenied,
     ReplayDenied,
     ReplayStoreFull,
+    ReplayUnavailable,
     NotFound,
     BadRequest,
 }
 
 impl Outcome {
     /// Outcomes counted per API.
-    pub const PER_API: [Outcome; 10] = [
+    pub const PER_API: [Outcome; 11] = [
         Outcome::Allowed,
         Outcome::Preflight,
         Outcome::CorsDenied,
@@ -36,6 +39,7 @@ impl Outcome {
         Outcome::ClaimsDenied,
         Outcome::ReplayDenied,
         Outcome::ReplayStoreFull,
+        Outcome::ReplayUnavailable,
     ];
     /// Outcomes counted before any API is known.
     pub const GLOBAL: [Outcome; 2] = [Outcome::NotFound, Outcome::BadRequest];
@@ -52,6 +56,7 @@ impl Outcome {
             Outcome::ClaimsDenied => "claims_denied",
             Outcome::ReplayDenied => "replay_denied",
             Outcome::ReplayStoreFull => "replay_store_full",
+            Outcome::ReplayUnavailable => "replay_unavailable",
             Outcome::NotFound => "not_found",
             Outcome::BadRequest => "bad_request",
         }
@@ -67,6 +72,8 @@ pub enum Refusal {
     Ip(Option<ClientIpError>),
     Cert(CertError),
     Key(KeyError),
+    Jwt(JwtError),
+    Replay(Verdict),
 }
 
 pub const MSG_NOT_FOUND: &str = "Resource not found";
@@ -81,6 +88,8 @@ pub const MSG_JWT_MALFORMED: &str = "Malformed token or missing expiration";
 pub const MSG_JWT_INVALID: &str = "Invalid or expired token";
 pub const MSG_CLAIMS: &str = "Insufficient claims";
 pub const MSG_REPLAY: &str = "Token replay detected";
+pub const MSG_REPLAY_FULL: &str = "Replay protection unavailable: token store is full";
+pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
 
 impl Refusal {
     pub fn status(&self) -> u16 {
@@ -89,6 +98,10 @@ impl Refusal {
             Refusal::BadPath(_) => 400,
             Refusal::Cors | Refusal::Ip(_) | Refusal::Cert(_) => 403,
             Refusal::Key(_) => 401,
+            Refusal::Jwt(JwtError::InsufficientClaims) => 403,
+            Refusal::Jwt(_) => 401,
+            Refusal::Replay(Verdict::Replay | Verdict::MissingIp | Verdict::Expired) => 401,
+            Refusal::Replay(_) => 503,
         }
     }
 
@@ -101,6 +114,14 @@ impl Refusal {
             Refusal::Cert(_) => MSG_CERT,
             Refusal::Key(KeyError::Missing) => MSG_KEY_MISSING,
             Refusal::Key(KeyError::Invalid) => MSG_KEY_INVALID,
+            Refusal::Jwt(JwtError::MissingHeader) => MSG_JWT_MISSING,
+            Refusal::Jwt(JwtError::Malformed) => MSG_JWT_MALFORMED,
+            Refusal::Jwt(JwtError::Invalid(_)) => MSG_JWT_INVALID,
+            Refusal::Jwt(JwtError::InsufficientClaims) => MSG_CLAIMS,
+            Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => MSG_REPLAY,
+            Refusal::Replay(Verdict::Expired) => MSG_JWT_INVALID,
+            Refusal::Replay(Verdict::StoreFull) => MSG_REPLAY_FULL,
+            Refusal::Replay(_) => MSG_REPLAY_UNAVAILABLE,
         }
     }
 
@@ -112,6 +133,11 @@ impl Refusal {
             Refusal::Ip(_) => Outcome::IpDenied,
             Refusal::Cert(_) => Outcome::CertDenied,
             Refusal::Key(_) => Outcome::KeyDenied,
+            Refusal::Jwt(JwtError::InsufficientClaims) => Outcome::ClaimsDenied,
+            Refusal::Jwt(_) | Refusal::Replay(Verdict::Expired) => Outcome::JwtDenied,
+            Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => Outcome::ReplayDenied,
+            Refusal::Replay(Verdict::StoreFull) => Outcome::ReplayStoreFull,
+            Refusal::Replay(_) => Outcome::ReplayUnavailable,
         }
     }
 
@@ -124,6 +150,9 @@ impl Refusal {
             Refusal::Ip(_) => "ip_filter",
             Refusal::Cert(_) => "client_certificate",
             Refusal::Key(_) => "subscription_key",
+            Refusal::Jwt(JwtError::InsufficientClaims) => "claims",
+            Refusal::Jwt(_) => "jwt",
+            Refusal::Replay(_) => "replay",
         }
     }
 
@@ -137,12 +166,22 @@ impl Refusal {
             Refusal::Ip(None) => "client IP not admitted",
             Refusal::Cert(e) => e.reason(),
             Refusal::Key(e) => e.reason(),
+            Refusal::Jwt(e) => e.reason(),
+            Refusal::Replay(v) => v.reason(),
         }
     }
 
     /// Extra response headers the refusal carries (RFC 6750 for JWT refusals).
     pub fn headers(&self) -> Vec<(String, String)> {
-        Vec::new()
+        let challenge = match self {
+            Refusal::Jwt(JwtError::InsufficientClaims) => r#"Bearer error="insufficient_scope""#,
+            Refusal::Jwt(_)
+            | Refusal::Replay(Verdict::Replay | Verdict::MissingIp | Verdict::Expired) => {
+                r#"Bearer error="invalid_token""#
+            }
+            _ => return Vec::new(),
+        };
+        vec![("www-authenticate".to_string(), challenge.to_string())]
     }
 
     /// APIM's error shape: `{"statusCode": N, "message": "..."}`.

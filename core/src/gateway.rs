@@ -2,11 +2,20 @@
 //! wins; nothing here talks to the host except through the `Host` trait.
 
 use crate::client_cert::{CertError, CertSource, Malformed, PresentedCertificates};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
 use crate::config::{ApiPolicy, CompiledPolicy};
 use crate::cors::CorsVerdict;
 use crate::decision::{Decision, Forward, LocalReply, Outcome, Refusal};
 use crate::ip_filter::client_ip;
+use crate::ip_filter::ClientIpError;
+use crate::jwt::{extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet};
 use crate::path::{normalize, prefix_matches};
+use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, SharedStore, TokenRef};
 use crate::subscription_key::strip_query_param;
 
 /// Facts about one request, collected by the adapter.
@@ -23,6 +32,63 @@ pub struct Request<'a> {
     pub peer_certificate: Option<&'a [u8]>,
     /// Unix seconds from the host clock.
     pub now: u64,
+}
+
+/// Host-backed state the pipeline needs beyond the request: the APIs' current key sets, the
+/// verified-token cache and the replay store (all in Envoy shared data in the filter; in
+/// memory in tests).
+pub trait Host {
+    /// The API's current key set (`None` while a remote JWKS has not been fetched yet).
+    fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>>;
+    /// A cached verified token: (claims, exp), only if not expired at `now`.
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)>;
+    fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>);
+    /// A token named a `kid` the API's key set lacks: the JWKS may have rotated.
+    fn unknown_kid(&self, api: usize);
+    fn replay_store(&self) -> &dyn SharedStore;
+    /// Key prefix of the replay buckets in the store.
+    fn replay_prefix(&self) -> &str;
+    /// Telemetry: cache hits and misses, replay CAS retries and reclaimed entries.
+    fn note(&self, _api: usize, _event: Event) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    JwtCacheHit,
+    JwtCacheMiss,
+    Replay(ReplayOutcome),
+}
+
+/// A host with no JWT or replay configured: for policies that use neither, and for tests.
+pub struct NoHost;
+
+impl Host for NoHost {
+    fn jwt_keys(&self, _api: usize) -> Option<Rc<KeySet>> {
+        None
+    }
+    fn cached_token(&self, _key: &[u8; 32], _now: u64) -> Option<(Map<String, Value>, u64)> {
+        None
+    }
+    fn cache_token(&self, _key: &[u8; 32], _exp: u64, _claims: &Map<String, Value>) {}
+    fn unknown_kid(&self, _api: usize) {}
+    fn replay_store(&self) -> &dyn SharedStore {
+        &UNAVAILABLE
+    }
+    fn replay_prefix(&self) -> &str {
+        ""
+    }
+}
+
+struct Unavailable;
+static UNAVAILABLE: Unavailable = Unavailable;
+
+impl SharedStore for Unavailable {
+    fn get(&self, _key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::replay::StoreError> {
+        Ok(None)
+    }
+    fn set(&self, _key: &str, _value: &[u8], _cas: u32) -> Result<(), crate::replay::SetError> {
+        Err(crate::replay::SetError::CasMismatch)
+    }
 }
 
 impl<'a> Request<'a> {
@@ -55,7 +121,7 @@ impl CompiledPolicy {
         })
     }
 
-    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+    pub fn evaluate(&self, req: &Request<'_>, host: &dyn Host) -> Decision {
         let path = match normalize(req.path) {
             Ok(p) => p,
             Err(e) => return Decision::refuse(None, Refusal::BadPath(e), &[]),
@@ -100,9 +166,10 @@ impl CompiledPolicy {
         }
 
         // 2. IP filter
+        let xff = req.header_values("x-forwarded-for");
+        let ip: Result<IpAddr, ClientIpError> = client_ip(&self.client_ip, req.peer_address, &xff);
         if let Some(filter) = &api.ip_filter {
-            let xff = req.header_values("x-forwarded-for");
-            match client_ip(&self.client_ip, req.peer_address, &xff) {
+            match ip {
                 Ok(ip) if filter.admits(ip) => {}
                 Ok(_) => return refuse(Refusal::Ip(None), &cors_headers),
                 Err(e) => return refuse(Refusal::Ip(Some(e)), &cors_headers),
@@ -172,8 +239,95 @@ impl CompiledPolicy {
             }
         }
 
+        // 5. JWT, then 6. replay
+        if let Some(jwt) = &api.jwt {
+            let authorization = req.header_values("authorization");
+            let token = match extract_bearer(&authorization) {
+                Ok(t) => t,
+                Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
+            };
+            let token_sha256: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let (claims, exp) =
+                match self.verified_claims(api_index, jwt, token, &token_sha256, req.now, host) {
+                    Ok(v) => v,
+                    Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
+                };
+            if let Err(e) = jwt.check_claims(&claims, req.method) {
+                return refuse(Refusal::Jwt(e), &cors_headers);
+            }
+            if let Some(mode) = api.replay {
+                let token = TokenRef::new(&api.name, &token_sha256, exp, jwt.clock_skew());
+                let owner = match mode {
+                    ReplayMode::WithIp => ip.ok(),
+                    ReplayMode::WithoutIp => None,
+                };
+                let outcome = check_and_record(
+                    host.replay_store(),
+                    &self.replay_cache,
+                    host.replay_prefix(),
+                    token,
+                    owner,
+                    mode,
+                    req.now,
+                );
+                host.note(api_index, Event::Replay(outcome));
+                if !outcome.verdict.is_accepted() {
+                    return refuse(Refusal::Replay(outcome.verdict), &cors_headers);
+                }
+            }
+            for name in jwt.claim_header_names() {
+                forward.remove_request_headers.push(name.to_string());
+            }
+            forward
+                .set_request_headers
+                .extend(jwt.claim_headers(&claims));
+        }
+
         apply_injections(api, &mut forward);
         Decision::Forward(forward)
+    }
+
+    /// Claims and `exp` of a valid token: from the verified-token cache, or verified now and
+    /// cached. The cache key binds the policy version, the API and the token.
+    fn verified_claims(
+        &self,
+        api_index: usize,
+        jwt: &JwtPolicy,
+        token: &str,
+        token_sha256: &[u8; 32],
+        now: u64,
+        host: &dyn Host,
+    ) -> Result<(Map<String, Value>, u64), JwtError> {
+        let mut h = Sha256::new();
+        h.update(self.fingerprint);
+        h.update((api_index as u64).to_be_bytes());
+        h.update(token_sha256);
+        let cache_key: [u8; 32] = h.finalize().into();
+        if self.token_cache_slots > 0 {
+            if let Some(hit) = host.cached_token(&cache_key, now) {
+                host.note(api_index, Event::JwtCacheHit);
+                return Ok(hit);
+            }
+            host.note(api_index, Event::JwtCacheMiss);
+        }
+        let keys = host.jwt_keys(api_index);
+        match jwt.verify(token, keys.as_deref(), now) {
+            Ok(v) => {
+                if self.token_cache_slots > 0 {
+                    host.cache_token(&cache_key, v.exp, &v.claims);
+                }
+                Ok((v.claims, v.exp))
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    JwtError::Invalid(InvalidReason::UnknownKid | InvalidReason::NoKeySet)
+                ) {
+                    host.unknown_kid(api_index);
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -38,7 +38,10 @@ impl RequiredClaim {
         }
         let check_values = |values: &Vec<Value>, field: &str| {
             if values.is_empty() {
-                return Err(ConfigError::new(join(path, field), "must list at least one value"));
+                return Err(ConfigError::new(
+                    join(path, field),
+                    "must list at least one value",
+                ));
             }
             for (i, v) in values.iter().enumerate() {
                 if !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
@@ -139,7 +142,11 @@ pub fn header_value(claim: &Value) -> Option<String> {
         _ => None,
     };
     let text = match claim {
-        Value::Array(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>()?.join(","),
+        Value::Array(items) => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()?
+            .join(","),
         other => scalar(other)?,
     };
     crate::config::is_header_value(&text).then_some(text)

@@ -115,7 +115,12 @@ impl JwksFetcher {
     }
 
     /// The answer to the fetch `poll` started.
-    pub fn on_response(&mut self, now: u64, status: u32, body: &[u8]) -> Result<FetchResult, JwksError> {
+    pub fn on_response(
+        &mut self,
+        now: u64,
+        status: u32,
+        body: &[u8],
+    ) -> Result<FetchResult, JwksError> {
         let step = self.in_flight.take();
         let result = if status != 200 {
             Err(JwksError::HttpStatus(status))

@@ -139,16 +139,26 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
-    pub fn choose(&self, kid: Option<&str>, alg: Algorithm) -> Result<&VerificationKey, KeyChoiceError> {
+    pub fn choose(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<&VerificationKey, KeyChoiceError> {
         let family = KeyFamily::for_algorithm(alg);
         let fits = |k: &&VerificationKey| k.family == family && k.alg.is_none_or(|a| a == alg);
         match kid {
             Some(kid) => {
-                let mut with_kid = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+                let mut with_kid = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.kid.as_deref() == Some(kid))
+                    .peekable();
                 if with_kid.peek().is_none() {
                     return Err(KeyChoiceError::UnknownKid);
                 }
-                with_kid.find(fits).ok_or(KeyChoiceError::KeyAlgorithmMismatch)
+                with_kid
+                    .find(fits)
+                    .ok_or(KeyChoiceError::KeyAlgorithmMismatch)
             }
             None => {
                 let mut candidates = self.keys.iter().filter(fits);
@@ -194,9 +204,10 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
             let key = DecodingKey::from_ec_components(text(jwk, "x")?, text(jwk, "y")?).ok()?;
             (family, key)
         }
-        "OKP" if text(jwk, "crv")? == "Ed25519" => {
-            (KeyFamily::Ed25519, DecodingKey::from_ed_components(text(jwk, "x")?).ok()?)
-        }
+        "OKP" if text(jwk, "crv")? == "Ed25519" => (
+            KeyFamily::Ed25519,
+            DecodingKey::from_ed_components(text(jwk, "x")?).ok()?,
+        ),
         // Symmetric keys never come from a JWKS: a published "oct" key would let anyone sign.
         _ => return None,
     };
@@ -218,7 +229,9 @@ pub fn jwks_uri_from_discovery(bytes: &[u8]) -> Result<String, JwksError> {
     }
     let doc: Value = serde_json::from_slice(bytes).map_err(|_| JwksError::NotJson)?;
     match doc.get("jwks_uri").and_then(Value::as_str) {
-        Some(uri) if uri.starts_with("https://") || uri.starts_with("http://") => Ok(uri.to_string()),
+        Some(uri) if uri.starts_with("https://") || uri.starts_with("http://") => {
+            Ok(uri.to_string())
+        }
         _ => Err(JwksError::NoJwksUri),
     }
 }

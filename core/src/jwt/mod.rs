@@ -142,7 +142,8 @@ impl JwtError {
     }
 }
 
-const SUPPORTED: &str = "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512";
+const SUPPORTED: &str =
+    "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512";
 
 fn is_hmac(alg: Algorithm) -> bool {
     matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
@@ -152,10 +153,16 @@ impl JwtPolicy {
     pub fn compile(cfg: &JwtConfig, path: &str, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
         let non_empty = |list: &Vec<String>, field: &str| {
             if list.is_empty() {
-                return Err(ConfigError::new(join(path, field), "must list at least one value"));
+                return Err(ConfigError::new(
+                    join(path, field),
+                    "must list at least one value",
+                ));
             }
             if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
-                return Err(ConfigError::new(index(&join(path, field), i), "must not be empty"));
+                return Err(ConfigError::new(
+                    index(&join(path, field), i),
+                    "must not be empty",
+                ));
             }
             Ok(())
         };
@@ -177,30 +184,32 @@ impl JwtPolicy {
         }
 
         let wants_hmac = algorithms.iter().any(|a| is_hmac(*a));
-        let hmac = match (&cfg.hmac_secret, wants_hmac) {
-            (Some(source), true) => {
-                let field = join(path, "hmac_secret");
-                let secret = source.resolve(&field, env)?;
-                // RFC 7518 §3.2: the key must be at least as long as the hash output.
-                if secret.len() < 32 {
-                    return Err(ConfigError::new(field, "an HMAC secret needs at least 32 bytes"));
+        let hmac =
+            match (&cfg.hmac_secret, wants_hmac) {
+                (Some(source), true) => {
+                    let field = join(path, "hmac_secret");
+                    let secret = source.resolve(&field, env)?;
+                    // RFC 7518 §3.2: the key must be at least as long as the hash output.
+                    if secret.len() < 32 {
+                        return Err(ConfigError::new(
+                            field,
+                            "an HMAC secret needs at least 32 bytes",
+                        ));
+                    }
+                    Some(DecodingKey::from_secret(secret.as_bytes()))
                 }
-                Some(DecodingKey::from_secret(secret.as_bytes()))
-            }
-            (None, true) => {
-                return Err(ConfigError::new(
+                (None, true) => return Err(ConfigError::new(
                     join(path, "algorithms"),
                     "HS256/HS384/HS512 need \"hmac_secret\" (a shared secret, never a public key)",
-                ))
-            }
-            (Some(_), false) => {
-                return Err(ConfigError::new(
-                    join(path, "hmac_secret"),
-                    "set, but no HS256/HS384/HS512 algorithm is allowed",
-                ))
-            }
-            (None, false) => None,
-        };
+                )),
+                (Some(_), false) => {
+                    return Err(ConfigError::new(
+                        join(path, "hmac_secret"),
+                        "set, but no HS256/HS384/HS512 algorithm is allowed",
+                    ))
+                }
+                (None, false) => None,
+            };
 
         let jwks_path = join(path, "jwks");
         let jwks = match &cfg.jwks {
@@ -282,10 +291,14 @@ impl JwtPolicy {
         let mut claims_to_headers: Vec<(String, String)> = Vec::new();
         for (claim, header) in &cfg.claims_to_headers {
             let field = join(&headers_path, claim);
-            crate::config::check_upstream_header_name(header).map_err(|r| ConfigError::new(&field, r))?;
+            crate::config::check_upstream_header_name(header)
+                .map_err(|r| ConfigError::new(&field, r))?;
             let lower = header.to_ascii_lowercase();
             if claims_to_headers.iter().any(|(_, h)| *h == lower) {
-                return Err(ConfigError::new(field, format!("header {header:?} used twice")));
+                return Err(ConfigError::new(
+                    field,
+                    format!("header {header:?} used twice"),
+                ));
             }
             claims_to_headers.push((claim.clone(), lower));
         }
@@ -308,7 +321,12 @@ impl JwtPolicy {
 
     /// Verifies a token: structure, algorithm, key, signature, time, issuer, audience.
     /// `keys` is the API's current key set (`None` while a remote JWKS is not fetched yet).
-    pub fn verify(&self, token: &str, keys: Option<&KeySet>, now: u64) -> Result<VerifiedToken, JwtError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        keys: Option<&KeySet>,
+        now: u64,
+    ) -> Result<VerifiedToken, JwtError> {
         let parsed = token::parse(token)?;
         let invalid = JwtError::Invalid;
 
@@ -325,7 +343,9 @@ impl JwtPolicy {
         }
         // `jku`, `x5u`, `jwk` and `x5c` are never used: keys come only from the policy.
         let key = if is_hmac(alg) {
-            self.hmac.as_ref().ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?
+            self.hmac
+                .as_ref()
+                .ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?
         } else {
             let set = keys.ok_or(invalid(InvalidReason::NoKeySet))?;
             let kid = match parsed.header.get("kid") {
@@ -352,7 +372,10 @@ impl JwtPolicy {
         if parsed.exp.saturating_add(skew) <= now {
             return Err(invalid(InvalidReason::Expired));
         }
-        for (claim, reason) in [("nbf", InvalidReason::NotYetValid), ("iat", InvalidReason::IssuedInFuture)] {
+        for (claim, reason) in [
+            ("nbf", InvalidReason::NotYetValid),
+            ("iat", InvalidReason::IssuedInFuture),
+        ] {
             match claims.get(claim) {
                 None => {}
                 Some(v) => {

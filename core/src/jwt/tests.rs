@@ -34,7 +34,10 @@ fn rsa_key(kid: &str) -> (TestKey, String) {
     use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
     let pem = private.to_pkcs8_pem(LineEnding::LF).unwrap();
-    let public_pem = private.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
+    let public_pem = private
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
     let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
     (test_key(encoding, Algorithm::RS256, kid), public_pem)
 }
@@ -52,7 +55,11 @@ fn rcgen_key(alg: &'static rcgen::SignatureAlgorithm, jwt_alg: Algorithm, kid: &
                 jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid}),
             }
         }
-        _ => test_key(EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(), jwt_alg, kid),
+        _ => test_key(
+            EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            jwt_alg,
+            kid,
+        ),
     }
 }
 
@@ -159,7 +166,10 @@ fn rs384_and_rs512_verify_when_allowed() {
     }
     // RS256 is not in this policy's list.
     let t = sign(&k.rsa, &claims());
-    assert_eq!(p.verify(&t, Some(&set), NOW), invalid(InvalidReason::AlgorithmNotAllowed));
+    assert_eq!(
+        p.verify(&t, Some(&set), NOW),
+        invalid(InvalidReason::AlgorithmNotAllowed)
+    );
 }
 
 // --- time claims -----------------------------------------------------------------------------
@@ -176,7 +186,10 @@ fn expiry_respects_clock_skew_at_the_boundary() {
     // Moving the clock is what makes a valid token expire.
     let t = sign(&k.rsa, &claims());
     assert!(policy().verify(&t, Some(&set), NOW + 600).is_ok());
-    assert_eq!(policy().verify(&t, Some(&set), NOW + 660), invalid(InvalidReason::Expired));
+    assert_eq!(
+        policy().verify(&t, Some(&set), NOW + 660),
+        invalid(InvalidReason::Expired)
+    );
 }
 
 #[test]
@@ -184,12 +197,18 @@ fn not_yet_valid_and_future_iat_are_refused() {
     let k = keys();
     let mut c = claims();
     c["nbf"] = json!(NOW + 61);
-    assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::NotYetValid));
+    assert_eq!(
+        verify(&sign(&k.rsa, &c)),
+        invalid(InvalidReason::NotYetValid)
+    );
     c["nbf"] = json!(NOW + 60);
     assert!(verify(&sign(&k.rsa, &c)).is_ok());
     let mut c = claims();
     c["iat"] = json!(NOW + 3600);
-    assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::IssuedInFuture));
+    assert_eq!(
+        verify(&sign(&k.rsa, &c)),
+        invalid(InvalidReason::IssuedInFuture)
+    );
 }
 
 #[test]
@@ -214,9 +233,17 @@ fn issuer_must_be_listed_exactly() {
     let mut c = claims();
     c["iss"] = json!("https://sts.windows.net/tenant/"); // Entra ID v1 issuer, also listed
     assert!(verify(&sign(&k.rsa, &c)).is_ok());
-    for bad in [json!("https://evil/"), json!(ISS.to_uppercase()), json!([ISS]), json!(null)] {
+    for bad in [
+        json!("https://evil/"),
+        json!(ISS.to_uppercase()),
+        json!([ISS]),
+        json!(null),
+    ] {
         c["iss"] = bad;
-        assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::WrongIssuer));
+        assert_eq!(
+            verify(&sign(&k.rsa, &c)),
+            invalid(InvalidReason::WrongIssuer)
+        );
     }
 }
 
@@ -227,11 +254,20 @@ fn audience_string_or_array() {
     c["aud"] = json!(["api://nope", AUD]);
     assert!(verify(&sign(&k.rsa, &c)).is_ok());
     c["aud"] = json!(["api://nope"]);
-    assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::WrongAudience));
+    assert_eq!(
+        verify(&sign(&k.rsa, &c)),
+        invalid(InvalidReason::WrongAudience)
+    );
     c["aud"] = json!("api://nope");
-    assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::WrongAudience));
+    assert_eq!(
+        verify(&sign(&k.rsa, &c)),
+        invalid(InvalidReason::WrongAudience)
+    );
     c.as_object_mut().unwrap().remove("aud");
-    assert_eq!(verify(&sign(&k.rsa, &c)), invalid(InvalidReason::WrongAudience));
+    assert_eq!(
+        verify(&sign(&k.rsa, &c)),
+        invalid(InvalidReason::WrongAudience)
+    );
 }
 
 // --- attacks ---------------------------------------------------------------------------------
@@ -239,10 +275,20 @@ fn audience_string_or_array() {
 #[test]
 fn alg_none_is_never_accepted() {
     let body = b64(&claims());
-    for header in [json!({"alg": "none"}), json!({"alg": "None"}), json!({"alg": "NONE", "kid": "rsa-1"})] {
+    for header in [
+        json!({"alg": "none"}),
+        json!({"alg": "None"}),
+        json!({"alg": "NONE", "kid": "rsa-1"}),
+    ] {
         let h = b64(&header);
-        assert_eq!(verify(&format!("{h}.{body}.")), invalid(InvalidReason::AlgorithmNotAllowed));
-        assert_eq!(verify(&format!("{h}.{body}.c2ln")), invalid(InvalidReason::AlgorithmNotAllowed));
+        assert_eq!(
+            verify(&format!("{h}.{body}.")),
+            invalid(InvalidReason::AlgorithmNotAllowed)
+        );
+        assert_eq!(
+            verify(&format!("{h}.{body}.c2ln")),
+            invalid(InvalidReason::AlgorithmNotAllowed)
+        );
     }
     let err = JwtPolicy::compile(
         &serde_json::from_value(json!({"issuers": [ISS], "audiences": [AUD], "algorithms": ["none"], "jwks": {"inline": jwks()}})).unwrap(),
@@ -262,9 +308,14 @@ fn hs256_signed_with_the_rsa_public_key_is_refused() {
     let token = jsonwebtoken::encode(&header, &claims(), &forged_key).unwrap();
     assert_eq!(verify(&token), invalid(InvalidReason::AlgorithmNotAllowed));
     // Even a policy allowing HS256 uses only its own secret, never a JWKS key.
-    let p = policy_with(json!({"algorithms": ["RS256", "HS256"], "hmac_secret": {"value": "x".repeat(32)}}));
+    let p = policy_with(
+        json!({"algorithms": ["RS256", "HS256"], "hmac_secret": {"value": "x".repeat(32)}}),
+    );
     let set = KeySet::from_jwks_value(&jwks()).unwrap();
-    assert_eq!(p.verify(&token, Some(&set), NOW), invalid(InvalidReason::BadSignature));
+    assert_eq!(
+        p.verify(&token, Some(&set), NOW),
+        invalid(InvalidReason::BadSignature)
+    );
 }
 
 #[test]
@@ -277,10 +328,23 @@ fn hmac_with_configured_secret_works() {
     .unwrap();
     let env = |n: &str| (n == "JWT_SECRET").then(|| secret.clone());
     let p = JwtPolicy::compile(&cfg, "apis[0].jwt", &env).unwrap();
-    let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
     assert!(p.verify(&token, None, NOW).is_ok());
-    let wrong = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &EncodingKey::from_secret(&[b'x'; 40])).unwrap();
-    assert_eq!(p.verify(&wrong, None, NOW), invalid(InvalidReason::BadSignature));
+    let wrong = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(&[b'x'; 40]),
+    )
+    .unwrap();
+    assert_eq!(
+        p.verify(&wrong, None, NOW),
+        invalid(InvalidReason::BadSignature)
+    );
 }
 
 #[test]
@@ -288,13 +352,19 @@ fn stripped_or_swapped_signatures_are_refused() {
     let k = keys();
     let token = sign(&k.rsa, &claims());
     let (input, _) = token.rsplit_once('.').unwrap();
-    assert_eq!(verify(&format!("{input}.")), invalid(InvalidReason::BadSignature));
+    assert_eq!(
+        verify(&format!("{input}.")),
+        invalid(InvalidReason::BadSignature)
+    );
     // Payload swapped under a valid signature.
     let mut evil = claims();
     evil["sub"] = json!("admin");
     let (header, _) = input.split_once('.').unwrap();
     let sig = token.rsplit('.').next().unwrap();
-    assert_eq!(verify(&format!("{header}.{}.{sig}", b64(&evil))), invalid(InvalidReason::BadSignature));
+    assert_eq!(
+        verify(&format!("{header}.{}.{sig}", b64(&evil))),
+        invalid(InvalidReason::BadSignature)
+    );
     // A valid signature of another key with the same kid.
     let other = sign_with(&k.rsa2, Algorithm::RS256, Some("rsa-1"), &claims());
     assert_eq!(verify(&other), invalid(InvalidReason::BadSignature));
@@ -305,21 +375,37 @@ fn ecdsa_zero_signature_is_refused_cve_2022_21449() {
     let header = b64(&json!({"alg": "ES256", "kid": "ec-256"}));
     let body = b64(&claims());
     let zeros = URL_SAFE_NO_PAD.encode([0u8; 64]);
-    assert_eq!(verify(&format!("{header}.{body}.{zeros}")), invalid(InvalidReason::BadSignature));
+    assert_eq!(
+        verify(&format!("{header}.{body}.{zeros}")),
+        invalid(InvalidReason::BadSignature)
+    );
     let der_zero = URL_SAFE_NO_PAD.encode([0x30, 0x06, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00]);
-    assert_eq!(verify(&format!("{header}.{body}.{der_zero}")), invalid(InvalidReason::BadSignature));
+    assert_eq!(
+        verify(&format!("{header}.{body}.{der_zero}")),
+        invalid(InvalidReason::BadSignature)
+    );
 }
 
 #[test]
 fn kid_selects_the_key_and_unknown_kid_is_distinguishable() {
     let k = keys();
     assert_eq!(
-        verify(&sign_with(&k.rsa, Algorithm::RS256, Some("rotated-away"), &claims())),
+        verify(&sign_with(
+            &k.rsa,
+            Algorithm::RS256,
+            Some("rotated-away"),
+            &claims()
+        )),
         invalid(InvalidReason::UnknownKid)
     );
     // A kid of a key of another type.
     assert_eq!(
-        verify(&sign_with(&k.rsa, Algorithm::RS256, Some("ec-256"), &claims())),
+        verify(&sign_with(
+            &k.rsa,
+            Algorithm::RS256,
+            Some("ec-256"),
+            &claims()
+        )),
         invalid(InvalidReason::KeyAlgorithmMismatch)
     );
 }
@@ -331,7 +417,10 @@ fn token_without_kid_needs_exactly_one_key_of_its_type() {
     assert!(verify(&sign_with(&k.rsa, Algorithm::RS256, None, &claims())).is_ok());
     let two = KeySet::from_jwks_value(&json!({"keys": [k.rsa.jwk, k.rsa2.jwk]})).unwrap();
     let t = sign_with(&k.rsa, Algorithm::RS256, None, &claims());
-    assert_eq!(policy().verify(&t, Some(&two), NOW), invalid(InvalidReason::AmbiguousKey));
+    assert_eq!(
+        policy().verify(&t, Some(&two), NOW),
+        invalid(InvalidReason::AmbiguousKey)
+    );
 }
 
 #[test]
@@ -355,7 +444,10 @@ fn jku_x5u_and_embedded_jwk_headers_are_ignored() {
 fn crit_headers_are_refused() {
     let header = b64(&json!({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]}));
     let body = b64(&claims());
-    assert_eq!(verify(&format!("{header}.{body}.c2ln")), invalid(InvalidReason::CritHeader));
+    assert_eq!(
+        verify(&format!("{header}.{body}.c2ln")),
+        invalid(InvalidReason::CritHeader)
+    );
 }
 
 #[test]
@@ -365,7 +457,10 @@ fn key_declaring_another_alg_is_not_used() {
     jwk["alg"] = json!("PS256");
     let set = KeySet::from_jwks_value(&json!({"keys": [jwk]})).unwrap();
     let t = sign(&k.rsa, &claims());
-    assert_eq!(policy().verify(&t, Some(&set), NOW), invalid(InvalidReason::KeyAlgorithmMismatch));
+    assert_eq!(
+        policy().verify(&t, Some(&set), NOW),
+        invalid(InvalidReason::KeyAlgorithmMismatch)
+    );
     let ps = sign_with(&k.rsa, Algorithm::PS256, Some("rsa-1"), &claims());
     assert!(policy().verify(&ps, Some(&set), NOW).is_ok());
 }
@@ -373,7 +468,10 @@ fn key_declaring_another_alg_is_not_used() {
 #[test]
 fn no_key_set_yet_is_invalid() {
     let t = sign(&keys().rsa, &claims());
-    assert_eq!(policy().verify(&t, None, NOW), invalid(InvalidReason::NoKeySet));
+    assert_eq!(
+        policy().verify(&t, None, NOW),
+        invalid(InvalidReason::NoKeySet)
+    );
 }
 
 // --- structure -------------------------------------------------------------------------------
@@ -392,13 +490,28 @@ fn structure_errors_are_malformed() {
         String::new(),
         format!("{}=.{}.{}", parts[0], parts[1], parts[2]), // padding
         format!("{}.{}.{}", b64(&json!("a string")), parts[1], parts[2]),
-        format!("{}.{}.{}", URL_SAFE_NO_PAD.encode("{not json"), parts[1], parts[2]),
-        format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode([0xff, 0xfe, 0x00]), parts[2]),
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode("{not json"),
+            parts[1],
+            parts[2]
+        ),
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode([0xff, 0xfe, 0x00]),
+            parts[2]
+        ),
         format!("é{token}"),
         "x".repeat(60 * 1024),
     ];
     for c in &cases {
-        assert_eq!(verify(c), Err(JwtError::Malformed), "{}", &c[..c.len().min(60)]);
+        assert_eq!(
+            verify(c),
+            Err(JwtError::Malformed),
+            "{}",
+            &c[..c.len().min(60)]
+        );
     }
 }
 
@@ -407,7 +520,16 @@ fn bearer_extraction() {
     assert_eq!(extract_bearer(&["Bearer abc.def.ghi"]), Ok("abc.def.ghi"));
     assert_eq!(extract_bearer(&["bearer abc"]), Ok("abc"));
     assert_eq!(extract_bearer(&["BEARER   abc  "]), Ok("abc"));
-    for bad in [&[][..], &["Basic dXNlcjpwYXNz"], &["Bearer"], &["Bearer "], &["Bearer a b"], &["Bearer a,b"], &["abc"], &["Bearer a", "Bearer b"]] {
+    for bad in [
+        &[][..],
+        &["Basic dXNlcjpwYXNz"],
+        &["Bearer"],
+        &["Bearer "],
+        &["Bearer a b"],
+        &["Bearer a,b"],
+        &["abc"],
+        &["Bearer a", "Bearer b"],
+    ] {
         assert_eq!(extract_bearer(bad), Err(JwtError::MissingHeader), "{bad:?}");
     }
 }
@@ -425,19 +547,31 @@ fn required_claims_apply_per_method() {
     c["tier"] = json!(3);
     let c = c.as_object().unwrap().clone();
     assert_eq!(p.check_claims(&c, "GET"), Ok(()));
-    assert_eq!(p.check_claims(&c, "POST"), Err(JwtError::InsufficientClaims));
+    assert_eq!(
+        p.check_claims(&c, "POST"),
+        Err(JwtError::InsufficientClaims)
+    );
     let mut with_roles = c.clone();
     with_roles.insert("roles".into(), json!(["Reader", "Forms.Submit"]));
     assert_eq!(p.check_claims(&with_roles, "POST"), Ok(()));
-    assert_eq!(p.check_claims(&with_roles, "DELETE"), Err(JwtError::InsufficientClaims));
+    assert_eq!(
+        p.check_claims(&with_roles, "DELETE"),
+        Err(JwtError::InsufficientClaims)
+    );
     with_roles.insert("scp".into(), json!("read write profile"));
     assert_eq!(p.check_claims(&with_roles, "DELETE"), Ok(()));
     with_roles.insert("scp".into(), json!("read"));
-    assert_eq!(p.check_claims(&with_roles, "DELETE"), Err(JwtError::InsufficientClaims));
+    assert_eq!(
+        p.check_claims(&with_roles, "DELETE"),
+        Err(JwtError::InsufficientClaims)
+    );
     // JSON types compare exactly: "3" is not 3.
     let mut wrong_type = c.clone();
     wrong_type.insert("tier".into(), json!("3"));
-    assert_eq!(p.check_claims(&wrong_type, "GET"), Err(JwtError::InsufficientClaims));
+    assert_eq!(
+        p.check_claims(&wrong_type, "GET"),
+        Err(JwtError::InsufficientClaims)
+    );
     wrong_type.insert("tier".into(), json!(true));
     assert_eq!(p.check_claims(&wrong_type, "GET"), Ok(()));
 }
@@ -461,7 +595,18 @@ fn claims_to_headers_formats_and_skips_unsafe_values() {
     );
     let mut names: Vec<&str> = p.claim_header_names().collect();
     names.sort();
-    assert_eq!(names, ["x-absent", "x-b", "x-evil", "x-n", "x-obj", "x-roles", "x-user-id"]);
+    assert_eq!(
+        names,
+        [
+            "x-absent",
+            "x-b",
+            "x-evil",
+            "x-n",
+            "x-obj",
+            "x-roles",
+            "x-user-id"
+        ]
+    );
 }
 
 // --- configuration ---------------------------------------------------------------------------
@@ -517,30 +662,52 @@ fn jwks_parsing_keeps_only_signing_keys() {
     let doc = json!({"keys": [enc, {"kty": "oct", "k": "c2VjcmV0", "kid": "s"}, {"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}, k.rsa.jwk, {"garbage": true}]});
     let set = KeySet::from_jwks_value(&doc).unwrap();
     assert_eq!(set.len(), 1);
-    assert_eq!(KeySet::from_jwks_json(b"not json").unwrap_err(), JwksError::NotJson);
-    assert_eq!(KeySet::from_jwks_json(b"{}").unwrap_err(), JwksError::NoKeysArray);
-    assert_eq!(KeySet::from_jwks_json(br#"{"keys": []}"#).unwrap_err(), JwksError::NoUsableKey);
-    assert_eq!(KeySet::from_jwks_json(&vec![b' '; 300 * 1024]).unwrap_err(), JwksError::TooLarge);
+    assert_eq!(
+        KeySet::from_jwks_json(b"not json").unwrap_err(),
+        JwksError::NotJson
+    );
+    assert_eq!(
+        KeySet::from_jwks_json(b"{}").unwrap_err(),
+        JwksError::NoKeysArray
+    );
+    assert_eq!(
+        KeySet::from_jwks_json(br#"{"keys": []}"#).unwrap_err(),
+        JwksError::NoUsableKey
+    );
+    assert_eq!(
+        KeySet::from_jwks_json(&vec![b' '; 300 * 1024]).unwrap_err(),
+        JwksError::TooLarge
+    );
 }
 
 #[test]
 fn discovery_document_gives_jwks_uri() {
-    let doc = br#"{"issuer":"x","jwks_uri":"https://login.microsoftonline.com/t/discovery/v2.0/keys"}"#;
+    let doc =
+        br#"{"issuer":"x","jwks_uri":"https://login.microsoftonline.com/t/discovery/v2.0/keys"}"#;
     assert_eq!(
         keys::jwks_uri_from_discovery(doc).unwrap(),
         "https://login.microsoftonline.com/t/discovery/v2.0/keys"
     );
-    assert_eq!(keys::jwks_uri_from_discovery(br#"{"jwks_uri": "file:///etc/passwd"}"#), Err(JwksError::NoJwksUri));
+    assert_eq!(
+        keys::jwks_uri_from_discovery(br#"{"jwks_uri": "file:///etc/passwd"}"#),
+        Err(JwksError::NoJwksUri)
+    );
 }
 
 #[test]
 fn fetcher_initial_fetch_refresh_backoff_and_last_good_keys() {
     let mut f = JwksFetcher::new("https://idp/keys", 300);
     assert_eq!(f.state(), FetchState::Uninitialised);
-    assert_eq!(f.poll(100), Some(FetchStep::Jwks("https://idp/keys".into())));
+    assert_eq!(
+        f.poll(100),
+        Some(FetchStep::Jwks("https://idp/keys".into()))
+    );
     assert_eq!(f.poll(101), None, "in flight");
     let body = serde_json::to_vec(&jwks()).unwrap();
-    assert!(matches!(f.on_response(102, 200, &body), Ok(fetch::FetchResult::Keys(_))));
+    assert!(matches!(
+        f.on_response(102, 200, &body),
+        Ok(fetch::FetchResult::Keys(_))
+    ));
     assert_eq!(f.state(), FetchState::Ready);
     assert_eq!(f.poll(200), None);
     assert!(f.poll(402).is_some(), "refresh after refresh_seconds");
@@ -606,17 +773,34 @@ fn fetcher_unknown_kid_refresh_is_rate_limited() {
 
 #[test]
 fn fetcher_follows_discovery() {
-    let mut f = JwksFetcher::new("https://idp/tenant/v2.0/.well-known/openid-configuration", 3600);
+    let mut f = JwksFetcher::new(
+        "https://idp/tenant/v2.0/.well-known/openid-configuration",
+        3600,
+    );
     assert!(matches!(f.poll(0), Some(FetchStep::Discovery(_))));
     let doc = br#"{"jwks_uri": "https://idp/tenant/discovery/v2.0/keys"}"#;
-    assert!(matches!(f.on_response(0, 200, doc), Ok(fetch::FetchResult::Discovered)));
-    assert_eq!(f.poll(0), Some(FetchStep::Jwks("https://idp/tenant/discovery/v2.0/keys".into())));
+    assert!(matches!(
+        f.on_response(0, 200, doc),
+        Ok(fetch::FetchResult::Discovered)
+    ));
+    assert_eq!(
+        f.poll(0),
+        Some(FetchStep::Jwks(
+            "https://idp/tenant/discovery/v2.0/keys".into()
+        ))
+    );
 }
 
 #[test]
 fn split_uri_for_dispatch() {
-    assert_eq!(fetch::split_uri("https://login.microsoftonline.com/t/v2.0/keys?x=1"), Some(("login.microsoftonline.com", "/t/v2.0/keys?x=1")));
-    assert_eq!(fetch::split_uri("http://127.0.0.1:8082"), Some(("127.0.0.1:8082", "/")));
+    assert_eq!(
+        fetch::split_uri("https://login.microsoftonline.com/t/v2.0/keys?x=1"),
+        Some(("login.microsoftonline.com", "/t/v2.0/keys?x=1"))
+    );
+    assert_eq!(
+        fetch::split_uri("http://127.0.0.1:8082"),
+        Some(("127.0.0.1:8082", "/"))
+    );
     assert_eq!(fetch::split_uri("ftp://x/y"), None);
     assert_eq!(fetch::split_uri("https:///y"), None);
 }
@@ -629,13 +813,27 @@ fn cache_entries_round_trip_expire_and_detect_collisions() {
     let d1 = [1u8; 32];
     let d2 = [2u8; 32];
     let bytes = cache::encode(&d1, NOW + 10, &claims).unwrap();
-    assert_eq!(cache::decode(&bytes, &d1, NOW), Some((claims.clone(), NOW + 10)));
-    assert_eq!(cache::decode(&bytes, &d2, NOW), None, "slot holds another token");
-    assert_eq!(cache::decode(&bytes, &d1, NOW + 10), None, "never served at or after exp");
+    assert_eq!(
+        cache::decode(&bytes, &d1, NOW),
+        Some((claims.clone(), NOW + 10))
+    );
+    assert_eq!(
+        cache::decode(&bytes, &d2, NOW),
+        None,
+        "slot holds another token"
+    );
+    assert_eq!(
+        cache::decode(&bytes, &d1, NOW + 10),
+        None,
+        "never served at or after exp"
+    );
     assert_eq!(cache::decode(&bytes[..20], &d1, NOW), None);
     assert_eq!(cache::decode(b"", &d1, NOW), None);
     let mut big = claims.clone();
-    big.insert("blob".into(), json!("x".repeat(cache::MAX_CACHED_CLAIMS_BYTES)));
+    big.insert(
+        "blob".into(),
+        json!("x".repeat(cache::MAX_CACHED_CLAIMS_BYTES)),
+    );
     assert_eq!(cache::encode(&d1, NOW + 10, &big), None);
     assert!(cache::slot(&d1, 7) < 7);
     assert_eq!(cache::slot(&d1, 0), 0);

@@ -17,7 +17,9 @@ pub fn extract_bearer<'a>(authorization: &[&'a str]) -> Result<&'a str, JwtError
         return Err(JwtError::MissingHeader);
     };
     let value = value.trim_matches([' ', '\t']);
-    let (scheme, rest) = value.split_once([' ', '\t']).ok_or(JwtError::MissingHeader)?;
+    let (scheme, rest) = value
+        .split_once([' ', '\t'])
+        .ok_or(JwtError::MissingHeader)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(JwtError::MissingHeader);
     }
@@ -73,7 +75,9 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, JwtError> {
 
 fn json_object(part: &str) -> Result<Map<String, Value>, JwtError> {
     // Strict base64url: no padding, no '+' or '/', no non-canonical trailing bits.
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Malformed)?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(JwtError::Malformed),

@@ -3,7 +3,12 @@
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-pub fn signature_is_valid(signature_b64: &str, signing_input: &str, key: &DecodingKey, alg: Algorithm) -> bool {
+pub fn signature_is_valid(
+    signature_b64: &str,
+    signing_input: &str,
+    key: &DecodingKey,
+    alg: Algorithm,
+) -> bool {
     // An empty signature is never valid (a stripped signature must not reach the backend).
     if signature_b64.is_empty() {
         return false;
