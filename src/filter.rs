@@ -1,23 +1,148 @@
 //! The HTTP context: collect facts, evaluate, apply. Kept small enough to audit line by line.
+//! `Gateway` is the per-worker state the HTTP contexts share with the root context, and the
+//! host side of the core's `Host` trait (shared data for the token cache and replay store).
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward};
-use gateguard_core::replay::SharedStore;
+use gateguard_core::gateway::{Event, Host};
+use gateguard_core::jwt::{cache, KeySet};
+use gateguard_core::replay::{SharedStore, Verdict};
 use gateguard_core::{CompiledPolicy, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
+use serde_json::{Map, Value};
 
 use crate::host::HostStore;
-use crate::metrics::{Metrics, CERT_EXPIRING};
-use crate::root::log;
+use crate::metrics::{
+    Metrics, CERT_EXPIRING, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
+};
+use crate::root::{log, PREFIX};
 
 pub struct Gateway {
     pub policy: CompiledPolicy,
     pub metrics: Metrics,
+    pub replay_prefix: String,
+    /// New tokens refused because the replay store was full (logged from on_tick).
+    pub store_full: Cell<u64>,
+    keys: RefCell<Vec<Option<Rc<KeySet>>>>,
+    kid_requests: RefCell<Vec<bool>>,
+}
+
+impl Gateway {
+    pub fn new(
+        policy: CompiledPolicy,
+        metrics: Metrics,
+        keys: Vec<Option<Rc<KeySet>>>,
+        replay_prefix: String,
+    ) -> Self {
+        let n = keys.len();
+        Self {
+            policy,
+            metrics,
+            replay_prefix,
+            store_full: Cell::new(0),
+            keys: RefCell::new(keys),
+            kid_requests: RefCell::new(vec![false; n]),
+        }
+    }
+
+    pub fn api_name(&self, api: usize) -> &str {
+        self.policy.apis.get(api).map_or("-", |a| a.name.as_str())
+    }
+
+    pub fn set_keys(&self, api: usize, set: Rc<KeySet>) {
+        if let Some(slot) = self.keys.borrow_mut().get_mut(api) {
+            *slot = Some(set);
+        }
+    }
+
+    pub fn has_keys(&self, api: usize) -> bool {
+        self.keys.borrow().get(api).is_some_and(Option::is_some)
+    }
+
+    pub fn take_kid_request(&self, api: usize) -> bool {
+        self.kid_requests
+            .borrow_mut()
+            .get_mut(api)
+            .is_some_and(|r| std::mem::replace(r, false))
+    }
+
+    fn token_cache_key(&self, key: &[u8; 32]) -> String {
+        format!(
+            "{PREFIX}tc.{}",
+            cache::slot(key, self.policy.token_cache_slots)
+        )
+    }
+}
+
+impl Host for Gateway {
+    fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>> {
+        self.keys.borrow().get(api).cloned().flatten()
+    }
+
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)> {
+        let (bytes, _) = HostStore.get(&self.token_cache_key(key)).ok().flatten()?;
+        cache::decode(&bytes, key, now)
+    }
+
+    fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
+        if let Some(value) = cache::encode(key, exp, claims) {
+            let _ = HostStore.set(&self.token_cache_key(key), &value, 0);
+        }
+    }
+
+    fn unknown_kid(&self, api: usize) {
+        if let Some(r) = self.kid_requests.borrow_mut().get_mut(api) {
+            *r = true;
+        }
+    }
+
+    fn replay_store(&self) -> &dyn SharedStore {
+        &HostStore
+    }
+
+    fn replay_prefix(&self) -> &str {
+        &self.replay_prefix
+    }
+
+    fn note(&self, api: usize, event: Event) {
+        match event {
+            Event::JwtCacheHit => self.metrics.add(Some(api), JWT_CACHE_HIT, 1),
+            Event::JwtCacheMiss => self.metrics.add(Some(api), JWT_CACHE_MISS, 1),
+            Event::Replay(outcome) => {
+                self.metrics.add(
+                    Some(api),
+                    REPLAY_CAS_RETRIES,
+                    u64::from(outcome.cas_retries),
+                );
+                self.metrics
+                    .add(Some(api), REPLAY_RECLAIMED, u64::from(outcome.reclaimed));
+                match outcome.verdict {
+                    Verdict::StoreFull => self.store_full.set(self.store_full.get() + 1),
+                    Verdict::Corrupt
+                    | Verdict::MissingBucket
+                    | Verdict::Contention
+                    | Verdict::StoreUnavailable => {
+                        log(
+                            LogLevel::Warn,
+                            &format!(
+                                "gateguard: api={} replay store unusable ({}, bucket {}): refusing (fail closed)",
+                                self.api_name(api),
+                                outcome.verdict.reason(),
+                                outcome.bucket
+                            ),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 pub struct RequestFilter {
@@ -70,9 +195,7 @@ impl HttpContext for RequestFilter {
             peer_certificate: peer_certificate.as_deref(),
             now,
         };
-        let decision = gateway
-            .policy
-            .evaluate(&request, &gateguard_core::gateway::NoHost);
+        let decision = gateway.policy.evaluate(&request, gateway.as_ref());
         gateway.metrics.count(
             match &decision {
                 Decision::Reply { api, .. } => *api,
@@ -88,9 +211,7 @@ impl HttpContext for RequestFilter {
                 ..
             } => {
                 if let Some(refusal) = refusal {
-                    let api_name = api
-                        .and_then(|i| gateway.policy.apis.get(i))
-                        .map_or("-", |a| a.name.as_str());
+                    let api_name = api.map_or("-", |i| gateway.api_name(i));
                     log(
                         LogLevel::Info,
                         &format!(
@@ -127,22 +248,17 @@ impl HttpContext for RequestFilter {
 /// across all workers (the day is remembered in shared data).
 fn warn_expiring_certificate(gateway: &Gateway, api: usize, cert: &AcceptedCertificate, now: u64) {
     gateway.metrics.add(Some(api), CERT_EXPIRING, 1);
-    let key = format!("gateguard.certwarn.{}", cert.sha256_hex);
+    let key = format!("{PREFIX}certwarn.{}", cert.sha256_hex);
     let today = (now / 86_400).to_string();
-    let seen =
-        matches!(hostcalls::get_shared_data(&key), Ok((Some(day), _)) if day == today.as_bytes());
-    if !seen && hostcalls::set_shared_data(&key, Some(today.as_bytes()), None).is_ok() {
-        let api_name = gateway
-            .policy
-            .apis
-            .get(api)
-            .map_or("-", |a| a.name.as_str());
-        let days_left = cert.not_after.map(|t| (t.saturating_sub(now)) / 86_400);
+    let seen = matches!(HostStore.get(&key), Ok(Some((day, _))) if day == today.as_bytes());
+    if !seen && HostStore.set(&key, today.as_bytes(), 0).is_ok() {
+        let days_left = cert.not_after.map(|t| t.saturating_sub(now) / 86_400);
         log(
             LogLevel::Warn,
             &format!(
-                "gateguard: client certificate sha256={} for api={api_name} expires in {} days; rotate it before it expires",
+                "gateguard: client certificate sha256={} for api={} expires in {} days; rotate it before it expires",
                 cert.sha256_hex,
+                gateway.api_name(api),
                 days_left.map_or("unknown".to_string(), |d| d.to_string())
             ),
         );

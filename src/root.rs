@@ -1,21 +1,127 @@
 //! The root context: one per worker. Compiles the policy on `on_configure` and refuses a bad
-//! one (Envoy then rejects the configuration), so no worker serves with a half-understood policy.
+//! one (Envoy then rejects the configuration), so no worker serves with a half-understood
+//! policy. From `on_tick` it keeps remote JWKS fresh: one worker fetches (elected through a
+//! lease in shared data), publishes the key set in shared data, and every worker picks it up.
 
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use gateguard_core::parse_policy;
+use gateguard_core::jwt::fetch::{split_uri, FetchResult, JwksFetcher, FETCH_TIMEOUT_SECONDS};
+use gateguard_core::jwt::{JwksSource, KeySet};
+use gateguard_core::replay::{ensure_buckets, occupancy, SharedStore, CREATE_CAS};
+use gateguard_core::{hex, parse_policy};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
+use sha2::{Digest, Sha256};
 
 use crate::filter::{Gateway, RequestFilter};
-use crate::metrics::Metrics;
+use crate::host::HostStore;
+use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
+
+/// Shared-data key prefix of everything gateguard stores.
+pub const PREFIX: &str = "gateguard.";
+/// After a successful fetch, no worker fetches the same JWKS again for this long.
+const MIN_FETCH_GAP_SECONDS: u64 = 5;
+/// Replay buckets scanned per tick for the occupancy gauge.
+const OCCUPANCY_SLICE: u32 = 512;
+
+/// One remote JWKS an API uses.
+struct RemoteJwks {
+    api: usize,
+    cluster: String,
+    fetcher: JwksFetcher,
+    /// Shared-data keys: the published key set (`fetched_at` + JWKS JSON) and the fetch lease.
+    keys_key: String,
+    lease_key: String,
+    seen_cas: u32,
+}
 
 #[derive(Default)]
 pub struct GatewayRoot {
     gateway: Option<Rc<Gateway>>,
+    remotes: Vec<RemoteJwks>,
+    /// dispatch_http_call token → index in `remotes`.
+    in_flight: HashMap<u32, usize>,
+    occupancy_cursor: u32,
+    occupancy_live: u64,
+    store_full_logged: u64,
 }
 
-impl Context for GatewayRoot {}
+fn now() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Context for GatewayRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(index) = self.in_flight.remove(&token_id) else {
+            return;
+        };
+        let now = now();
+        let status = hostcalls::get_map_value(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(0);
+        let body = hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::HttpCallResponseBody,
+            0,
+            body_size,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let (Some(gateway), Some(remote)) = (self.gateway.clone(), self.remotes.get_mut(index))
+        else {
+            return;
+        };
+        let api_name = gateway.api_name(remote.api).to_string();
+        match remote.fetcher.on_response(now, status, &body) {
+            Ok(FetchResult::Keys(set)) => {
+                let mut value = now.to_be_bytes().to_vec();
+                value.extend_from_slice(&body);
+                let _ = HostStore.set(&remote.keys_key, &value, 0);
+                if let Ok(Some((_, cas))) = HostStore.get(&remote.keys_key) {
+                    remote.seen_cas = cas;
+                }
+                release_lease(&remote.lease_key, now + MIN_FETCH_GAP_SECONDS);
+                log(
+                    LogLevel::Info,
+                    &format!("gateguard: api={api_name} JWKS loaded: {} keys", set.len()),
+                );
+                gateway.set_keys(remote.api, Rc::new(set));
+            }
+            Ok(FetchResult::Discovered) => release_lease(&remote.lease_key, now),
+            Err(e) => {
+                gateway.metrics.add(Some(remote.api), JWKS_FETCH_FAILED, 1);
+                release_lease(&remote.lease_key, remote.fetcher.next_attempt());
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "gateguard: api={api_name} JWKS fetch from cluster {} failed: {}; keeping {} (retry in {}s)",
+                        remote.cluster,
+                        e.reason(),
+                        if gateway.has_keys(remote.api) { "the last good key set" } else { "no key set: JWT requests get 401" },
+                        remote.fetcher.next_attempt().saturating_sub(now)
+                    ),
+                );
+            }
+        }
+    }
+}
 
 impl RootContext for GatewayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -27,17 +133,69 @@ impl RootContext for GatewayRoot {
             return false;
         };
         let env = |name: &str| std::env::var(name).ok();
-        match parse_policy(&config, &env) {
-            Ok(policy) => {
-                let metrics = Metrics::define(&policy);
-                self.gateway = Some(Rc::new(Gateway { policy, metrics }));
-                true
-            }
+        let policy = match parse_policy(&config, &env) {
+            Ok(p) => p,
             Err(e) => {
                 log(LogLevel::Error, &format!("gateguard: policy refused: {e}"));
-                false
+                return false;
+            }
+        };
+        let replay_prefix = policy.replay_cache.key_prefix(PREFIX);
+        if policy.apis.iter().any(|a| a.replay.is_some()) {
+            // Buckets exist before any request: a request never creates one (creation ignores
+            // CAS in Envoy, so it could not be made exclusive).
+            if let Err(e) =
+                ensure_buckets(&HostStore, &replay_prefix, policy.replay_cache.buckets())
+            {
+                log(
+                    LogLevel::Error,
+                    &format!("gateguard: cannot create the replay store (shared data status {}); refusing to start", e.status),
+                );
+                return false;
             }
         }
+        let mut keys = Vec::with_capacity(policy.apis.len());
+        self.remotes.clear();
+        self.in_flight.clear();
+        for (i, api) in policy.apis.iter().enumerate() {
+            match api.jwt.as_ref().map(|j| &j.jwks) {
+                Some(JwksSource::Inline(set)) => keys.push(Some(Rc::new(set.clone()))),
+                Some(JwksSource::Remote {
+                    cluster,
+                    uri,
+                    refresh_seconds,
+                }) => {
+                    keys.push(None);
+                    let id =
+                        hex::encode(&Sha256::digest(format!("{cluster}\n{uri}").as_bytes())[..8]);
+                    self.remotes.push(RemoteJwks {
+                        api: i,
+                        cluster: cluster.clone(),
+                        fetcher: JwksFetcher::new(uri, *refresh_seconds),
+                        keys_key: format!("{PREFIX}jwks.{id}"),
+                        lease_key: format!("{PREFIX}jwks.{id}.lease"),
+                        seen_cas: 0,
+                    });
+                }
+                None => keys.push(None),
+            }
+        }
+        let metrics = Metrics::define(&policy);
+        self.gateway = Some(Rc::new(Gateway::new(policy, metrics, keys, replay_prefix)));
+        self.set_tick_period(Duration::from_secs(1));
+        self.on_tick();
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(gateway) = self.gateway.clone() else {
+            return;
+        };
+        let now = now();
+        for index in 0..self.remotes.len() {
+            self.refresh_jwks(&gateway, index, now);
+        }
+        self.report_replay_store(&gateway, now);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -49,6 +207,134 @@ impl RootContext for GatewayRoot {
     }
 }
 
+impl GatewayRoot {
+    fn refresh_jwks(&mut self, gateway: &Gateway, index: usize, now: u64) {
+        let Some(remote) = self.remotes.get_mut(index) else {
+            return;
+        };
+        // Keys another worker published.
+        if let Ok(Some((value, cas))) = HostStore.get(&remote.keys_key) {
+            if cas != remote.seen_cas && value.len() > 8 {
+                remote.seen_cas = cas;
+                let (at, body) = value.split_at(8);
+                let fetched_at = at.try_into().map(u64::from_be_bytes).unwrap_or(0);
+                if let Ok(set) = KeySet::from_jwks_json(body) {
+                    gateway.set_keys(remote.api, Rc::new(set));
+                    remote.fetcher.on_keys(now, fetched_at);
+                }
+            }
+        }
+        if gateway.take_kid_request(remote.api) {
+            remote.fetcher.on_unknown_kid(now);
+        }
+        let Some(step) = remote.fetcher.poll(now) else {
+            return;
+        };
+        if !acquire_lease(&remote.lease_key, now) {
+            // Another worker is fetching or the IdP is backing off: look again next tick.
+            remote.fetcher.defer(now);
+            return;
+        }
+        let Some((authority, path)) = split_uri(step.uri()) else {
+            remote.fetcher.on_failure(now);
+            return;
+        };
+        let headers = vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", authority),
+            ("accept", "application/json"),
+            ("user-agent", "gateguard"),
+        ];
+        match hostcalls::dispatch_http_call(
+            &remote.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_secs(FETCH_TIMEOUT_SECONDS - 1),
+        ) {
+            Ok(token) => {
+                gateway.metrics.add(Some(remote.api), JWKS_FETCH, 1);
+                self.in_flight.insert(token, index);
+            }
+            Err(status) => {
+                remote.fetcher.on_failure(now);
+                release_lease(&remote.lease_key, remote.fetcher.next_attempt());
+                gateway.metrics.add(Some(remote.api), JWKS_FETCH_FAILED, 1);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "gateguard: api={} cannot fetch the JWKS through cluster {:?} ({status:?}): is the cluster defined?",
+                        gateway.api_name(remote.api),
+                        remote.cluster
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The replay store's live entries, as a gauge, scanned a slice per tick; and one warning
+    /// per tick at most when new tokens were refused because the store is full.
+    fn report_replay_store(&mut self, gateway: &Gateway, now: u64) {
+        let policy = &gateway.policy;
+        if !policy.apis.iter().any(|a| a.replay.is_some()) {
+            return;
+        }
+        let buckets = policy.replay_cache.buckets();
+        let end = (self.occupancy_cursor + OCCUPANCY_SLICE).min(buckets);
+        let seen = occupancy(
+            &HostStore,
+            &gateway.replay_prefix,
+            self.occupancy_cursor..end,
+            now,
+        );
+        self.occupancy_live += seen.live;
+        self.occupancy_cursor = end;
+        if end >= buckets {
+            gateway
+                .metrics
+                .set_gauge("replay_store_live_entries", self.occupancy_live);
+            self.occupancy_cursor = 0;
+            self.occupancy_live = 0;
+        }
+        let full = gateway.store_full.get();
+        if full > self.store_full_logged {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "gateguard: replay store full: {} new tokens refused (fail closed); raise replay_cache.max_entries (now {})",
+                    full - self.store_full_logged,
+                    policy.replay_cache.max_entries()
+                ),
+            );
+            self.store_full_logged = full;
+        }
+    }
+}
+
+/// The right to fetch: a shared-data record `until` (u64); whoever moves it forward with CAS
+/// fetches. Never depends on CAS to create the key: creation uses a CAS that cannot match an
+/// existing entry, so two workers cannot both create it.
+fn acquire_lease(key: &str, now: u64) -> bool {
+    let until = (now + FETCH_TIMEOUT_SECONDS).to_be_bytes();
+    match HostStore.get(key) {
+        Ok(None) => HostStore.set(key, &until, CREATE_CAS).is_ok(),
+        Ok(Some((value, cas))) => {
+            let held_until = value
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            held_until <= now && cas != 0 && HostStore.set(key, &until, cas).is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Ends our lease: nobody fetches this JWKS again before `until`.
+fn release_lease(key: &str, until: u64) {
+    let _ = HostStore.set(key, &until.to_be_bytes(), 0);
+}
+
 pub fn log(level: LogLevel, message: &str) {
-    let _ = proxy_wasm::hostcalls::log(level, message);
+    let _ = hostcalls::log(level, message);
 }

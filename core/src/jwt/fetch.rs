@@ -126,9 +126,13 @@ impl JwksFetcher {
             Err(JwksError::HttpStatus(status))
         } else {
             match step {
-                Some(FetchStep::Discovery(_)) => jwks_uri_from_discovery(body).map(|uri| {
+                Some(FetchStep::Discovery(_)) => jwks_uri_from_discovery(body).and_then(|uri| {
+                    // Keys fetched over https must not be redirected to plain http.
+                    if self.configured_uri.starts_with("https://") && !uri.starts_with("https://") {
+                        return Err(JwksError::NoJwksUri);
+                    }
                     self.jwks_uri = Some(uri);
-                    FetchResult::Discovered
+                    Ok(FetchResult::Discovered)
                 }),
                 Some(FetchStep::Jwks(_)) => KeySet::from_jwks_json(body).map(FetchResult::Keys),
                 None => Err(JwksError::Timeout),
@@ -174,6 +178,19 @@ impl JwksFetcher {
         self.failures = 0;
         self.state = FetchState::Ready;
         self.next_attempt = fetched_at.saturating_add(self.refresh_seconds);
+    }
+
+    /// When the next fetch may start.
+    pub fn next_attempt(&self) -> u64 {
+        self.next_attempt
+    }
+
+    /// `poll` said fetch, but another worker holds the lease (it is fetching, or the IdP is
+    /// backing off): stand down and look again in a second, without counting a failure.
+    pub fn defer(&mut self, now: u64) {
+        self.in_flight = None;
+        self.state = self.resting_state();
+        self.next_attempt = now.saturating_add(1);
     }
 
     /// A token named a `kid` the key set does not have: maybe the IdP rotated. Refresh early,

@@ -1,6 +1,8 @@
 //! Verification keys: a JWKS parsed into the keys gateguard will use, and the choice of key for
 //! a token. The key's type decides which algorithms it can verify, never the token alone.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 
@@ -190,24 +192,34 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
         Some(a) => Some(a.parse::<Algorithm>().ok()?),
         None => None,
     };
+    let b64 = |field: &str| URL_SAFE_NO_PAD.decode(text(jwk, field)?).ok();
     let (family, key) = match text(jwk, "kty")? {
-        "RSA" => {
-            let key = DecodingKey::from_rsa_components(text(jwk, "n")?, text(jwk, "e")?).ok()?;
-            (KeyFamily::Rsa, key)
-        }
+        "RSA" => (KeyFamily::Rsa, rsa_key(&b64("n")?, &b64("e")?)?),
         "EC" => {
-            let family = match text(jwk, "crv")? {
-                "P-256" => KeyFamily::EcP256,
-                "P-384" => KeyFamily::EcP384,
+            let (family, len, alg) = match text(jwk, "crv")? {
+                "P-256" => (KeyFamily::EcP256, 32, Algorithm::ES256),
+                "P-384" => (KeyFamily::EcP384, 48, Algorithm::ES384),
                 _ => return None,
             };
-            let key = DecodingKey::from_ec_components(text(jwk, "x")?, text(jwk, "y")?).ok()?;
-            (family, key)
+            let (x, y) = (b64("x")?, b64("y")?);
+            if x.len() != len || y.len() != len {
+                return None;
+            }
+            let sec1: Vec<u8> = [&[0x04][..], &x, &y].concat();
+            let key = DecodingKey::from_ec_der(&sec1);
+            (family, probe(key, alg)?)
         }
-        "OKP" if text(jwk, "crv")? == "Ed25519" => (
-            KeyFamily::Ed25519,
-            DecodingKey::from_ed_components(text(jwk, "x")?).ok()?,
-        ),
+        "OKP" if text(jwk, "crv")? == "Ed25519" => {
+            // The backend slices the first 32 bytes unchecked: a shorter key would panic.
+            let x = b64("x")?;
+            if x.len() != 32 {
+                return None;
+            }
+            (
+                KeyFamily::Ed25519,
+                probe(DecodingKey::from_ed_der(&x), Algorithm::EdDSA)?,
+            )
+        }
         // Symmetric keys never come from a JWKS: a published "oct" key would let anyone sign.
         _ => return None,
     };
@@ -220,6 +232,29 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
         alg,
         key,
     })
+}
+
+/// RSA keys of 2048 to 4096 bits (RFC 8725, NIST) with an odd exponent from 3 to 2^33-1.
+fn rsa_key(n: &[u8], e: &[u8]) -> Option<DecodingKey> {
+    let strip = |b: &[u8]| -> Vec<u8> { b.iter().copied().skip_while(|x| *x == 0).collect() };
+    let (n, e) = (strip(n), strip(e));
+    let bits = (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
+    if !(2048..=4096).contains(&bits) || e.len() > 5 {
+        return None;
+    }
+    let e_value = e.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    if e_value < 3 || e_value % 2 == 0 || e_value > (1 << 33) - 1 {
+        return None;
+    }
+    Some(DecodingKey::from_rsa_raw_components(&n, &e))
+}
+
+/// The backend parses EC and Ed25519 points when it builds a verifier: building one with an
+/// empty signature tells whether the point is valid, at load time instead of per request.
+fn probe(key: DecodingKey, alg: Algorithm) -> Option<DecodingKey> {
+    jsonwebtoken::crypto::verify("", b"", &key, alg)
+        .ok()
+        .map(|_| key)
 }
 
 /// `jwks_uri` from an OpenID discovery document.

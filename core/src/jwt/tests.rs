@@ -681,6 +681,33 @@ fn jwks_parsing_keeps_only_signing_keys() {
 }
 
 #[test]
+fn weak_or_invalid_keys_are_skipped_without_panicking() {
+    let k = keys();
+    let short_ed =
+        json!({"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode([7u8; 16]), "kid": "e"});
+    let off_curve = json!({"kty": "EC", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode([1u8; 32]), "y": URL_SAFE_NO_PAD.encode([2u8; 32])});
+    let short_x = json!({"kty": "EC", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode([1u8; 31]), "y": URL_SAFE_NO_PAD.encode([2u8; 32])});
+    let small_rsa = json!({"kty": "RSA", "n": URL_SAFE_NO_PAD.encode([0xffu8; 128]), "e": "AQAB"});
+    let even_e = json!({"kty": "RSA", "n": k.rsa.jwk["n"], "e": URL_SAFE_NO_PAD.encode([2u8])});
+    for bad in [short_ed, off_curve, short_x, small_rsa, even_e] {
+        assert_eq!(
+            KeySet::from_jwks_value(&json!({"keys": [bad.clone()]})).unwrap_err(),
+            JwksError::NoUsableKey,
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn discovery_cannot_downgrade_to_http() {
+    let mut f = JwksFetcher::new("https://idp/.well-known/openid-configuration", 3600);
+    f.poll(0);
+    assert!(f
+        .on_response(0, 200, br#"{"jwks_uri": "http://idp/keys"}"#)
+        .is_err());
+}
+
+#[test]
 fn discovery_document_gives_jwks_uri() {
     let doc =
         br#"{"issuer":"x","jwks_uri":"https://login.microsoftonline.com/t/discovery/v2.0/keys"}"#;
