@@ -66,9 +66,14 @@ def test_shipped_envoy_yaml_is_render_of_demo_policy(tmp_path):
 RENDER_DEMO_ARGS = []
 
 
-def test_rendered_config_passes_envoy_validate(tmp_path):
+@pytest.mark.parametrize("policy", ["demo.json", "entra-example.json"])
+def test_rendered_config_passes_envoy_validate(tmp_path, policy):
     out = tmp_path / "envoy.yaml"
-    assert run("render", "--policy", "policies/demo.json", "--out", out).returncode == 0
+    assert run("render", "--policy", f"policies/{policy}", "--out", out).returncode == 0
+    text = out.read_text()
+    if policy == "entra-example.json":
+        # The IdP cluster is reached over TLS with SNI, as Entra ID requires.
+        assert "sni: login.microsoftonline.com" in text and "name: entra_id" in text
     env = dict(os.environ, CONFIG_APP_KEY="x")
     r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
