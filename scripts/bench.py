@@ -188,6 +188,14 @@ def main():
         f"(throughput ratio replay on / off: {by['jwt_replay_with_ip'][1] / by['jwt_cached'][1]:.2f})."
     )
     print(derived)
+    # Replay store memory, measured on the real record encoding (native, release).
+    mem = subprocess.run(
+        ["cargo", "test", "--release", "-q", "-p", "gateguard-core", "replay::tests::measure_memory_and_cost",
+         "--", "--ignored", "--nocapture"], cwd=ROOT, capture_output=True, text=True).stdout
+    mem_lines = [l.strip() for l in mem.splitlines() if any(w in l for w in ("bytes", "/call", "scan"))]
+    derived += "\n\n## Replay store memory\n\nMeasured on the real bucket encoding " \
+        "(`cargo test --release -p gateguard-core replay::tests::measure_memory_and_cost -- --ignored --nocapture`):\n\n" \
+        + "\n".join(f"- {l}" for l in mem_lines)
     write_report(table, wasm_size, derived)
 
 
