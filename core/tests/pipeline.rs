@@ -42,9 +42,11 @@ fn token(s: &Signer, extra: Value) -> String {
     jsonwebtoken::encode(&h, &claims, &s.key).unwrap()
 }
 
+type Claims = (Map<String, Value>, u64);
+
 struct FakeHost {
     keys: Option<Rc<KeySet>>,
-    cache: RefCell<HashMap<[u8; 32], (Map<String, Value>, u64)>>,
+    cache: RefCell<HashMap<[u8; 32], Claims>>,
     store: MemoryStore,
     prefix: String,
     unknown_kids: Cell<u32>,
@@ -260,10 +262,7 @@ fn jwt_refusals_use_the_exact_messages_and_challenges() {
         401,
         "Malformed token or missing expiration",
     );
-    let no_exp = {
-        let t = token(&s, json!({"exp": "soon"}));
-        t
-    };
+    let no_exp = token(&s, json!({"exp": "soon"}));
     assert_refused(
         &call("/c/x").bearer(&no_exp).run(&p, &h),
         401,
