@@ -1,6 +1,7 @@
 //! `gateguard`: validate policies before they reach Envoy, and the small tools operators need
 //! around them.
 
+mod import_env;
 mod render;
 mod thumbprint;
 mod token;
@@ -39,6 +40,18 @@ enum Command {
     Token(Box<token::TokenArgs>),
     /// Print the JWKS (public key set) for a local private key, for a dev identity provider.
     Jwks(token::JwksArgs),
+    /// Convert the portal backend's settings into a policy.
+    ///
+    /// Reads VALID_INPUT_PATHS, API_KEY_VALUES, TOKEN_PROTECTED_PATHS_WITH_IP and
+    /// TOKEN_PROTECTED_PATHS_WITHOUT_IP (semicolon-separated; API_KEY_VALUES[i] belongs to
+    /// VALID_INPUT_PATHS[i]) from the environment, a .env file or a JSON file (including App
+    /// Service's exported app settings), and writes an equivalent policy: one API per path, its
+    /// key injected upstream (from an environment variable GATEGUARD_KEY_<NAME>, listed on
+    /// standard error), replay protection per the two lists. Protected paths need JWT
+    /// validation: --issuer, --audience, --jwks-uri or --openid-config, and --jwks-cluster.
+    /// The output is checked with the filter's own compiler. Exit 1 on an error in the
+    /// settings or flags, 2 if a file cannot be read or written.
+    ImportEnv(import_env::Args),
     /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
@@ -54,6 +67,7 @@ fn main() -> ExitCode {
         Command::Thumbprint(args) => thumbprint::run(&args),
         Command::Token(args) => token::token(&args),
         Command::Jwks(args) => token::jwks(&args),
+        Command::ImportEnv(args) => import_env::run(&args),
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k,
