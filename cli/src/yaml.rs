@@ -119,7 +119,7 @@ mod tests {
             json!({"a": {"b": [1, {"c": "x y", "d": true}], "e": "on"}, "f": "l1\nl2\n", "g": []});
         assert_eq!(
             to_yaml(&v),
-            "a:\n  b:\n  - 1\n  - c: \"x y\"\n    d: true\n  e: \"on\"\nf: |\n  l1\n  l2\ng: []\n"
+            "a:\n  b:\n    - 1\n    - c: \"x y\"\n      d: true\n  e: \"on\"\nf: |\n  l1\n  l2\ng: []\n"
         );
     }
 }
