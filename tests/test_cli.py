@@ -1,6 +1,7 @@
 """The gateguard CLI: validate's exit codes and messages, render's output accepted by Envoy, and
 the shipped envoy.yaml kept in sync with the demo policy."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -110,3 +111,21 @@ def test_thumbprint_refuses_garbage(tmp_path):
     bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     r = run("thumbprint", bad)
     assert r.returncode == 1
+
+
+def test_schema_is_current_and_shipped_policies_follow_it():
+    r = run("schema")
+    assert r.returncode == 0, r.stderr
+    shipped = (ROOT / "policies" / "gateguard.schema.json").read_text()
+    assert json.loads(r.stdout) == json.loads(shipped), \
+        "policies/gateguard.schema.json is stale: run `make schema`"
+    import jsonschema
+
+    schema = json.loads(shipped)
+    for policy in sorted((ROOT / "policies").glob("*.json")):
+        if policy.name.endswith(".schema.json"):
+            continue
+        jsonschema.validate(json.loads(policy.read_text()), schema)
+    # The schema refuses what the filter refuses for shape: unknown fields.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"apis": [{"name": "a", "path_prefix": "/a", "corz": {}}]}, schema)

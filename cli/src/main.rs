@@ -52,6 +52,9 @@ enum Command {
     /// The output is checked with the filter's own compiler. Exit 1 on an error in the
     /// settings or flags, 2 if a file cannot be read or written.
     ImportEnv(import_env::Args),
+    /// Print the JSON Schema of policy documents (policies/gateguard.schema.json), generated
+    /// from the filter's own configuration types.
+    Schema,
     /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
@@ -64,6 +67,26 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Render(args) => render::run(&args),
+        Command::Schema => {
+            let mut schema = schemars::schema_for!(gateguard_core::config::PolicyConfig);
+            schema.insert("title".into(), "gateguard policy".into());
+            schema.insert(
+                "description".into(),
+                "One gateway's security policy: the configuration of the gateguard Envoy filter. \
+                 See docs/policy.md."
+                    .into(),
+            );
+            match serde_json::to_string_pretty(&schema) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gateguard schema: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Thumbprint(args) => thumbprint::run(&args),
         Command::Token(args) => token::token(&args),
         Command::Jwks(args) => token::jwks(&args),

@@ -22,6 +22,7 @@ use crate::value::{EnvLookup, ValueSource};
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Editors' JSON Schema reference; ignored by the filter.
@@ -38,6 +39,7 @@ pub struct PolicyConfig {
 
 /// The verified-token cache: a fixed number of shared-data slots.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TokenCacheConfig {
     #[serde(default = "default_token_cache_entries")]
@@ -57,6 +59,7 @@ fn default_token_cache_entries() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub name: String,

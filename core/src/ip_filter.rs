@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::error::{index, join, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IpFilterConfig {
     #[serde(default)]
@@ -17,6 +18,7 @@ pub struct IpFilterConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpConfig {
     #[serde(default)]

@@ -31,6 +31,7 @@ use crate::hex;
 
 /// `replay.mode` of an API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReplayMode {
     WithIp,
@@ -39,6 +40,7 @@ pub enum ReplayMode {
 
 /// `apis[i].replay`; absent means no replay protection for that API.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReplayConfig {
     pub mode: ReplayMode,
@@ -46,6 +48,7 @@ pub struct ReplayConfig {
 
 /// `replay_cache`, shared by every API of the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReplayCacheConfig {
     #[serde(default = "default_max_entries")]

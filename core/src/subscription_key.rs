@@ -10,6 +10,7 @@ use crate::error::{index, join, ConfigError};
 use crate::hex;
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionKeyConfig {
     #[serde(default = "default_header")]

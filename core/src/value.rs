@@ -6,6 +6,7 @@ use crate::error::ConfigError;
 
 /// `{ "value": "..." }` or `{ "env": "NAME" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ValueSource {
     Value(String),

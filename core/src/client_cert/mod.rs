@@ -30,6 +30,7 @@ use xfcc::Extracted;
 
 /// `client_certificate` as written in a policy.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientCertConfig {
     pub thumbprints: Vec<String>,

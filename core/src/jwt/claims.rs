@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use crate::error::{index, join, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RequiredClaimConfig {
     pub name: String,

@@ -23,6 +23,7 @@ pub use keys::{JwksError, KeyChoiceError, KeyFamily, KeySet};
 pub use token::extract_bearer;
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     pub issuers: Vec<String>,
@@ -46,6 +47,7 @@ fn default_skew() -> u64 {
 
 /// Either `{"inline": <JWKS>}` or `{"cluster": ..., "uri": ..., "refresh_seconds": ...}`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JwksConfig {
     #[serde(default)]
