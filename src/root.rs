@@ -182,8 +182,10 @@ impl RootContext for GatewayRoot {
         }
         let metrics = Metrics::define(&policy);
         self.gateway = Some(Rc::new(Gateway::new(policy, metrics, keys, replay_prefix)));
+        // Fetching starts on the first tick, on the workers. Not from here: Envoy also
+        // configures a root context on the main thread, whose HTTP calls never answer, and a
+        // fetch started there would hold the fetch lease until it timed out.
         self.set_tick_period(Duration::from_secs(1));
-        self.on_tick();
         true
     }
 

@@ -52,6 +52,9 @@ def gw(request, idp, keys, echo_upstream):
             claims_to_headers={"sub": "x-user-id", "roles": "x-roles"})},
         {"name": "discovery", "path_prefix": "/discovery", "jwt": jwt_block(idp.issuer, {
             "cluster": "idp", "uri": f"http://127.0.0.1:{idp.port}/dev-tenant/v2.0/.well-known/openid-configuration"})},
+        # Refreshes only hourly: a new key can only arrive through the unknown-kid refresh.
+        {"name": "rotation", "path_prefix": "/rotation", "jwt": jwt_block(idp.issuer, {
+            "cluster": "idp", "uri": f"http://127.0.0.1:{idp.port}/keys?for=rotation", "refresh_seconds": 3600})},
         {"name": "inline", "path_prefix": "/inline", "jwt": jwt_block(idp.issuer, {"inline": jwtkit.jwks(keys["inline"])})},
         {"name": "nokeys", "path_prefix": "/nokeys", "jwt": jwt_block(idp.issuer, {
             "cluster": "idp_down", "uri": "http://127.0.0.1:9/keys", "refresh_seconds": 60})},
@@ -61,12 +64,15 @@ def gw(request, idp, keys, echo_upstream):
                         static_cluster("idp_down", free_port())], admin)
     envoy = start_envoy(request, config)
     envoy.port = port
-    # Bounded wait for the first JWKS fetch (on the first tick after start).
+    # Bounded wait for the first JWKS fetch (on the first tick after start) to reach every
+    # worker: ten 200s in a row, each on a new connection.
     t = jwtkit.token(keys["rsa"], jwtkit.claims(idp.issuer, AUD))
-    for _ in range(100):
-        if get(envoy, "/remote/x", t).status == 200:
-            break
-        time.sleep(0.1)
+    deadline, streak = time.time() + 30, 0
+    while streak < 10 and time.time() < deadline:
+        streak = streak + 1 if get(envoy, "/remote/x", t).status == 200 else 0
+        time.sleep(0.05)
+    assert streak >= 10, "the remote JWKS did not load within 30 s"
+    time.sleep(1.2)  # one tick: every worker has read the published key set
     return envoy
 
 
@@ -94,9 +100,8 @@ def test_valid_tokens_from_remote_jwks(gw, idp, keys, kind, alg):
 
 def test_discovery_and_inline_jwks(gw, idp, keys):
     t = jwtkit.token(keys["rsa"], jwtkit.claims(idp.issuer, AUD))
-    for _ in range(50):
-        if get(gw, "/discovery/x", t).status == 200:
-            break
+    deadline = time.time() + 30
+    while time.time() < deadline and get(gw, "/discovery/x", t).status != 200:
         time.sleep(0.1)
     assert get(gw, "/discovery/x", t).status == 200
     assert get(gw, "/inline/x", jwtkit.token(keys["inline"], jwtkit.claims(idp.issuer, AUD))).status == 200
@@ -271,6 +276,14 @@ def test_idp_outage_keeps_last_good_keys_then_rotation(gw, idp, keys):
     assert status == 200
     assert "JWKS fetch from cluster idp failed" in gw.log_text()
     del t
+    # The hourly API learns the rotated key only because a token named its kid.
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        status = get(gw, "/rotation/x", rotated).status
+        if status == 200:
+            break
+        time.sleep(0.25)
+    assert status == 200
 
 
 def test_junk_kid_flood_does_not_hammer_the_idp(gw, idp):
