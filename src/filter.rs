@@ -4,20 +4,18 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward};
 use gateguard_core::gateway::{Event, Host};
 use gateguard_core::jwt::{cache, KeySet};
 use gateguard_core::replay::{SharedStore, Verdict};
-use gateguard_core::{CompiledPolicy, Request};
-use proxy_wasm::hostcalls;
+use gateguard_core::{CompiledPolicy, Outcome, Request};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::types::Action;
 use serde_json::{Map, Value};
 
-use crate::host::HostStore;
+use crate::host::{self, HostStore, LogLevel, MapType};
 use crate::metrics::{
     Metrics, CERT_EXPIRING, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
 };
@@ -173,7 +171,7 @@ impl HttpContext for RequestFilter {
             );
             return Action::Pause;
         };
-        let headers = request_headers();
+        let headers = host::header_pairs(MapType::HttpRequestHeaders);
         let method = header(&headers, ":method").unwrap_or_default();
         let path = header(&headers, ":path").unwrap_or_default();
         let peer = property_string(&["source", "address"]);
@@ -183,10 +181,7 @@ impl HttpContext for RequestFilter {
         } else {
             None
         };
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+        let now = host::now();
         let request = Request {
             method,
             path,
@@ -196,6 +191,7 @@ impl HttpContext for RequestFilter {
             now,
         };
         let decision = gateway.policy.evaluate(&request, gateway.as_ref());
+        let decision_outcome = decision.outcome();
         gateway.metrics.count(
             match &decision {
                 Decision::Reply { api, .. } => *api,
@@ -210,18 +206,25 @@ impl HttpContext for RequestFilter {
                 reply: r,
                 ..
             } => {
-                if let Some(refusal) = refusal {
-                    let api_name = api.map_or("-", |i| gateway.api_name(i));
-                    log(
-                        LogLevel::Info,
-                        &format!(
-                            "gateguard: refused api={api_name} check={} status={} reason=\"{}\"",
-                            refusal.check(),
-                            r.status,
-                            refusal.reason()
-                        ),
-                    );
+                let api_name = api.map_or("-", |i| gateway.api_name(i));
+                if let Some(refusal) = &refusal {
+                    // One JSON audit line per refusal: never a token, key or certificate.
+                    let audit = serde_json::json!({
+                        "gateguard": "refused",
+                        "api": api_name,
+                        "check": refusal.check(),
+                        "reason": refusal.reason(),
+                        "status": r.status,
+                        "client_ip": gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+                        "request_id": header(&headers, "x-request-id"),
+                    });
+                    log(LogLevel::Info, &audit.to_string());
                 }
+                record_decision(
+                    api_name,
+                    decision_outcome,
+                    refusal.as_ref().map(|r| r.reason()),
+                );
                 reply(r.status, &r.headers, &r.body);
                 Action::Pause
             }
@@ -230,6 +233,7 @@ impl HttpContext for RequestFilter {
                     warn_expiring_certificate(&gateway, forward.api, cert, now);
                 }
                 apply(&forward);
+                record_decision(gateway.api_name(forward.api), decision_outcome, None);
                 self.response_headers = forward.response_headers;
                 Action::Continue
             }
@@ -238,7 +242,7 @@ impl HttpContext for RequestFilter {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         for (name, value) in &self.response_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+            host::set_header(MapType::HttpResponseHeaders, name, value);
         }
         Action::Continue
     }
@@ -265,33 +269,30 @@ fn warn_expiring_certificate(gateway: &Gateway, api: usize, cert: &AcceptedCerti
     }
 }
 
+/// The decision as filter state, for Envoy's access log:
+/// `%FILTER_STATE(wasm.gateguard_outcome:PLAIN)%`, `wasm.gateguard_api`, `wasm.gateguard_reason`.
+fn record_decision(api: &str, outcome: Outcome, reason: Option<&str>) {
+    host::set_property(&["gateguard_api"], api.as_bytes());
+    host::set_property(&["gateguard_outcome"], outcome.name().as_bytes());
+    if let Some(reason) = reason {
+        host::set_property(&["gateguard_reason"], reason.as_bytes());
+    }
+}
+
 fn apply(forward: &Forward) {
     for name in &forward.remove_request_headers {
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        host::remove_header(MapType::HttpRequestHeaders, name);
     }
     for (name, value) in &forward.set_request_headers {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        host::set_header(MapType::HttpRequestHeaders, name, value);
     }
     if let Some(path) = &forward.new_path {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(path));
+        host::set_header(MapType::HttpRequestHeaders, ":path", path);
     }
 }
 
 fn reply(status: u16, headers: &[(String, String)], body: &str) {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body.as_bytes()));
-}
-
-/// All request headers. Bytes, not strings: the SDK's string variant panics on non-UTF-8 values.
-fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect()
+    host::send_response(status, headers, body);
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -302,7 +303,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 fn property_bytes(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+    host::get_property(path)
 }
 
 fn property_string(path: &[&str]) -> Option<String> {

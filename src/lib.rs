@@ -13,7 +13,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     // A panic traps the VM; say so loudly before it happens (the core is built not to panic).
     std::panic::set_hook(Box::new(|info| {
-        let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("gateguard panicked: {info}"));
+        host::log(LogLevel::Critical, &format!("gateguard panicked: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::GatewayRoot::default()) });
 }}

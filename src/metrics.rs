@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
+use crate::host::{self, MetricType};
 use gateguard_core::{CompiledPolicy, Outcome};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
 
 /// Per-API counters that are not request outcomes.
 pub const CERT_EXPIRING: &str = "cert_expiring";
@@ -33,7 +32,7 @@ pub struct Metrics {
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
-    hostcalls::define_metric(kind, name).ok()
+    host::define_metric(kind, name)
 }
 
 impl Metrics {
@@ -83,14 +82,14 @@ impl Metrics {
         };
         if let (Some(id), Ok(n)) = (id, i64::try_from(n)) {
             if n > 0 {
-                let _ = hostcalls::increment_metric(*id, n);
+                host::increment_metric(*id, n);
             }
         }
     }
 
     pub fn set_gauge(&self, name: &str, value: u64) {
         if let Some(id) = self.gauges.get(name) {
-            let _ = hostcalls::record_metric(*id, value);
+            host::record_metric(*id, value);
         }
     }
 }

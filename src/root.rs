@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use gateguard_core::jwt::fetch::{split_uri, FetchResult, JwksFetcher, FETCH_TIMEOUT_SECONDS};
 use gateguard_core::jwt::{JwksSource, KeySet};
@@ -13,11 +13,11 @@ use gateguard_core::replay::{ensure_buckets, occupancy, SharedStore, CREATE_CAS}
 use gateguard_core::{hex, parse_policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel};
+use proxy_wasm::types::ContextType;
 use sha2::{Digest, Sha256};
 
 use crate::filter::{Gateway, RequestFilter};
-use crate::host::HostStore;
+use crate::host::{self, BufferType, HostStore, LogLevel, MapType};
 use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
 
 /// Shared-data key prefix of everything gateguard stores.
@@ -50,10 +50,7 @@ pub struct GatewayRoot {
 }
 
 fn now() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+    host::now()
 }
 
 impl Context for GatewayRoot {
@@ -68,22 +65,11 @@ impl Context for GatewayRoot {
             return;
         };
         let now = now();
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse::<u32>().ok())
-        .unwrap_or(0);
-        let body = hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::HttpCallResponseBody,
-            0,
-            body_size,
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let status = host::header_value(MapType::HttpCallResponseHeaders, ":status")
+            .and_then(|s| String::from_utf8(s).ok())
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
+        let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).unwrap_or_default();
         let (Some(gateway), Some(remote)) = (self.gateway.clone(), self.remotes.get_mut(index))
         else {
             return;
@@ -125,7 +111,7 @@ impl Context for GatewayRoot {
 
 impl RootContext for GatewayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = self.get_plugin_configuration() else {
+        let Some(config) = host::buffer(BufferType::PluginConfiguration, 0, usize::MAX) else {
             log(
                 LogLevel::Error,
                 "gateguard: no plugin configuration; refusing to start",
@@ -338,5 +324,5 @@ fn release_lease(key: &str, until: u64) {
 }
 
 pub fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    host::log(level, message);
 }

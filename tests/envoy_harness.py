@@ -59,7 +59,11 @@ def static_cluster(name, port, tls_sni=None):
     return cluster
 
 
-def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0):
+ACCESS_LOG_FORMAT = ("%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outcome:PLAIN)% "
+                     "api=%FILTER_STATE(wasm.gateguard_api:PLAIN)% reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n")
+
+
+def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None):
     filters = list(extra_filters or [])
     if policy is not None:
         filters.append(wasm_filter(policy, env_keys))
@@ -67,6 +71,16 @@ def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0
         {"name": "envoy.filters.http.router",
          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
     )
+    extra = {}
+    if access_log:
+        extra["access_log"] = [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(access_log),
+                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
+            },
+        }]
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -84,6 +98,7 @@ def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0
                 ]
             },
             "http_filters": filters,
+            **extra,
         },
     }
 

@@ -51,18 +51,19 @@ XFF_POLICY = {
 
 
 @pytest.fixture(scope="module")
-def gw(request, echo_upstream):
+def gw(request, echo_upstream, tmp_path_factory):
     port, xff_port, admin = free_port(), free_port(), free_port()
+    access_log = tmp_path_factory.mktemp("access") / "access.log"
     config = bootstrap(
         [
-            http_listener("main", port, POLICY, env_keys=["CONFIG_APP_KEY"]),
+            http_listener("main", port, POLICY, env_keys=["CONFIG_APP_KEY"], access_log=access_log),
             http_listener("xff", xff_port, XFF_POLICY, env_keys=["CONFIG_APP_KEY"]),
         ],
         [static_cluster("upstream", echo_upstream)],
         admin,
     )
     envoy = start_envoy(request, config, env={"CONFIG_APP_KEY": "function-key-123"})
-    envoy.port, envoy.xff_port = port, xff_port
+    envoy.port, envoy.xff_port, envoy.access_log = port, xff_port, access_log
     return envoy
 
 
@@ -295,6 +296,24 @@ def test_counters_on_prometheus(gw):
 def test_refusals_are_logged_without_secrets(gw):
     request(gw.port, "GET", "/open/deeper/x", headers={"Ocp-Apim-Subscription-Key": "leaky-secret-value"})
     log = gw.log_text()
-    assert "check=subscription_key" in log
+    audits = [json.loads(l[l.index("{"):]) for l in log.splitlines() if '"gateguard":"refused"' in l]
+    keyed = [a for a in audits if a["check"] == "subscription_key"]
+    assert keyed and keyed[-1]["api"] == "deeper" and keyed[-1]["status"] == 401
+    assert keyed[-1]["client_ip"] == "127.0.0.1" and keyed[-1]["request_id"]
     assert "leaky-secret-value" not in log
     assert "function-key-123" not in log
+
+
+def test_decision_is_available_to_the_access_log(gw):
+    import time
+    request(gw.port, "GET", "/ipdeny/x")
+    request(gw.port, "GET", "/open/x")
+    deadline = time.time() + 10
+    lines = []
+    while time.time() < deadline:  # Envoy flushes access logs asynchronously
+        lines = gw.access_log.read_text().splitlines() if gw.access_log.exists() else []
+        if any("outcome=ip_denied" in l for l in lines) and any("outcome=allowed api=open" in l for l in lines):
+            break
+        time.sleep(0.2)
+    assert any(l.startswith("403 outcome=ip_denied api=ipdeny reason=client IP not admitted") for l in lines), lines[-5:]
+    assert any(l.startswith("200 outcome=allowed api=open") for l in lines), lines[-5:]

@@ -112,6 +112,16 @@ impl CompiledPolicy {
             .map(|(i, _)| i)
     }
 
+    /// The client IP as the IP filter and replay detection see it (for audit lines).
+    pub fn client_ip(&self, req: &Request<'_>) -> Option<IpAddr> {
+        client_ip(
+            &self.client_ip,
+            req.peer_address,
+            &req.header_values("x-forwarded-for"),
+        )
+        .ok()
+    }
+
     /// Whether any API takes its client certificate from the TLS connection.
     pub fn reads_peer_certificate(&self) -> bool {
         self.apis.iter().any(|a| {
