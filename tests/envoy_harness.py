@@ -106,12 +106,17 @@ def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0
 class Envoy:
     """One Envoy process. `config` is a full bootstrap dict."""
 
-    def __init__(self, config, env=None, concurrency=2, name="envoy"):
+    def __init__(self, config, env=None, concurrency=2, name="envoy", admin_port=None):
+        """`config`: a bootstrap dict, or the path of a config file (then give `admin_port`)."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"gateguard-{name}-"))
-        self.config_path = self.dir / "envoy.json"
-        self.config_path.write_text(json.dumps(config, indent=1))
+        if isinstance(config, dict):
+            self.config_path = self.dir / "envoy.json"
+            self.config_path.write_text(json.dumps(config, indent=1))
+            self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        else:
+            self.config_path = Path(config)
+            self.admin_port = admin_port
         self.log_path = self.dir / "envoy.log"
-        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         self.env = dict(os.environ, **(env or {}))
         self.concurrency = concurrency
         self.proc = None

@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -21,6 +22,11 @@ class EchoHandler(BaseHTTPRequestHandler):
     mask_secrets = False
 
     def _echo(self):
+        if "sleep=" in self.path:  # a slow function: ?sleep=SECONDS (at most 5)
+            try:
+                time.sleep(min(float(self.path.split("sleep=")[1].split("&")[0]), 5.0))
+            except ValueError:
+                pass
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {}
