@@ -66,3 +66,8 @@ envoy.yaml: policies/demo.json cli
 ## Regenerates the policy JSON Schema from the configuration types.
 schema: cli
 	$(CLI) schema > policies/gateguard.schema.json
+
+## The Envoy config docker-compose.yaml mounts.
+deploy/envoy.compose.yaml: policies/quickstart.json cli
+	$(CLI) render --policy policies/quickstart.json --wasm /etc/envoy/gateguard.wasm \
+	  --listen 0.0.0.0:8080 --admin 0.0.0.0:9901 --upstream function-app:8081 --out $@

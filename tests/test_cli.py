@@ -129,3 +129,29 @@ def test_schema_is_current_and_shipped_policies_follow_it():
     # The schema refuses what the filter refuses for shape: unknown fields.
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"apis": [{"name": "a", "path_prefix": "/a", "corz": {}}]}, schema)
+
+
+COMPOSE_RENDER = ["--wasm", "/etc/envoy/gateguard.wasm", "--listen", "0.0.0.0:8080", "--admin", "0.0.0.0:9901",
+                  "--upstream", "function-app:8081"]
+
+
+def test_compose_envoy_config_is_current_and_valid(tmp_path):
+    out = tmp_path / "envoy.yaml"
+    r = run("render", "--policy", "policies/quickstart.json", "--out", out, *COMPOSE_RENDER)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == (ROOT / "deploy" / "envoy.compose.yaml").read_text(), \
+        "deploy/envoy.compose.yaml is stale: run `make deploy/envoy.compose.yaml`"
+    # Envoy accepts it (validate mode does not load the .wasm or resolve function-app).
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT,
+                       env=dict(os.environ, CONFIG_APP_KEY="x"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_docker_compose_file_is_valid():
+    import shutil
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("no docker-compose client on this machine")
+    r = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yaml"), "config", "-q"], cwd=ROOT,
+                       env=dict(os.environ, CONFIG_APP_KEY="x"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -5,6 +5,7 @@ Run standalone: python3 tests/upstream.py PORT
 """
 
 import hashlib
+import os
 import json
 import sys
 import threading
@@ -66,7 +67,7 @@ def start(port=0):
 if __name__ == "__main__":
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8081
     EchoHandler.mask_secrets = "--mask-secrets" in sys.argv
-    srv = ThreadingHTTPServer(("127.0.0.1", port), EchoHandler)
+    srv = ThreadingHTTPServer((os.environ.get("BIND", "127.0.0.1"), port), EchoHandler)
     print(f"demo function app listening on http://127.0.0.1:{port}", flush=True)
     try:
         srv.serve_forever()
