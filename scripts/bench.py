@@ -191,7 +191,8 @@ def main():
     # Replay store memory, measured on the real record encoding (native, release).
     mem = subprocess.run(
         ["cargo", "test", "--release", "-q", "-p", "gateguard-core", "replay::tests::measure_memory_and_cost",
-         "--", "--ignored", "--nocapture"], cwd=ROOT, capture_output=True, text=True).stdout
+         "--", "--ignored", "--nocapture"], cwd=ROOT, capture_output=True, text=True)
+    mem = mem.stdout + mem.stderr
     mem_lines = [l.strip() for l in mem.splitlines() if any(w in l for w in ("bytes", "/call", "scan"))]
     derived += "\n\n## Replay store memory\n\nMeasured on the real bucket encoding " \
         "(`cargo test --release -p gateguard-core replay::tests::measure_memory_and_cost -- --ignored --nocapture`):\n\n" \
