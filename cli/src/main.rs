@@ -1,6 +1,7 @@
 //! `gateguard`: validate policies before they reach Envoy, and the small tools operators need
 //! around them.
 
+mod import_apim;
 mod import_env;
 mod render;
 mod thumbprint;
@@ -52,6 +53,17 @@ enum Command {
     /// The output is checked with the filter's own compiler. Exit 1 on an error in the
     /// settings or flags, 2 if a file cannot be read or written.
     ImportEnv(import_env::Args),
+    /// Convert an Azure API Management policy document (XML) into a policy with one API.
+    ///
+    /// Converts <cors>, <ip-filter> (address ranges become CIDRs), <validate-jwt>
+    /// (openid-config, n/e or HMAC keys, audiences, issuers, required-claims), <check-header> on
+    /// Ocp-Apim-Subscription-Key (keys stored as SHA-256), the client-certificate thumbprint
+    /// <choose> pattern, <validate-client-certificate> and request <set-header> ({{named
+    /// values}} become environment variables). Lists every element on standard error as
+    /// converted or not converted, with its line. Exit 0 if everything converted, 3 if some
+    /// element was not converted (the policy is still written), 1 for invalid XML or a result
+    /// the filter would refuse, 2 if a file cannot be read or written.
+    ImportApim(import_apim::Args),
     /// Print the JSON Schema of policy documents (policies/gateguard.schema.json), generated
     /// from the filter's own configuration types.
     Schema,
@@ -91,6 +103,7 @@ fn main() -> ExitCode {
         Command::Token(args) => token::token(&args),
         Command::Jwks(args) => token::jwks(&args),
         Command::ImportEnv(args) => import_env::run(&args),
+        Command::ImportApim(args) => import_apim::run(&args),
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k,
