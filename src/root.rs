@@ -163,7 +163,7 @@ impl RootContext for GatewayRoot {
                         seen_cas: 0,
                     });
                 }
-                None => keys.push(None),
+                Some(JwksSource::None) | None => keys.push(None),
             }
         }
         let metrics = Metrics::define(&policy);

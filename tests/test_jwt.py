@@ -19,6 +19,7 @@ MISSING = "Missing or malformed Authorization header"
 MALFORMED = "Malformed token or missing expiration"
 INVALID = "Invalid or expired token"
 CHALLENGE = 'Bearer error="invalid_token"'
+HMAC_SECRET = b"a-shared-secret-of-at-least-32-bytes!!"
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,15 @@ def gw(request, idp, keys, echo_upstream):
         {"name": "rotation", "path_prefix": "/rotation", "jwt": jwt_block(idp.issuer, {
             "cluster": "idp", "uri": f"http://127.0.0.1:{idp.port}/keys?for=rotation", "refresh_seconds": 3600})},
         {"name": "inline", "path_prefix": "/inline", "jwt": jwt_block(idp.issuer, {"inline": jwtkit.jwks(keys["inline"])})},
+        {"name": "hmac", "path_prefix": "/hmac", "jwt": {
+            "issuers": [idp.issuer], "audiences": [AUD], "algorithms": ["HS256"], "hmac_secret": {"env": "GG_HMAC"}}},
         {"name": "nokeys", "path_prefix": "/nokeys", "jwt": jwt_block(idp.issuer, {
             "cluster": "idp_down", "uri": "http://127.0.0.1:9/keys", "refresh_seconds": 60})},
     ]}
-    config = bootstrap([http_listener("main", port, policy)],
+    config = bootstrap([http_listener("main", port, policy, env_keys=["GG_HMAC"])],
                        [static_cluster("upstream", echo_upstream), static_cluster("idp", idp.port),
                         static_cluster("idp_down", free_port())], admin)
-    envoy = start_envoy(request, config)
+    envoy = start_envoy(request, config, env={"GG_HMAC": HMAC_SECRET.decode()})
     envoy.port = port
     # Bounded wait for the first JWKS fetch (on the first tick after start) to reach every
     # worker: ten 200s in a row, each on a new connection.
@@ -306,3 +309,11 @@ def test_fetches_are_shared_between_workers(gw, idp):
     # refresh_seconds=3 with --concurrency 2: one fetch per period, not one per worker.
     assert 1 <= fetched <= 4, fetched
     gw.jwks_fetches_per_9s = fetched
+
+
+def test_hs256_with_the_configured_secret_only(gw, idp, keys):
+    c = jwtkit.claims(idp.issuer, AUD)
+    assert get(gw, "/hmac/x", jwtkit.hs256(HMAC_SECRET, {"alg": "HS256", "typ": "JWT"}, c)).status == 200
+    assert_401(get(gw, "/hmac/x", jwtkit.hs256(b"x" * 40, {"alg": "HS256"}, c)), INVALID)
+    # An RS256 token is not accepted by an HS-only API.
+    assert_401(get(gw, "/hmac/x", jwtkit.token(keys["rsa"], c)), INVALID)

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 
+use crate::validate::PLACEHOLDER;
 use crate::yaml::to_yaml;
 
 #[derive(clap::Args)]
@@ -61,7 +62,7 @@ pub fn run(args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| "placeholder".into()));
+    let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
     if let Err(e) = gateguard_core::parse_policy(text.as_bytes(), &lenient) {
         eprintln!("{}: error: {e}", args.policy.display());
         return ExitCode::from(1);

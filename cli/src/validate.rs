@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use gateguard_core::parse_policy;
 
+/// Stands in for environment variables that are not set where the CLI runs: long enough for any
+/// length rule (HMAC secrets need 32+ bytes), so only `--check-env` reports missing variables.
+pub const PLACEHOLDER: &str = "placeholder-for-an-unset-environment-variable-0000000000000000000";
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Policy files (JSON).
@@ -32,8 +36,7 @@ pub fn run(args: &Args) -> ExitCode {
             }
         };
         let strict = |name: &str| std::env::var(name).ok();
-        let lenient =
-            |name: &str| Some(std::env::var(name).unwrap_or_else(|_| "placeholder".into()));
+        let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
         let env: &dyn Fn(&str) -> Option<String> = if args.check_env { &strict } else { &lenient };
         match parse_policy(&text, env) {
             Ok(policy) => {

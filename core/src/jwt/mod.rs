@@ -29,7 +29,9 @@ pub struct JwtConfig {
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     pub algorithms: Vec<String>,
-    pub jwks: JwksConfig,
+    /// Required for RS/PS/ES/EdDSA; not used (and refused) when only HS algorithms are allowed.
+    #[serde(default)]
+    pub jwks: Option<JwksConfig>,
     #[serde(default = "default_skew")]
     pub clock_skew_seconds: u64,
     #[serde(default)]
@@ -65,6 +67,8 @@ const DEFAULT_REFRESH_SECONDS: u64 = 3600;
 /// Where an API's keys come from, once compiled.
 #[derive(Debug, Clone)]
 pub enum JwksSource {
+    /// Only HS algorithms: the shared secret is the key.
+    None,
     Inline(KeySet),
     Remote {
         cluster: String,
@@ -214,24 +218,38 @@ impl JwtPolicy {
             };
 
         let jwks_path = join(path, "jwks");
+        let asymmetric = algorithms.iter().any(|a| !is_hmac(*a));
         let jwks = match &cfg.jwks {
-            JwksConfig {
+            None if asymmetric => {
+                return Err(ConfigError::new(
+                    jwks_path,
+                    "required: RS/PS/ES/EdDSA tokens are verified with the identity provider's keys",
+                ))
+            }
+            None => JwksSource::None,
+            Some(_) if !asymmetric => {
+                return Err(ConfigError::new(
+                    jwks_path,
+                    "not used when only HS256/HS384/HS512 are allowed (the hmac_secret is the key); remove it",
+                ))
+            }
+            Some(JwksConfig {
                 inline: Some(inline),
                 cluster: None,
                 uri: None,
                 refresh_seconds: None,
-            } => {
+            }) => {
                 let set = KeySet::from_jwks_value(inline).map_err(|e| {
                     ConfigError::new(join(&jwks_path, "inline"), e.reason())
                 })?;
                 JwksSource::Inline(set)
             }
-            JwksConfig {
+            Some(JwksConfig {
                 inline: None,
                 cluster: Some(cluster),
                 uri: Some(uri),
                 refresh_seconds,
-            } => {
+            }) => {
                 let refresh_seconds = &refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
                 if cluster.trim().is_empty() {
                     return Err(ConfigError::new(join(&jwks_path, "cluster"), "must name an Envoy cluster"));
@@ -261,7 +279,6 @@ impl JwtPolicy {
                 ))
             }
         };
-        let asymmetric = algorithms.iter().any(|a| !is_hmac(*a));
         if let (JwksSource::Inline(set), true) = (&jwks, asymmetric) {
             if !algorithms
                 .iter()

@@ -323,7 +323,7 @@ fn hmac_with_configured_secret_works() {
     let secret = "s".repeat(40);
     let cfg: JwtConfig = serde_json::from_value(json!({
         "issuers": [ISS], "audiences": [AUD], "algorithms": ["HS256"],
-        "jwks": {"inline": jwks()}, "hmac_secret": {"env": "JWT_SECRET"}
+        "hmac_secret": {"env": "JWT_SECRET"}
     }))
     .unwrap();
     let env = |n: &str| (n == "JWT_SECRET").then(|| secret.clone());
@@ -631,6 +631,14 @@ fn config_errors_name_the_field() {
     let mut c = base();
     c["hmac_secret"] = json!({"value": "x".repeat(40)});
     assert_eq!(compile_err(c).path, "apis[0].jwt.hmac_secret");
+    // HS-only policies need no JWKS, and refuse one (it would never be used).
+    let mut c = base();
+    c["algorithms"] = json!(["HS256"]);
+    c["hmac_secret"] = json!({"value": "x".repeat(40)});
+    assert_eq!(compile_err(c).path, "apis[0].jwt.jwks");
+    let mut c = base();
+    c.as_object_mut().unwrap().remove("jwks");
+    assert_eq!(compile_err(c).path, "apis[0].jwt.jwks");
     let mut c = base();
     c["jwks"] = json!({"inline": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}});
     assert_eq!(compile_err(c).path, "apis[0].jwt.jwks.inline");
