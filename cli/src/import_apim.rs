@@ -153,7 +153,7 @@ fn import(args: &Args) -> Result<bool, Failure> {
         return Err(format!("the generated policy does not validate: {e}").into());
     }
     match &args.out {
-        Some(path) => write_file(path, &policy, has_literal_secret)
+        Some(path) => crate::output::write_policy(path, &policy, has_literal_secret)
             .map_err(|e| Failure(2, format!("{}: cannot write: {e}", path.display())))?,
         None => {
             let mut stdout = std::io::stdout().lock();
@@ -1979,26 +1979,7 @@ fn render(api: &Api, args: &Args) -> Result<String, String> {
             Value::Object(api.inject_headers.clone()),
         );
     }
-    let mut doc = Map::new();
-    doc.insert("$schema".into(), json!("./gateguard.schema.json"));
-    doc.insert("apis".into(), json!([Value::Object(object)]));
-    let mut text = serde_json::to_string_pretty(&Value::Object(doc))
-        .map_err(|e| format!("cannot serialise the policy: {e}"))?;
-    text.push('\n');
-    Ok(text)
-}
-
-/// Writes the policy; owner-only permissions when a header value is written into it.
-fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
-    std::fs::write(path, text)?;
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    Ok(())
+    crate::output::policy_text(vec![Value::Object(object)])
 }
 
 /// One line per finding (`FILE:LINE: kind: <element>: text`), then a summary line.

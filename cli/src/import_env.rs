@@ -91,7 +91,7 @@ fn import(args: &Args) -> Result<(), Failure> {
         return Err(format!("the generated policy does not validate: {e}").into());
     }
     match &args.out {
-        Some(path) => write_file(path, &text, args.inline_keys)
+        Some(path) => crate::output::write_policy(path, &text, args.inline_keys)
             .map_err(|e| Failure(2, format!("{}: cannot write: {e}", path.display())))?,
         None => {
             let mut stdout = std::io::stdout().lock();
@@ -546,26 +546,7 @@ fn render(apis: &[PlannedApi], args: &Args, jwt: Option<&Value>) -> Result<Strin
         );
         list.push(Value::Object(object));
     }
-    let mut doc = Map::new();
-    doc.insert("$schema".into(), json!("./gateguard.schema.json"));
-    doc.insert("apis".into(), Value::Array(list));
-    let mut text = serde_json::to_string_pretty(&Value::Object(doc))
-        .map_err(|e| format!("cannot serialise the policy: {e}"))?;
-    text.push('\n');
-    Ok(text)
-}
-
-/// Writes the policy; owner-only permissions when it holds keys.
-fn write_file(path: &PathBuf, text: &str, secret: bool) -> std::io::Result<()> {
-    std::fs::write(path, text)?;
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    Ok(())
+    crate::output::policy_text(list)
 }
 
 /// What was written and what the operator must do next, on standard error. Every line but the

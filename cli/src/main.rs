@@ -3,6 +3,7 @@
 
 mod import_apim;
 mod import_env;
+mod output;
 mod render;
 mod thumbprint;
 mod token;
