@@ -242,7 +242,12 @@ impl HttpContext for RequestFilter {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         for (name, value) in &self.response_headers {
-            host::set_header(MapType::HttpResponseHeaders, name, value);
+            if name == "vary" {
+                // The upstream's own Vary (Accept-Encoding...) must survive.
+                host::add_header(MapType::HttpResponseHeaders, name, value);
+            } else {
+                host::set_header(MapType::HttpResponseHeaders, name, value);
+            }
         }
         Action::Continue
     }

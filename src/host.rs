@@ -146,6 +146,13 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         details_data: *const u8,
@@ -222,6 +229,20 @@ pub fn set_header(map: MapType, name: &str, value: &str) {
     // SAFETY: pointers and lengths of live strs.
     let _ = unsafe {
         proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+}
+
+/// Adds a value, keeping the ones already there (for list headers such as `Vary`).
+pub fn add_header(map: MapType, name: &str, value: &str) {
+    // SAFETY: pointers and lengths of live strs.
+    let _ = unsafe {
+        proxy_add_header_map_value(
             map as u32,
             name.as_ptr(),
             name.len(),

@@ -46,6 +46,7 @@ class EchoHandler(BaseHTTPRequestHandler):
         ).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
+        self.send_header("vary", "Accept-Encoding")
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
