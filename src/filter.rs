@@ -260,7 +260,8 @@ fn warn_expiring_certificate(gateway: &Gateway, api: usize, cert: &AcceptedCerti
     let key = format!("{PREFIX}certwarn.{}", cert.sha256_hex);
     let today = (now / 86_400).to_string();
     let seen = matches!(HostStore.get(&key), Ok(Some((day, _))) if day == today.as_bytes());
-    if !seen && HostStore.set(&key, today.as_bytes(), 0).is_ok() {
+    // Only remember the day when the warning is actually written (not at errors-only levels).
+    if !seen && host::logs_at(LogLevel::Warn) && HostStore.set(&key, today.as_bytes(), 0).is_ok() {
         let days_left = cert.not_after.map(|t| t.saturating_sub(now) / 86_400);
         log(
             LogLevel::Warn,

@@ -125,6 +125,7 @@ pub use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: u32,
@@ -187,6 +188,14 @@ fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
     }
     // SAFETY: the host returned a buffer of `size` bytes allocated by proxy_on_memory_allocate.
     Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// Whether a message at `level` would be written (Envoy's `wasm` logger level).
+pub fn logs_at(level: LogLevel) -> bool {
+    let mut current: u32 = 0;
+    // SAFETY: writes one u32 we own.
+    let status = unsafe { proxy_get_log_level(&mut current) };
+    status != OK || current <= level as u32
 }
 
 pub fn log(level: LogLevel, message: &str) {

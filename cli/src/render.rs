@@ -170,8 +170,12 @@ fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": sni,
+                // The server certificate must chain to a public CA *and* name this host.
                 "common_tls_context": { "validation_context": {
-                    "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" } } }
+                    "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" },
+                    "match_typed_subject_alt_names": [
+                        { "san_type": "DNS", "matcher": { "exact": sni } }
+                    ] } }
             }
         });
     }

@@ -275,15 +275,6 @@ impl ClientCertPolicy {
         &self.thumbprints
     }
 
-    /// Lower-case names of the request headers this policy reads. The adapter removes them
-    /// before the request goes upstream, so nothing further down trusts a client-written copy.
-    pub fn header_names_to_strip(&self) -> Vec<&'static str> {
-        self.sources
-            .iter()
-            .filter_map(CertSource::header_name)
-            .collect()
-    }
-
     /// Checks the presented certificate at `now` (unix seconds). The first configured source
     /// that yields anything decides; a garbage certificate there is refused, never skipped.
     pub fn check(

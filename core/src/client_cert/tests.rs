@@ -576,21 +576,6 @@ fn unlisted_header_sources_are_ignored() {
     assert_eq!(p.check(&headers_only, now()), Err(CertError::Missing));
 }
 
-#[test]
-fn header_names_to_strip_are_the_listed_header_sources() {
-    let c = client("a");
-    let p = policy(serde_json::json!({ "thumbprints": [c.sha256()] }));
-    assert!(p.header_names_to_strip().is_empty());
-    let p = policy(serde_json::json!({
-        "thumbprints": [c.sha256()],
-        "sources": ["x-arr-clientcert", "connection", "x-forwarded-client-cert"]
-    }));
-    assert_eq!(
-        p.header_names_to_strip(),
-        vec!["x-arr-clientcert", "x-forwarded-client-cert"]
-    );
-}
-
 // ---- subject / issuer --------------------------------------------------------------------
 
 fn named(c: &TestCert, subject: Option<&str>, issuer: Option<&str>) -> ClientCertPolicy {
