@@ -25,6 +25,8 @@ pub struct Gateway {
     pub policy: CompiledPolicy,
     pub metrics: Metrics,
     pub replay_prefix: String,
+    /// Some API reads the TLS peer certificate (worked out once, not per request).
+    reads_peer_certificate: bool,
     /// New tokens refused because the replay store was full (logged from on_tick).
     pub store_full: Cell<u64>,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
@@ -40,6 +42,7 @@ impl Gateway {
     ) -> Self {
         let n = keys.len();
         Self {
+            reads_peer_certificate: policy.reads_peer_certificate(),
             policy,
             metrics,
             replay_prefix,
@@ -176,7 +179,7 @@ impl HttpContext for RequestFilter {
         let path = header(&headers, ":path").unwrap_or_default();
         let peer = property_string(&["source", "address"]);
         // A host call per request only when some API reads the TLS peer certificate.
-        let peer_certificate = if gateway.policy.reads_peer_certificate() {
+        let peer_certificate = if gateway.reads_peer_certificate {
             property_bytes(&["connection", "peer_certificate"])
         } else {
             None
