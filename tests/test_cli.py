@@ -157,3 +157,19 @@ def test_docker_compose_file_is_valid():
     r = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yaml"), "config", "-q"], cwd=ROOT,
                        env=dict(os.environ, CONFIG_APP_KEY="x"), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_rendered_tls_listener_passes_envoy_validate(tmp_path):
+    from certs import make_ca, make_leaf
+
+    server = make_leaf(make_ca(), "localhost", server=True).write(tmp_path, "server")
+    out = tmp_path / "envoy.yaml"
+    r = run("render", "--policy", "policies/demo.json", "--out", out,
+            "--tls-cert", server.cert_path, "--tls-key", server.key_path)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "require_client_certificate: false" in text and "ACCEPT_UNTRUSTED" in text
+    assert "tls_minimum_protocol_version: TLSv1_2" in text
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT,
+                       env=dict(os.environ, CONFIG_APP_KEY="x"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -294,6 +294,8 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
                         // Ask for a client certificate; gateguard pins it by thumbprint, as APIM does.
                         "require_client_certificate": false,
                         "common_tls_context": {
+                            // TLS 1.2 at least (1.3 where clients offer it), as the seeds ask.
+                            "tls_params": { "tls_minimum_protocol_version": "TLSv1_2" },
                             "tls_certificates": [{
                                 "certificate_chain": { "filename": cert },
                                 "private_key": { "filename": key }
