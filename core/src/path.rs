@@ -1,14 +1,20 @@
-//! Request paths: one normal form for routing, so that percent-encoding, dot segments, doubled
-//! slashes or letter case cannot move a request from a strict API to a lenient one.
+//! Request paths: one normal form for routing, the path the way a backend will read it, so that
+//! percent-encoding, `;` parameters, dot segments, doubled slashes or letter case cannot move a
+//! request from a strict API to a lenient one (docs/policy.md, "Path matching").
+//!
+//! Backends disagree on what a path means: ASP.NET Core (Azure Functions) and Node decode `%24`
+//! to `$`; servlet containers drop `;` parameters and resolve `..;`; some frameworks decode
+//! twice or fold Unicode letters to ASCII. Routing reads the most-decoded form, and anything
+//! that two common backends would still read differently is refused (400), never guessed.
 
 /// A request target split and normalised for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestPath<'a> {
-    /// Unreserved percent-escapes decoded, slashes merged; other escapes kept (upper-case hex).
+    /// Every percent-escape decoded, `;` parameters dropped from each segment, slashes merged.
     pub normalized: String,
     /// The raw query string after `?`, if any.
     pub query: Option<&'a str>,
-    /// The raw path before `?`, as the client sent it.
+    /// The raw path before `?`, as the client sent it (and as it goes upstream).
     pub raw: &'a str,
 }
 
@@ -19,6 +25,11 @@ pub enum PathError {
     /// `%2F`, `%5C`, a backslash or a control character: something a backend may read as a
     /// separator or terminator when we would not.
     AmbiguousCharacter,
+    /// `%25` followed by two hex digits: a backend that decodes twice reads another path.
+    DoubleEncoding,
+    /// Not UTF-8 once decoded (overlong forms such as `%C0%AE` included), or a letter that some
+    /// backends fold to ASCII (`ı`, `ſ`, the Kelvin sign...), or a full-width `.`, `/`, `\`.
+    AmbiguousUnicode,
     DotSegment,
     TooLong,
 }
@@ -31,6 +42,8 @@ impl PathError {
             PathError::AmbiguousCharacter => {
                 "encoded slash, backslash or control character in path"
             }
+            PathError::DoubleEncoding => "double percent-encoding in path",
+            PathError::AmbiguousUnicode => "invalid or ambiguous Unicode in path",
             PathError::DotSegment => "dot segment in path",
             PathError::TooLong => "path too long",
         }
@@ -38,6 +51,18 @@ impl PathError {
 }
 
 const MAX_PATH: usize = 8192;
+
+/// Characters some backend folds into an ASCII letter or separator (case-insensitive routing
+/// with Unicode case mapping, NFKC): a prefix could not be matched the way they would be.
+const FOLDS_TO_ASCII: [char; 7] = [
+    '\u{0130}', // İ, lower-cases to i
+    '\u{0131}', // ı, upper-cases to I
+    '\u{017F}', // ſ, upper-cases to S
+    '\u{212A}', // Kelvin sign, lower-cases to k
+    '\u{FF0E}', // full-width .
+    '\u{FF0F}', // full-width /
+    '\u{FF3C}', // full-width \
+];
 
 pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
     let (raw, query) = match target.split_once('?') {
@@ -51,54 +76,72 @@ pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    let decoded =
+        String::from_utf8(percent_decode(raw)?).map_err(|_| PathError::AmbiguousUnicode)?;
+    if decoded.contains(FOLDS_TO_ASCII) {
+        return Err(PathError::AmbiguousUnicode);
+    }
+    let mut normalized = String::with_capacity(decoded.len());
+    for segment in decoded.split('/') {
+        // `;` parameters are not part of the resource a servlet container routes to.
+        let name = segment.split(';').next().unwrap_or_default();
+        if name.is_empty() {
+            continue;
+        }
+        // `.`, `..`, and what Windows and old servers read as them (`...`, `.. `).
+        if name.trim_end_matches([' ', '.']).is_empty() {
+            return Err(PathError::DotSegment);
+        }
+        normalized.push('/');
+        normalized.push_str(name);
+    }
+    if normalized.is_empty() || decoded.ends_with('/') {
+        normalized.push('/');
+    }
+    Ok(RequestPath {
+        normalized,
+        query,
+        raw,
+    })
+}
+
+/// Decodes every `%XX`; refuses what decodes to a separator or control character, and escapes
+/// of `%` itself that a second decoding would turn into another octet.
+fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
     let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
+    while let Some(&b) = bytes.get(i) {
+        let octet = if b == b'%' {
             let hi = bytes.get(i + 1).copied().and_then(hex_value);
             let lo = bytes.get(i + 2).copied().and_then(hex_value);
             let (Some(hi), Some(lo)) = (hi, lo) else {
                 return Err(PathError::BadEscape);
             };
-            let decoded = (hi << 4) | lo;
-            if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
-                out.push(char::from(decoded));
-            } else if decoded == b'/' || decoded == b'\\' || decoded < 0x20 || decoded == 0x7f {
-                return Err(PathError::AmbiguousCharacter);
-            } else {
-                out.push('%');
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(hi)]));
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(lo)]));
-            }
             i += 3;
-            continue;
-        }
-        if b == b'\\' || b < 0x20 || b == 0x7f {
+            let octet = (hi << 4) | lo;
+            if octet == b'%' {
+                let next = (bytes.get(i).copied(), bytes.get(i + 1).copied());
+                if let (Some(a), Some(b)) = next {
+                    if hex_value(a).is_some() && hex_value(b).is_some() {
+                        return Err(PathError::DoubleEncoding);
+                    }
+                }
+            }
+            if octet == b'/' {
+                return Err(PathError::AmbiguousCharacter);
+            }
+            octet
+        } else {
+            i += 1;
+            b
+        };
+        if octet == b'\\' || octet < 0x20 || octet == 0x7f {
             return Err(PathError::AmbiguousCharacter);
         }
-        if b == b'/' && out.ends_with('/') {
-            i += 1;
-            continue;
-        }
-        if b.is_ascii() {
-            out.push(char::from(b));
-            i += 1;
-        } else {
-            // Raw non-ASCII bytes: keep them escaped so the normal form stays ASCII.
-            out.push_str(&format!("%{b:02X}"));
-            i += 1;
-        }
+        out.push(octet);
     }
-    if out.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err(PathError::DotSegment);
-    }
-    Ok(RequestPath {
-        normalized: out,
-        query,
-        raw,
-    })
+    Ok(out)
 }
 
 fn hex_value(c: u8) -> Option<u8> {
@@ -136,11 +179,16 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
         ));
     }
     match normalize(prefix) {
-        Ok(p) if p.normalized == prefix && p.query.is_none() && !prefix.contains(['%', '#']) => {
+        Ok(p)
+            if p.normalized == prefix
+                && p.query.is_none()
+                && prefix.is_ascii()
+                && !prefix.contains(['%', '#', ';']) =>
+        {
             Ok(())
         }
         _ => Err(format!(
-            "{prefix:?} must be a plain path: no \"//\", dot segments, \"%\", \"?\" or \"#\""
+            "{prefix:?} must be a plain ASCII path: no \"//\", dot segments, \"%\", \";\", \"?\" or \"#\""
         )),
     }
 }
@@ -163,28 +211,99 @@ mod tests {
     }
 
     #[test]
-    fn unreserved_escapes_decode_and_slashes_merge() {
+    fn every_escape_decodes_and_slashes_merge() {
         assert_eq!(norm("/%61pi/x").unwrap(), "/api/x");
         assert_eq!(norm("//api///x").unwrap(), "/api/x");
-        assert_eq!(norm("/api/a%20b").unwrap(), "/api/a%20b");
-        assert_eq!(norm("/api/a%c3%a9").unwrap(), "/api/a%C3%A9");
+        assert_eq!(norm("/api/a%20b").unwrap(), "/api/a b");
+        assert_eq!(norm("/odata/%24metadata").unwrap(), "/odata/$metadata");
+        assert_eq!(norm("/odata/%24METADATA").unwrap(), "/odata/$METADATA");
+        assert_eq!(norm("/api/a%c3%a9").unwrap(), "/api/a\u{e9}");
+        assert_eq!(norm("/api/caf\u{e9}").unwrap(), "/api/caf\u{e9}");
+        assert_eq!(norm("/").unwrap(), "/");
+        assert_eq!(norm("/api/").unwrap(), "/api/");
+        // A lone `%25` is a literal percent sign.
+        assert_eq!(norm("/api/100%25").unwrap(), "/api/100%");
+        assert_eq!(norm("/api/100%25x").unwrap(), "/api/100%x");
     }
 
     #[test]
-    fn ambiguous_paths_are_refused() {
-        assert_eq!(norm("/api/../admin"), Err(PathError::DotSegment));
-        assert_eq!(norm("/api/%2e%2e/admin"), Err(PathError::DotSegment));
-        assert_eq!(norm("/api/."), Err(PathError::DotSegment));
-        assert_eq!(norm("/api%2Fx"), Err(PathError::AmbiguousCharacter));
-        assert_eq!(norm("/api%5cx"), Err(PathError::AmbiguousCharacter));
-        assert_eq!(norm("/api\\x"), Err(PathError::AmbiguousCharacter));
-        assert_eq!(norm("/api%00"), Err(PathError::AmbiguousCharacter));
-        assert_eq!(norm("/api%zz"), Err(PathError::BadEscape));
-        assert_eq!(norm("/api%4"), Err(PathError::BadEscape));
-        assert_eq!(norm("api"), Err(PathError::NotAbsolute));
-        assert_eq!(norm("*"), Err(PathError::NotAbsolute));
+    fn semicolon_parameters_are_ignored_in_every_segment() {
+        assert_eq!(norm("/api/admin;x/users").unwrap(), "/api/admin/users");
+        assert_eq!(norm("/api;v=1/admin;jsessionid=1").unwrap(), "/api/admin");
+        assert_eq!(norm("/api/admin%3Bx/users").unwrap(), "/api/admin/users");
+        assert_eq!(norm("/api/;x/admin").unwrap(), "/api/admin");
+        assert_eq!(norm("/;/api").unwrap(), "/api");
+    }
+
+    #[test]
+    fn dot_segments_are_refused_in_every_spelling() {
+        for p in [
+            "/api/../admin",
+            "/api/./admin",
+            "/api/.",
+            "/api/..",
+            "/api/%2e%2e/admin",
+            "/api/%2E./admin",
+            "/api/x/%2e%2e;/admin/users",
+            "/api/x/..;/admin/users",
+            "/api/x/..;jsessionid=1/admin",
+            "/api/x/.;/admin",
+            "/api/x/...",
+            "/api/x/.. /admin",
+            "/api/x/..%20/admin",
+            "/api/x/.%2e/admin",
+        ] {
+            assert_eq!(norm(p), Err(PathError::DotSegment), "{p}");
+        }
         // Dots inside names are fine.
         assert_eq!(norm("/api/v1.2/..x").unwrap(), "/api/v1.2/..x");
+        assert_eq!(norm("/api/.well-known").unwrap(), "/api/.well-known");
+    }
+
+    #[test]
+    fn separators_controls_and_double_encoding_are_refused() {
+        for p in [
+            "/api%2Fx",
+            "/api%2fx",
+            "/api%5cx",
+            "/api%5Cx",
+            "/api\\x",
+            "/api%00",
+            "/api%0a",
+            "/api%7f",
+            "/api/a\tb",
+        ] {
+            assert_eq!(norm(p), Err(PathError::AmbiguousCharacter), "{p}");
+        }
+        for p in [
+            "/api/%252e%252e/admin",
+            "/api%252Fx",
+            "/odata/%2524metadata",
+        ] {
+            assert_eq!(norm(p), Err(PathError::DoubleEncoding), "{p}");
+        }
+        assert_eq!(norm("/api%zz"), Err(PathError::BadEscape));
+        assert_eq!(norm("/api%4"), Err(PathError::BadEscape));
+        assert_eq!(norm("/api/%u002e%u002e/admin"), Err(PathError::BadEscape));
+        assert_eq!(norm("api"), Err(PathError::NotAbsolute));
+        assert_eq!(norm("*"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn unicode_that_backends_read_differently_is_refused() {
+        for p in [
+            "/%C0%AE%C0%AE/admin",
+            "/api/%C0%AF",
+            "/api/%ff",
+            "/ap\u{131}/admin",
+            "/ap%C4%B1/admin",
+            "/api/\u{17F}ecret",
+            "/api/\u{212A}ey",
+            "/api/\u{FF0E}\u{FF0E}/admin",
+            "/api\u{FF0F}admin",
+        ] {
+            assert_eq!(norm(p), Err(PathError::AmbiguousUnicode), "{p}");
+        }
     }
 
     #[test]
@@ -208,5 +327,8 @@ mod tests {
         assert!(validate_prefix("/a/../b").is_err());
         assert!(validate_prefix("/a%20b").is_err());
         assert!(validate_prefix("/a?b").is_err());
+        assert!(validate_prefix("/a;b").is_err());
+        assert!(validate_prefix("/caf\u{e9}").is_err());
+        assert!(validate_prefix("/odata/$metadata").is_ok());
     }
 }
