@@ -11,12 +11,15 @@ use sha2::{Digest, Sha256};
 use crate::config::{ApiPolicy, CompiledPolicy};
 use crate::cors::CorsVerdict;
 use crate::decision::{Decision, Forward, LocalReply, Outcome, Refusal};
+use crate::headers::{
+    every_spelling, same_header_name, METHOD_OVERRIDE_HEADERS, METHOD_OVERRIDE_QUERY,
+};
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
 use crate::jwt::{extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet};
 use crate::path::{normalize, prefix_matches};
+use crate::query::{query_values, strip_query_param};
 use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, SharedStore, TokenRef};
-use crate::subscription_key::strip_query_param;
 
 /// Facts about one request, collected by the adapter.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +101,33 @@ impl<'a> Request<'a> {
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+
+    /// The method and every method the request asks a backend to treat it as (override
+    /// headers in any spelling, `_method` in the query): method-scoped rules apply to each.
+    pub fn effective_methods(&self, query: Option<&str>) -> Vec<String> {
+        let mut methods = vec![self.method.to_string()];
+        let overrides = self
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                METHOD_OVERRIDE_HEADERS
+                    .iter()
+                    .any(|h| same_header_name(h, k))
+            })
+            .map(|(_, v)| v.as_bytes().to_vec());
+        let in_query = query
+            .map(|q| query_values(q, METHOD_OVERRIDE_QUERY))
+            .unwrap_or_default();
+        for value in overrides.chain(in_query) {
+            for method in String::from_utf8_lossy(&value).split(',') {
+                let method = method.trim();
+                if !method.is_empty() && !methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+                    methods.push(method.to_string());
+                }
+            }
+        }
+        methods
     }
 }
 
@@ -256,17 +286,16 @@ impl CompiledPolicy {
                 Ok(t) => t,
                 Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
             };
-            let token_sha256: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            let (claims, exp) =
-                match self.verified_claims(api_index, jwt, token, &token_sha256, req.now, host) {
-                    Ok(v) => v,
-                    Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
-                };
-            if let Err(e) = jwt.check_claims(&claims, req.method) {
+            let (claims, exp) = match self.verified_claims(api_index, jwt, token, req.now, host) {
+                Ok(v) => v,
+                Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
+            };
+            if let Err(e) = jwt.check_claims(&claims, &req.effective_methods(path.query)) {
                 return refuse(Refusal::Jwt(e), &cors_headers);
             }
             if let Some(mode) = api.replay {
-                let token = TokenRef::new(&api.name, &token_sha256, exp, jwt.clock_skew());
+                let identity = signed_content_sha256(token);
+                let token = TokenRef::new(&api.name, &identity, exp, jwt.clock_skew());
                 let owner = match mode {
                     ReplayMode::WithIp => ip.ok(),
                     ReplayMode::WithoutIp => None,
@@ -294,24 +323,31 @@ impl CompiledPolicy {
         }
 
         apply_injections(api, &mut forward);
+        forward.remove_request_headers = every_spelling(
+            std::mem::take(&mut forward.remove_request_headers),
+            req.headers,
+        );
         Decision::Forward(forward)
     }
 
     /// Claims and `exp` of a valid token: from the verified-token cache, or verified now and
-    /// cached. The cache key binds the policy version, the API and the token.
+    /// cached. The cache key binds the policy version, the API, the key set that verified the
+    /// token (a key removed from the JWKS takes its tokens' entries with it) and the whole
+    /// token, signature included: a hit means these exact bytes verified before.
     fn verified_claims(
         &self,
         api_index: usize,
         jwt: &JwtPolicy,
         token: &str,
-        token_sha256: &[u8; 32],
         now: u64,
         host: &dyn Host,
     ) -> Result<(Map<String, Value>, u64), JwtError> {
+        let keys = host.jwt_keys(api_index);
         let mut h = Sha256::new();
         h.update(self.fingerprint);
         h.update((api_index as u64).to_be_bytes());
-        h.update(token_sha256);
+        h.update(keys.as_deref().map_or([0; 32], KeySet::fingerprint));
+        h.update(Sha256::digest(token.as_bytes()));
         let cache_key: [u8; 32] = h.finalize().into();
         if self.token_cache_slots > 0 {
             if let Some(hit) = host.cached_token(&cache_key, now) {
@@ -320,7 +356,6 @@ impl CompiledPolicy {
             }
             host.note(api_index, Event::JwtCacheMiss);
         }
-        let keys = host.jwt_keys(api_index);
         match jwt.verify(token, keys.as_deref(), now) {
             Ok(v) => {
                 if self.token_cache_slots > 0 {
@@ -339,6 +374,15 @@ impl CompiledPolicy {
             }
         }
     }
+}
+
+/// A token's identity for replay detection: the SHA-256 of what its signature covers
+/// (`header.payload`). Another encoding of the same signature (ECDSA's (r, n-s), a DER or
+/// padded form) is the same token, not a new one; the header and payload themselves decode
+/// strictly (no padding, canonical trailing bits), so they have one spelling each.
+pub fn signed_content_sha256(token: &str) -> [u8; 32] {
+    let signed = token.rsplit_once('.').map_or(token, |(content, _)| content);
+    Sha256::digest(signed.as_bytes()).into()
 }
 
 fn apply_injections(api: &ApiPolicy, forward: &mut Forward) {

@@ -8,6 +8,7 @@ use subtle::ConstantTimeEq;
 use crate::cors::is_token;
 use crate::error::{index, join, ConfigError};
 use crate::hex;
+use crate::query::query_values;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -102,14 +103,24 @@ impl SubscriptionKeyPolicy {
     }
 
     /// `header_values`: every value of the key header; `query`: the raw query string.
-    /// The header wins over the query parameter; two header values are refused as invalid.
+    /// The header wins over the query parameter; two different values of either are refused
+    /// as invalid (a backend might read the other one).
     pub fn check(&self, header_values: &[&str], query: Option<&str>) -> Result<(), KeyError> {
         let presented: Vec<u8> = match header_values {
             [one] if !one.trim().is_empty() => one.trim().as_bytes().to_vec(),
-            [] | [_] => match self.query.as_deref().and_then(|q| query_param(query?, q)) {
-                Some(v) if !v.is_empty() => v,
-                _ => return Err(KeyError::Missing),
-            },
+            [] | [_] => {
+                let values = match (&self.query, query) {
+                    (Some(name), Some(query)) => query_values(query, name),
+                    _ => Vec::new(),
+                };
+                match values.split_first() {
+                    Some((first, rest)) if rest.iter().any(|v| v != first) => {
+                        return Err(KeyError::Invalid)
+                    }
+                    Some((first, _)) if !first.is_empty() => first.clone(),
+                    _ => return Err(KeyError::Missing),
+                }
+            }
             _ => return Err(KeyError::Invalid),
         };
         let digest: [u8; 32] = Sha256::digest(&presented).into();
@@ -124,23 +135,6 @@ impl SubscriptionKeyPolicy {
             Err(KeyError::Invalid)
         }
     }
-}
-
-/// First value of `name` in a query string, percent-decoded.
-fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_encoding::percent_decode_str(v).collect())
-    })
-}
-
-/// The query string without `name`, to forward upstream (the key is the gateway's business).
-pub fn strip_query_param(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// SHA-256 of a key, as the policy stores it.
@@ -193,26 +187,26 @@ mod tests {
             p.check(&[], Some("subscription-key=")),
             Err(KeyError::Missing)
         );
+        // Every spelling a backend may read as the key parameter is the key parameter.
+        assert_eq!(p.check(&[], Some("Subscription-Key=key-one")), Ok(()));
+        assert_eq!(p.check(&[], Some("subscription%2Dkey=key-one")), Ok(()));
+        assert_eq!(p.check(&[], Some("a=1;subscription-key=key-one")), Ok(()));
         assert_eq!(
-            p.check(&[], Some("Subscription-Key=key-one")),
-            Err(KeyError::Missing)
+            p.check(
+                &[],
+                Some("subscription-key=key-one&SUBSCRIPTION-KEY=key-one")
+            ),
+            Ok(())
+        );
+        // Two different keys: a backend could read the other one.
+        assert_eq!(
+            p.check(&[], Some("subscription-key=key-one&Subscription-Key=nope")),
+            Err(KeyError::Invalid)
         );
         // The header decides when both are present.
         assert_eq!(
             p.check(&["wrong"], Some("subscription-key=key-one")),
             Err(KeyError::Invalid)
-        );
-    }
-
-    #[test]
-    fn strip_query_param_keeps_the_rest() {
-        assert_eq!(
-            strip_query_param("a=1&subscription-key=x&b=2", "subscription-key"),
-            "a=1&b=2"
-        );
-        assert_eq!(
-            strip_query_param("subscription-key=x", "subscription-key"),
-            ""
         );
     }
 

@@ -5,6 +5,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// Largest JWKS document accepted (Entra ID's is a few KiB).
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -63,6 +64,9 @@ impl std::fmt::Debug for VerificationKey {
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
     keys: Vec<VerificationKey>,
+    /// SHA-256 over the usable JWKs, order-independent: verified-token cache entries are bound
+    /// to it, so a token verified with a key that leaves the set is verified again (and fails).
+    fingerprint: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,10 +107,6 @@ pub enum KeyChoiceError {
 }
 
 impl KeySet {
-    pub fn new(keys: Vec<VerificationKey>) -> Self {
-        Self { keys }
-    }
-
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -134,11 +134,34 @@ impl KeySet {
             .get("keys")
             .and_then(Value::as_array)
             .ok_or(JwksError::NoKeysArray)?;
-        let keys: Vec<VerificationKey> = list.iter().filter_map(parse_jwk).take(MAX_KEYS).collect();
+        let mut keys = Vec::new();
+        let mut digests = Vec::new();
+        for jwk in list {
+            if keys.len() == MAX_KEYS {
+                break;
+            }
+            if let Some(key) = parse_jwk(jwk) {
+                keys.push(key);
+                // serde_json's map keeps keys sorted, so equal JWKs serialise equally.
+                digests.push(<[u8; 32]>::from(Sha256::digest(jwk.to_string())));
+            }
+        }
         if keys.is_empty() {
             return Err(JwksError::NoUsableKey);
         }
-        Ok(KeySet { keys })
+        digests.sort_unstable();
+        let mut h = Sha256::new();
+        for d in &digests {
+            h.update(d);
+        }
+        Ok(KeySet {
+            keys,
+            fingerprint: h.finalize().into(),
+        })
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 
     pub fn choose(

@@ -426,12 +426,17 @@ impl JwtPolicy {
         })
     }
 
-    /// Required claims for this method (re-checked on every request, cached token or not).
-    pub fn check_claims(&self, claims: &Map<String, Value>, method: &str) -> Result<(), JwtError> {
+    /// Required claims for these methods: the request's and any it asks a backend to treat it
+    /// as (re-checked on every request, cached token or not).
+    pub fn check_claims(
+        &self,
+        claims: &Map<String, Value>,
+        methods: &[String],
+    ) -> Result<(), JwtError> {
         let ok = self
             .required_claims
             .iter()
-            .filter(|r| r.applies_to(method))
+            .filter(|r| methods.iter().any(|m| r.applies_to(m)))
             .all(|r| r.satisfied_by(claims));
         if ok {
             Ok(())

@@ -1,0 +1,73 @@
+//! Header names as backends read them. CGI and WSGI servers (and the frameworks on them) turn
+//! `x-user-id` and `x_user_id` into the same `HTTP_X_USER_ID`, so a header the gateway sets or
+//! consumes must be removed from the client's request in every spelling: any case, `_` for `-`.
+
+/// Do two header names reach a backend as the same header?
+pub fn same_header_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
+fn fold(b: u8) -> u8 {
+    match b {
+        b'_' => b'-',
+        _ => b.to_ascii_lowercase(),
+    }
+}
+
+/// Every name in `headers` that spells one of `owned`, plus `owned` itself: what to remove
+/// before the request goes upstream.
+pub fn every_spelling(owned: Vec<String>, headers: &[(String, String)]) -> Vec<String> {
+    let mut names = owned;
+    for (name, _) in headers {
+        let is_owned = names.iter().any(|o| same_header_name(o, name));
+        if is_owned && !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// Headers that ask a backend (ASP.NET, Express's method-override, Spring's HiddenHttpMethod,
+/// Rails, Laravel) to treat the request as another method.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The query parameter form frameworks accept for the same purpose.
+pub const METHOD_OVERRIDE_QUERY: &str = "_method";
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn pairs(names: &[&str]) -> Vec<(String, String)> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), "v".to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn spellings_fold_case_and_underscores() {
+        assert!(same_header_name("x-user-id", "X_USER_ID"));
+        assert!(same_header_name("x-user-id", "x_user-id"));
+        assert!(!same_header_name("x-user-id", "x-user-idx"));
+        assert!(!same_header_name("x-user-id", "xuser-id"));
+    }
+
+    #[test]
+    fn every_spelling_the_client_sent_is_listed_once() {
+        let headers = pairs(&[
+            "x_user_id",
+            "x-user-id",
+            "x_USER-id",
+            "x-other",
+            "x_user_idx",
+        ]);
+        let names = every_spelling(vec!["x-user-id".into()], &headers);
+        assert_eq!(names, vec!["x-user-id", "x_user_id", "x_USER-id"]);
+    }
+}
