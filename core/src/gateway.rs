@@ -13,6 +13,7 @@ use crate::cors::CorsVerdict;
 use crate::decision::{Decision, Forward, LocalReply, Outcome, Refusal};
 use crate::headers::{
     every_spelling, same_header_name, METHOD_OVERRIDE_HEADERS, METHOD_OVERRIDE_QUERY,
+    PATH_OVERRIDE_HEADERS,
 };
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
@@ -323,6 +324,9 @@ impl CompiledPolicy {
         }
 
         apply_injections(api, &mut forward);
+        forward
+            .remove_request_headers
+            .extend(PATH_OVERRIDE_HEADERS.map(String::from));
         forward.remove_request_headers = every_spelling(
             std::mem::take(&mut forward.remove_request_headers),
             req.headers,

@@ -35,6 +35,10 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-method-override",
 ];
 
+/// Headers that make IIS (URL Rewrite), ASP.NET and Symfony serve another path than `:path`: the
+/// gateway routed on `:path`, so they never reach a backend.
+pub const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
 /// The query parameter form frameworks accept for the same purpose.
 pub const METHOD_OVERRIDE_QUERY: &str = "_method";
 

@@ -186,6 +186,8 @@ fn gateway_owned_headers_are_removed_in_every_spelling() {
         .header("x-functions_key", "stolen")
         .header("ocp_apim_subscription_key", "k")
         .header("x_user_idx", "kept")
+        .header("X_Original_URL", "/a/admin")
+        .header("x-rewrite-url", "/a/admin")
         .run(&p, &h);
     let f = forward(&d);
     for spelling in [
@@ -196,6 +198,8 @@ fn gateway_owned_headers_are_removed_in_every_spelling() {
         "x-functions_key",
         "ocp-apim-subscription-key",
         "ocp_apim_subscription_key",
+        "X_Original_URL",
+        "x-rewrite-url",
     ] {
         assert!(
             f.remove_request_headers.iter().any(|n| n == spelling),
