@@ -276,7 +276,7 @@ def test_key_query_parameter_is_removed_in_every_spelling(gw, query, kept):
 
 # 10. A verified token does not outlive its key.
 
-def wait_for(predicate, timeout=15):
+def wait_for(predicate, timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
