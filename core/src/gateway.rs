@@ -18,7 +18,7 @@ use crate::headers::{
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
 use crate::jwt::{extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet};
-use crate::path::{normalize, prefix_matches};
+use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
 use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, SharedStore, TokenRef};
 
@@ -167,173 +167,254 @@ impl CompiledPolicy {
             Ok(p) => p,
             Err(e) => return Decision::refuse(None, Refusal::BadPath(e), &[]),
         };
-        let Some(api_index) = self.route(&path.normalized) else {
+        let Some((api_index, api)) = self
+            .route(&path.normalized)
+            .and_then(|i| Some((i, self.apis.get(i)?)))
+        else {
             return Decision::refuse(None, Refusal::NotFound, &[]);
         };
-        let Some(api) = self.apis.get(api_index) else {
-            return Decision::refuse(None, Refusal::NotFound, &[]);
+        let mut checks = Checks {
+            policy: self,
+            api,
+            req,
+            path: &path,
+            host,
+            forward: Forward {
+                api: api_index,
+                ..Forward::default()
+            },
+            client_ip: Err(ClientIpError::NoPeer),
         };
-        let refuse =
-            |refusal, cors: &[(String, String)]| Decision::refuse(Some(api_index), refusal, cors);
-
-        // 1. CORS
-        let mut cors_headers = Vec::new();
-        if let Some(cors) = &api.cors {
-            let origins = req.header_values("origin");
-            let preflight_method = if req.method.eq_ignore_ascii_case("OPTIONS") {
-                req.header_values("access-control-request-method")
-                    .first()
-                    .copied()
-            } else {
-                None
-            };
-            match cors.evaluate(&origins, preflight_method) {
-                CorsVerdict::NotCors => {}
-                CorsVerdict::Denied => return refuse(Refusal::Cors, &[]),
-                CorsVerdict::Allowed(h) => cors_headers = h,
-                CorsVerdict::Preflight(h) => {
-                    return Decision::Reply {
-                        api: Some(api_index),
-                        outcome: Outcome::Preflight,
-                        refusal: None,
-                        reply: LocalReply {
-                            status: 204,
-                            headers: h,
-                            body: String::new(),
-                        },
-                    }
-                }
+        match checks.run() {
+            Ok(Passed::Forward) => Decision::Forward(checks.forward),
+            Ok(Passed::Preflight(headers)) => Decision::Reply {
+                api: Some(api_index),
+                outcome: Outcome::Preflight,
+                refusal: None,
+                reply: LocalReply {
+                    status: 204,
+                    headers,
+                    body: String::new(),
+                },
+            },
+            // Refusals carry the CORS headers once the origin is known to be allowed.
+            Err(refusal) => {
+                Decision::refuse(Some(api_index), refusal, &checks.forward.response_headers)
             }
         }
+    }
+}
 
-        // 2. IP filter
-        let xff = req.header_values("x-forwarded-for");
-        let ip: Result<IpAddr, ClientIpError> = client_ip(&self.client_ip, req.peer_address, &xff);
-        if let Some(filter) = &api.ip_filter {
-            match ip {
-                Ok(ip) if filter.admits(ip) => {}
-                Ok(_) => return refuse(Refusal::Ip(None), &cors_headers),
-                Err(e) => return refuse(Refusal::Ip(Some(e)), &cors_headers),
-            }
+/// How a request left the checks without a refusal.
+enum Passed {
+    Forward,
+    /// A CORS preflight, answered by the gateway with these headers.
+    Preflight(Vec<(String, String)>),
+}
+
+/// One request going through one API's checks, in the order of docs/policy.md: each step
+/// refuses or adds to `forward`, what the request becomes upstream.
+struct Checks<'p, 'r> {
+    policy: &'p CompiledPolicy,
+    api: &'p ApiPolicy,
+    req: &'p Request<'r>,
+    path: &'p RequestPath<'r>,
+    host: &'p dyn Host,
+    forward: Forward,
+    /// The client IP the IP filter judged, for replay's `with_ip`.
+    client_ip: Result<IpAddr, ClientIpError>,
+}
+
+impl Checks<'_, '_> {
+    fn run(&mut self) -> Result<Passed, Refusal> {
+        if let Some(preflight) = self.cors()? {
+            return Ok(Passed::Preflight(preflight));
         }
+        self.ip_filter()?;
+        self.client_certificate()?;
+        self.subscription_key()?;
+        self.jwt_and_replay()?;
+        self.gateway_headers();
+        Ok(Passed::Forward)
+    }
 
-        let mut forward = Forward {
-            api: api_index,
-            response_headers: cors_headers.clone(),
-            ..Forward::default()
+    /// 1. CORS: a preflight is answered here; an allowed origin's headers go on every response.
+    fn cors(&mut self) -> Result<Option<Vec<(String, String)>>, Refusal> {
+        let Some(cors) = &self.api.cors else {
+            return Ok(None);
         };
+        let origins = self.req.header_values("origin");
+        let preflight_method = if self.req.method.eq_ignore_ascii_case("OPTIONS") {
+            self.req
+                .header_values("access-control-request-method")
+                .first()
+                .copied()
+        } else {
+            None
+        };
+        match cors.evaluate(&origins, preflight_method) {
+            CorsVerdict::NotCors => Ok(None),
+            CorsVerdict::Denied => Err(Refusal::Cors),
+            CorsVerdict::Allowed(headers) => {
+                self.forward.response_headers = headers;
+                Ok(None)
+            }
+            CorsVerdict::Preflight(headers) => Ok(Some(headers)),
+        }
+    }
 
-        // 3. Client certificate
-        if let Some(certs) = &api.client_certificate {
-            let xfcc = req.header_values("x-forwarded-client-cert");
-            let arr = req.header_values("x-arr-clientcert");
-            for (source, values) in [(CertSource::Xfcc, &xfcc), (CertSource::Arr, &arr)] {
-                if values.len() > 1 && certs.sources().contains(&source) {
-                    // One certificate per request; two headers are a forgery attempt or a bug.
-                    let why = Malformed::DuplicateHeader;
-                    return refuse(
-                        Refusal::Cert(CertError::Unparseable { source, why }),
-                        &cors_headers,
-                    );
-                }
-            }
-            let presented = PresentedCertificates {
-                connection: req.peer_certificate,
-                xfcc: xfcc.first().copied(),
-                arr: arr.first().copied(),
-            };
-            match certs.check(&presented, req.now) {
-                Ok(accepted) => {
-                    if accepted.expires_within_warning {
-                        forward.expiring_certificate = Some(accepted);
-                    }
-                }
-                Err(e) => return refuse(Refusal::Cert(e), &cors_headers),
-            }
-            // The gateway is the certificate authority for this API: forwarded-certificate
-            // headers from the client must not reach a backend that might trust them.
-            for source in CertSource::ALL {
-                if let Some(name) = source.header_name() {
-                    forward.remove_request_headers.push(name.to_string());
-                }
+    /// 2. IP filter, on the client IP (the peer, or X-Forwarded-For behind trusted proxies).
+    fn ip_filter(&mut self) -> Result<(), Refusal> {
+        let xff = self.req.header_values("x-forwarded-for");
+        self.client_ip = client_ip(&self.policy.client_ip, self.req.peer_address, &xff);
+        let Some(filter) = &self.api.ip_filter else {
+            return Ok(());
+        };
+        match self.client_ip {
+            Ok(ip) if filter.admits(ip) => Ok(()),
+            Ok(_) => Err(Refusal::Ip(None)),
+            Err(e) => Err(Refusal::Ip(Some(e))),
+        }
+    }
+
+    /// 3. Client certificate, from the sources the policy lists.
+    fn client_certificate(&mut self) -> Result<(), Refusal> {
+        let Some(certs) = &self.api.client_certificate else {
+            return Ok(());
+        };
+        let xfcc = self.req.header_values("x-forwarded-client-cert");
+        let arr = self.req.header_values("x-arr-clientcert");
+        for (source, values) in [(CertSource::Xfcc, &xfcc), (CertSource::Arr, &arr)] {
+            if values.len() > 1 && certs.sources().contains(&source) {
+                // One certificate per request; two headers are a forgery attempt or a bug.
+                let why = Malformed::DuplicateHeader;
+                return Err(Refusal::Cert(CertError::Unparseable { source, why }));
             }
         }
-
-        // 4. Subscription key
-        if let Some(keys) = &api.subscription_key {
-            let values = req.header_values(keys.header_name());
-            if let Err(e) = keys.check(&values, path.query) {
-                return refuse(Refusal::Key(e), &cors_headers);
-            }
-            forward
-                .remove_request_headers
-                .push(keys.header_name().to_string());
-            if let (Some(name), Some(query)) = (keys.query_name(), path.query) {
-                let stripped = strip_query_param(query, name);
-                if stripped.len() != query.len() {
-                    forward.new_path = Some(if stripped.is_empty() {
-                        path.raw.to_string()
-                    } else {
-                        format!("{}?{stripped}", path.raw)
-                    });
-                }
+        let presented = PresentedCertificates {
+            connection: self.req.peer_certificate,
+            xfcc: xfcc.first().copied(),
+            arr: arr.first().copied(),
+        };
+        let accepted = certs
+            .check(&presented, self.req.now)
+            .map_err(Refusal::Cert)?;
+        if accepted.expires_within_warning {
+            self.forward.expiring_certificate = Some(accepted);
+        }
+        // The gateway is the certificate authority for this API: forwarded-certificate
+        // headers from the client must not reach a backend that might trust them.
+        for source in CertSource::ALL {
+            if let Some(name) = source.header_name() {
+                self.forward.remove_request_headers.push(name.to_string());
             }
         }
+        Ok(())
+    }
 
-        // 5. JWT, then 6. replay
-        if let Some(jwt) = &api.jwt {
-            let authorization = req.header_values("authorization");
-            let token = match extract_bearer(&authorization) {
-                Ok(t) => t,
-                Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
-            };
-            let (claims, exp) = match self.verified_claims(api_index, jwt, token, req.now, host) {
-                Ok(v) => v,
-                Err(e) => return refuse(Refusal::Jwt(e), &cors_headers),
-            };
-            if let Err(e) = jwt.check_claims(&claims, &req.effective_methods(path.query)) {
-                return refuse(Refusal::Jwt(e), &cors_headers);
+    /// 4. Subscription key, from its header or its query parameter; both leave the request.
+    fn subscription_key(&mut self) -> Result<(), Refusal> {
+        let Some(keys) = &self.api.subscription_key else {
+            return Ok(());
+        };
+        let values = self.req.header_values(keys.header_name());
+        keys.check(&values, self.path.query).map_err(Refusal::Key)?;
+        self.forward
+            .remove_request_headers
+            .push(keys.header_name().to_string());
+        if let (Some(name), Some(query)) = (keys.query_name(), self.path.query) {
+            let stripped = strip_query_param(query, name);
+            if stripped.len() != query.len() {
+                let raw = self.path.raw;
+                self.forward.new_path = Some(if stripped.is_empty() {
+                    raw.to_string()
+                } else {
+                    format!("{raw}?{stripped}")
+                });
             }
-            if let Some(mode) = api.replay {
-                let identity = signed_content_sha256(token);
-                let token = TokenRef::new(&api.name, &identity, exp, jwt.clock_skew());
-                let owner = match mode {
-                    ReplayMode::WithIp => ip.ok(),
-                    ReplayMode::WithoutIp => None,
-                };
-                let outcome = check_and_record(
-                    host.replay_store(),
-                    &self.replay_cache,
-                    host.replay_prefix(),
-                    token,
-                    owner,
-                    mode,
-                    req.now,
-                );
-                host.note(api_index, Event::Replay(outcome));
-                if !outcome.verdict.is_accepted() {
-                    return refuse(Refusal::Replay(outcome.verdict), &cors_headers);
-                }
-            }
-            for name in jwt.claim_header_names() {
-                forward.remove_request_headers.push(name.to_string());
-            }
+        }
+        Ok(())
+    }
+
+    /// 5. JWT, then 6. replay; the token's claims become upstream headers.
+    fn jwt_and_replay(&mut self) -> Result<(), Refusal> {
+        let Some(jwt) = &self.api.jwt else {
+            return Ok(());
+        };
+        let authorization = self.req.header_values("authorization");
+        let token = extract_bearer(&authorization).map_err(Refusal::Jwt)?;
+        let api_index = self.forward.api;
+        let (claims, exp) = self
+            .policy
+            .verified_claims(api_index, jwt, token, self.req.now, self.host)
+            .map_err(Refusal::Jwt)?;
+        jwt.check_claims(&claims, &self.req.effective_methods(self.path.query))
+            .map_err(Refusal::Jwt)?;
+        if let Some(mode) = self.api.replay {
+            self.replay(mode, token, exp, jwt.clock_skew())?;
+        }
+        for name in jwt.claim_header_names() {
+            self.forward.remove_request_headers.push(name.to_string());
+        }
+        self.forward
+            .set_request_headers
+            .extend(jwt.claim_headers(&claims));
+        Ok(())
+    }
+
+    /// 6. Replay: the token's signed content, bound to the client IP or used once.
+    fn replay(
+        &mut self,
+        mode: ReplayMode,
+        token: &str,
+        exp: u64,
+        skew: u64,
+    ) -> Result<(), Refusal> {
+        let identity = signed_content_sha256(token);
+        let token = TokenRef::new(&self.api.name, &identity, exp, skew);
+        let owner = match mode {
+            ReplayMode::WithIp => self.client_ip.ok(),
+            ReplayMode::WithoutIp => None,
+        };
+        let host = self.host;
+        let outcome = check_and_record(
+            host.replay_store(),
+            &self.policy.replay_cache,
+            host.replay_prefix(),
+            token,
+            owner,
+            mode,
+            self.req.now,
+        );
+        host.note(self.forward.api, Event::Replay(outcome));
+        if outcome.verdict.is_accepted() {
+            Ok(())
+        } else {
+            Err(Refusal::Replay(outcome.verdict))
+        }
+    }
+
+    /// Then: injected headers, and every client-sent spelling of a header the gateway owns
+    /// removed (docs/policy.md, "Headers the gateway owns").
+    fn gateway_headers(&mut self) {
+        let forward = &mut self.forward;
+        for (name, value) in &self.api.inject_headers {
+            forward.remove_request_headers.push(name.clone());
             forward
                 .set_request_headers
-                .extend(jwt.claim_headers(&claims));
+                .push((name.clone(), value.clone()));
         }
-
-        apply_injections(api, &mut forward);
         forward
             .remove_request_headers
             .extend(PATH_OVERRIDE_HEADERS.map(String::from));
         forward.remove_request_headers = every_spelling(
             std::mem::take(&mut forward.remove_request_headers),
-            req.headers,
+            self.req.headers,
         );
-        Decision::Forward(forward)
     }
+}
 
+impl CompiledPolicy {
     /// Claims and `exp` of a valid token: from the verified-token cache, or verified now and
     /// cached. The cache key binds the policy version, the API, the key set that verified the
     /// token (a key removed from the JWKS takes its tokens' entries with it) and the whole
@@ -387,13 +468,4 @@ impl CompiledPolicy {
 pub fn signed_content_sha256(token: &str) -> [u8; 32] {
     let signed = token.rsplit_once('.').map_or(token, |(content, _)| content);
     Sha256::digest(signed.as_bytes()).into()
-}
-
-fn apply_injections(api: &ApiPolicy, forward: &mut Forward) {
-    for (name, value) in &api.inject_headers {
-        forward.remove_request_headers.push(name.clone());
-        forward
-            .set_request_headers
-            .push((name.clone(), value.clone()));
-    }
 }
