@@ -211,10 +211,10 @@ def bootstrap(listeners, clusters, admin_port):
     }
 
 
-def http_listener(name, port, policy, **kw):
+def http_listener(name, port, policy, address="127.0.0.1", **kw):
     return {
         "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "address": {"socket_address": {"address": address, "port_value": port}},
         "filter_chains": [{"filters": [hcm(policy, **kw)]}],
     }
 
@@ -235,8 +235,10 @@ class Response:
         return f"<Response {self.status} {self.headers} {self.body[:300]!r}>"
 
 
-def request(port, method="GET", path="/", headers=None, body=None, timeout=10, host="127.0.0.1"):
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+def request(port, method="GET", path="/", headers=None, body=None, timeout=10, host="127.0.0.1", source=None):
+    """`source`: the local address to connect from (e.g. "127.0.0.2"), i.e. the peer Envoy sees."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in (headers or []) if isinstance(headers, list) else (headers or {}).items():
