@@ -62,7 +62,9 @@ impl ClientIpPolicy {
                 return Err(ConfigError::new(
                     list_path,
                     format!(
-                        "required when trusted_proxy_hops is {hops}: list the CIDRs of the                          proxies in front of the gateway, whose X-Forwarded-For is honoured                          (to trust every peer, list \"0.0.0.0/0\" and \"::/0\")"
+                        "required when trusted_proxy_hops is {hops}: list the CIDRs of the \
+                         proxies in front of the gateway, whose X-Forwarded-For is honoured \
+                         (to trust every peer, list \"0.0.0.0/0\" and \"::/0\")"
                     ),
                 ))
             }
@@ -591,6 +593,7 @@ mod tests {
         let err = client_ip_policy(1, None).unwrap_err();
         assert_eq!(err.path, "client_ip.trusted_proxies");
         assert!(err.reason.contains("0.0.0.0/0"), "{}", err.reason);
+        assert!(err.reason.contains("is 1: list"), "{}", err.reason);
         let err = client_ip_policy(0, Some(&["10.0.0.0/8"])).unwrap_err();
         assert_eq!(err.path, "client_ip.trusted_proxies");
         assert!(err.reason.contains("no effect"), "{}", err.reason);
@@ -603,6 +606,15 @@ mod tests {
         assert_eq!(err.path, "client_ip.trusted_proxy_hops");
         let err = client_ip_policy(255, None).unwrap_err();
         assert_eq!(err.path, "client_ip.trusted_proxy_hops");
+        // Every message reads as one line.
+        for (hops, list) in [
+            (1, None),
+            (0, Some(&["10.0.0.0/8"][..])),
+            (1, Some(&[][..])),
+        ] {
+            let err = client_ip_policy(hops, list).unwrap_err();
+            assert!(!err.reason.contains("  "), "{}", err.reason);
+        }
     }
 
     #[test]
