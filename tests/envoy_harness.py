@@ -63,7 +63,18 @@ ACCESS_LOG_FORMAT = ("%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outco
                      "api=%FILTER_STATE(wasm.gateguard_api:PLAIN)% reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n")
 
 
-def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None):
+# What `gateguard render` sets on every HTTP connection manager: a client header whose name holds
+# `_` never reaches the filter or the upstream (docs/deploy.md).
+HEADERS_WITH_UNDERSCORES_ACTION = "DROP_HEADER"
+
+
+def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None,
+        headers_with_underscores_action=HEADERS_WITH_UNDERSCORES_ACTION):
+    """The connection manager `gateguard render` emits. X-Forwarded-For always reaches the filter
+    as the client sent it; `client_ip.trusted_proxies` in the policy decides whether it counts
+    (`xff_hops` is accepted for compatibility and unused). Pass
+    `headers_with_underscores_action="ALLOW"` (Envoy's default) to let underscore spellings reach
+    the filter, e.g. to test its own stripping as a hand-written config would run it."""
     filters = list(extra_filters or [])
     if policy is not None:
         filters.append(wasm_filter(policy, env_keys))
@@ -81,6 +92,8 @@ def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0
                 "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
             },
         }]
+    if headers_with_underscores_action:
+        extra["common_http_protocol_options"] = {"headers_with_underscores_action": headers_with_underscores_action}
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
