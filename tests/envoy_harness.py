@@ -63,7 +63,18 @@ ACCESS_LOG_FORMAT = ("%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outco
                      "api=%FILTER_STATE(wasm.gateguard_api:PLAIN)% reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n")
 
 
-def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None):
+# What `gateguard render` sets on every HTTP connection manager: a client header whose name holds
+# `_` never reaches the filter or the upstream (docs/deploy.md).
+HEADERS_WITH_UNDERSCORES_ACTION = "DROP_HEADER"
+
+
+def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None,
+        headers_with_underscores_action=HEADERS_WITH_UNDERSCORES_ACTION):
+    """The connection manager `gateguard render` emits. X-Forwarded-For always reaches the filter
+    as the client sent it; `client_ip.trusted_proxies` in the policy decides whether it counts
+    (`xff_hops` is accepted for compatibility and unused). Pass
+    `headers_with_underscores_action="ALLOW"` (Envoy's default) to let underscore spellings reach
+    the filter, e.g. to test its own stripping as a hand-written config would run it."""
     filters = list(extra_filters or [])
     if policy is not None:
         filters.append(wasm_filter(policy, env_keys))
@@ -81,6 +92,8 @@ def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0
                 "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
             },
         }]
+    if headers_with_underscores_action:
+        extra["common_http_protocol_options"] = {"headers_with_underscores_action": headers_with_underscores_action}
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -211,10 +224,10 @@ def bootstrap(listeners, clusters, admin_port):
     }
 
 
-def http_listener(name, port, policy, **kw):
+def http_listener(name, port, policy, address="127.0.0.1", **kw):
     return {
         "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "address": {"socket_address": {"address": address, "port_value": port}},
         "filter_chains": [{"filters": [hcm(policy, **kw)]}],
     }
 
@@ -235,8 +248,10 @@ class Response:
         return f"<Response {self.status} {self.headers} {self.body[:300]!r}>"
 
 
-def request(port, method="GET", path="/", headers=None, body=None, timeout=10, host="127.0.0.1"):
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+def request(port, method="GET", path="/", headers=None, body=None, timeout=10, host="127.0.0.1", source=None):
+    """`source`: the local address to connect from (e.g. "127.0.0.2"), i.e. the peer Envoy sees."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in (headers or []) if isinstance(headers, list) else (headers or {}).items():

@@ -46,7 +46,8 @@ POLICY = {
 
 XFF_POLICY = {
     "apis": [{"name": "xff", "path_prefix": "/xff", "ip_filter": {"allow": ["203.0.113.0/24"]}}],
-    "client_ip": {"trusted_proxy_hops": 1},
+    # The tests connect from 127.0.0.1: they are the proxy in front of the gateway.
+    "client_ip": {"trusted_proxy_hops": 1, "trusted_proxies": ["127.0.0.1/32"]},
 }
 
 

@@ -35,7 +35,9 @@ def gw(request, key, echo_upstream):
                      {**api("plain", "with_ip", key), "replay": None}]}
     main["apis"][2].pop("replay")
     small = {"apis": [api("small", "without_ip", key)], "replay_cache": {"max_entries": 3}}
-    behind_proxy = {"apis": [api("proxied", "with_ip", key)], "client_ip": {"trusted_proxy_hops": 1}}
+    # Requests come from 127.0.0.1, the proxy the policy trusts to write X-Forwarded-For.
+    behind_proxy = {"apis": [api("proxied", "with_ip", key)],
+                    "client_ip": {"trusted_proxy_hops": 1, "trusted_proxies": ["127.0.0.1/32"]}}
     config = bootstrap([http_listener("main", port, main), http_listener("small", small_port, small),
                         http_listener("proxied", xff_port, behind_proxy)],
                        [static_cluster("upstream", echo_upstream)], admin)

@@ -54,6 +54,9 @@ pub struct Args {
 /// The filter file Envoy watches under --ecds-dir.
 pub const FILTER_FILE: &str = "gateguard-filter.yaml";
 
+/// What every rendered HTTP connection manager does with a client header whose name holds `_`.
+const HEADERS_WITH_UNDERSCORES_ACTION: &str = "DROP_HEADER";
+
 pub fn run(args: &Args) -> ExitCode {
     let text = match std::fs::read_to_string(&args.policy) {
         Ok(t) => t,
@@ -66,6 +69,15 @@ pub fn run(args: &Args) -> ExitCode {
     if let Err(e) = gateguard_core::parse_policy(text.as_bytes(), &lenient) {
         eprintln!("{}: error: {e}", args.policy.display());
         return ExitCode::from(1);
+    }
+    if let Ok(policy) = serde_json::from_str::<Value>(&text) {
+        for (path, name) in underscore_client_headers(&policy) {
+            eprintln!(
+                "{}: warning: {path}: {name:?} holds '_'; the rendered listeners drop client \
+                 headers with underscores (docs/deploy.md), so it never arrives: use '-'",
+                args.policy.display()
+            );
+        }
     }
     if let Some(dir) = &args.ecds_dir {
         if let Err(e) = write_filter_file(args, dir, &text) {
@@ -130,6 +142,22 @@ fn env_names(policy: &Value, out: &mut Vec<String>) {
         Value::Array(items) => items.iter().for_each(|v| env_names(v, out)),
         _ => {}
     }
+}
+
+/// Header names the policy expects from clients that hold `_`: (JSON path, name).
+fn underscore_client_headers(policy: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, api) in policy["apis"].as_array().into_iter().flatten().enumerate() {
+        if let Some(name) = api["subscription_key"]["header"].as_str() {
+            if name.contains('_') {
+                out.push((
+                    format!("apis[{i}].subscription_key.header"),
+                    name.to_string(),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Remote JWKS clusters named in the policy: (cluster, uri).
@@ -263,6 +291,12 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
                 "skip_xff_append": true,
                 "normalize_path": true,
                 "merge_slashes": true,
+                // `x_user_id` never reaches the filter or the function app, where CGI-style
+                // frameworks would fold it into the `x-user-id` the gateway sets. Dropped, not
+                // refused: see docs/deploy.md.
+                "common_http_protocol_options": {
+                    "headers_with_underscores_action": HEADERS_WITH_UNDERSCORES_ACTION
+                },
                 "route_config": { "virtual_hosts": [{
                     "name": "function_app", "domains": ["*"],
                     "routes": [{ "match": { "prefix": "/" }, "route": { "cluster": "function_app" } }]
@@ -344,4 +378,83 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
         bootstrap["node"] = json!({ "id": "gateguard", "cluster": "gateguard" });
     }
     Ok(bootstrap)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"{"apis":[{"name":"a","path_prefix":"/a"}]}"#;
+
+    fn args(tls: bool, ecds_dir: Option<PathBuf>) -> Args {
+        Args {
+            policy: PathBuf::from("policy.json"),
+            out: None,
+            wasm: "gateguard.wasm".into(),
+            listen: "127.0.0.1:8080".into(),
+            tls_listen: "127.0.0.1:8443".into(),
+            tls_cert: tls.then(|| "server.pem".into()),
+            tls_key: tls.then(|| "server.key".into()),
+            admin: "127.0.0.1:9901".into(),
+            upstream: "127.0.0.1:8081".into(),
+            upstream_sni: None,
+            ecds_dir,
+            filter_only: false,
+        }
+    }
+
+    fn connection_managers(v: &Value, out: &mut Vec<Value>) {
+        match v {
+            Value::Object(map) => {
+                if map.get("@type").and_then(Value::as_str).is_some_and(|t| {
+                    t.ends_with(".http_connection_manager.v3.HttpConnectionManager")
+                }) {
+                    out.push(v.clone());
+                }
+                map.values().for_each(|v| connection_managers(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| connection_managers(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn warns_of_client_headers_the_listeners_would_drop() {
+        let policy: Value = serde_json::from_str(
+            r#"{"apis":[{"name":"a","path_prefix":"/a","subscription_key":{"header":"Ocp-Key"}},
+                        {"name":"b","path_prefix":"/b","subscription_key":{"header":"Ocp_Key"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            underscore_client_headers(&policy),
+            vec![(
+                "apis[1].subscription_key.header".to_string(),
+                "Ocp_Key".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn every_listener_drops_client_headers_with_underscores() {
+        for (tls, ecds, listeners) in [
+            (false, None, 1),
+            (true, None, 2),
+            (true, Some(PathBuf::from("/nonexistent/filter")), 2),
+        ] {
+            let config = render(&args(tls, ecds), POLICY).unwrap();
+            let mut hcms = Vec::new();
+            connection_managers(&config, &mut hcms);
+            assert_eq!(hcms.len(), listeners);
+            for hcm in hcms {
+                assert_eq!(
+                    hcm["common_http_protocol_options"]["headers_with_underscores_action"],
+                    "DROP_HEADER"
+                );
+                // The client IP stays the TCP peer: X-Forwarded-For is gateguard's to judge.
+                assert_eq!(hcm["use_remote_address"], true);
+                assert_eq!(hcm["skip_xff_append"], true);
+            }
+        }
+    }
 }

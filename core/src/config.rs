@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{is_token, CorsConfig, CorsPolicy};
 use crate::error::{index, join, ConfigError};
-use crate::ip_filter::{ClientIpConfig, IpFilterConfig, IpFilterPolicy};
+use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterPolicy};
 use crate::jwt::{JwtConfig, JwtPolicy};
 use crate::locate::locate;
 use crate::path::validate_prefix;
@@ -84,7 +84,7 @@ pub struct ApiConfig {
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
     pub apis: Vec<ApiPolicy>,
-    pub client_ip: ClientIpConfig,
+    pub client_ip: ClientIpPolicy,
     pub replay_cache: ReplayCachePolicy,
     /// Slots of the verified-token cache; 0 disables it.
     pub token_cache_slots: u32,
@@ -160,12 +160,7 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
     if raw.apis.is_empty() {
         return Err(ConfigError::new("apis", "must define at least one API"));
     }
-    if raw.client_ip.trusted_proxy_hops > 16 {
-        return Err(ConfigError::new(
-            "client_ip.trusted_proxy_hops",
-            "must be at most 16",
-        ));
-    }
+    let client_ip = ClientIpPolicy::compile(&raw.client_ip, "client_ip")?;
     let mut apis: Vec<ApiPolicy> = Vec::with_capacity(raw.apis.len());
     for (i, api) in raw.apis.iter().enumerate() {
         let path = index("apis", i);
@@ -199,7 +194,7 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
     }
     Ok(CompiledPolicy {
         apis,
-        client_ip: raw.client_ip.clone(),
+        client_ip,
         replay_cache,
         token_cache_slots: raw.token_cache.max_entries,
         fingerprint: [0; 32],
@@ -339,7 +334,7 @@ mod tests {
     fn minimal_policy_compiles() {
         let p = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"}]}"#).unwrap();
         assert_eq!(p.apis[0].name, "a");
-        assert_eq!(p.client_ip.trusted_proxy_hops, 0);
+        assert_eq!(p.client_ip.trusted_proxy_hops(), 0);
     }
 
     #[test]
