@@ -282,8 +282,19 @@ impl Checks<'_, '_> {
         let Some(certs) = &self.api.client_certificate else {
             return Ok(());
         };
-        let xfcc = self.req.header_values("x-forwarded-client-cert");
-        let arr = self.req.header_values("x-arr-clientcert");
+        // A forwarded certificate is only as good as the proxy that forwarded it.
+        let (xfcc, arr) = if self
+            .policy
+            .client_ip
+            .forwarded_headers_from(self.req.peer_address)
+        {
+            (
+                self.req.header_values("x-forwarded-client-cert"),
+                self.req.header_values("x-arr-clientcert"),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         for (source, values) in [(CertSource::Xfcc, &xfcc), (CertSource::Arr, &arr)] {
             if values.len() > 1 && certs.sources().contains(&source) {
                 // One certificate per request; two headers are a forgery attempt or a bug.

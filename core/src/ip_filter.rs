@@ -99,6 +99,16 @@ impl ClientIpPolicy {
     fn trusts(&self, peer: IpAddr) -> bool {
         self.hops > 0 && self.trusted_proxies.iter().any(|n| n.contains(&peer))
     }
+
+    /// May headers that only a proxy in front should write (forwarded client certificates) be
+    /// believed from this peer? From any peer when no proxies are listed (the policy named the
+    /// header as a source); once `trusted_proxies` is set, only from a listed proxy.
+    pub fn forwarded_headers_from(&self, peer: Option<&str>) -> bool {
+        self.trusted_proxies.is_empty()
+            || peer
+                .and_then(parse_address)
+                .is_some_and(|ip| self.trusts(ip.to_canonical()))
+    }
 }
 
 #[derive(Debug, Clone)]

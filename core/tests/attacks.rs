@@ -312,3 +312,36 @@ fn a_stricter_api_is_not_reachable_through_another_spelling_of_its_path() {
     forward(&call("/odata/Products").run(&p, &h));
     forward(&call("/api/users;v=1").run(&p, &h));
 }
+
+#[test]
+fn forwarded_certificates_count_only_from_the_trusted_proxies() {
+    let cert = rcgen::generate_simple_self_signed(vec!["client.example.com".into()]).unwrap();
+    let der = cert.cert.der().to_vec();
+    let thumbprint = gateguard_core::hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(&der));
+    let doc = json!({
+        "apis": [{"name": "partner", "path_prefix": "/partner",
+                  "client_certificate": {"thumbprints": [thumbprint], "sources": ["x-arr-clientcert"]}}],
+        "client_ip": {"trusted_proxy_hops": 1, "trusted_proxies": ["10.0.0.1"]}
+    });
+    let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
+    let h = gateguard_core::gateway::NoHost;
+    let header = base64::engine::general_purpose::STANDARD.encode(&der);
+    // Certificates are public: a client that reaches the gateway directly must not present one
+    // in a header only the platform's front end may write.
+    let direct = call("/partner/x")
+        .without_key()
+        .peer("10.9.9.9:1234")
+        .header("x-arr-clientcert", &header);
+    assert_refused(&direct.run(&p, &h), 403, "Invalid client certificate");
+    let proxied = call("/partner/x")
+        .without_key()
+        .peer("10.0.0.1:1234")
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-arr-clientcert", &header);
+    forward(&proxied.run(&p, &h));
+    // Without trusted proxies in the policy, the listed header source is honoured as before.
+    let doc = json!({"apis": [{"name": "partner", "path_prefix": "/partner",
+        "client_certificate": {"thumbprints": [thumbprint], "sources": ["x-arr-clientcert"]}}]});
+    let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
+    forward(&direct.run(&p, &h));
+}
