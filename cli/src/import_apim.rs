@@ -554,6 +554,7 @@ impl<'d, 'i> Cx<'d, 'i> {
         if let Some(reason) = self.unfit(node) {
             return self.report.skip(&e, reason);
         }
+        let before = self.report.items.len();
         match e.name.as_str() {
             "cors" => self.cors(node, &e),
             "ip-filter" => self.ip_filter(node, &e),
@@ -563,6 +564,30 @@ impl<'d, 'i> Cx<'d, 'i> {
             "validate-client-certificate" => self.validate_client_certificate(node, &e),
             _ => self.set_header(node, &e),
         }
+        self.refuse_if_a_part_was(&e, before);
+    }
+
+    /// A policy one of whose parts (a `<claim>`, a `<key>`) could not be converted is not
+    /// converted either, whatever its own line says.
+    fn refuse_if_a_part_was(&mut self, e: &El, before: usize) {
+        let items = self.report.items.get_mut(before..).unwrap_or_default();
+        let parts: Vec<String> = items
+            .iter()
+            .filter(|i| i.kind == Kind::NotConverted && (i.element != e.name || i.line != e.line))
+            .map(|i| format!("<{}> line {}", i.element, i.line))
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        for item in items {
+            if item.kind == Kind::Converted && item.element == e.name && item.line == e.line {
+                item.kind = Kind::NotConverted;
+                item.text = format!(
+                    "not converted, as a part of it was not: {}",
+                    parts.join(", ")
+                );
+            }
+        }
     }
 
     /// Why a policy this command converts cannot be converted whatever its content: a
@@ -570,11 +595,7 @@ impl<'d, 'i> Cx<'d, 'i> {
     fn unfit(&self, node: Node) -> Option<String> {
         let left = named_values::left_in(self.doc, node, &is_env_header_value);
         if !left.is_empty() {
-            let list: Vec<String> = left
-                .iter()
-                .map(|(line, p)| format!("line {line}: {}", self.named.missing(p)))
-                .collect();
-            return Some(list.join("; "));
+            return Some(self.named.missing(&left));
         }
         let known = known_children(node.tag_name().name());
         let unknown: Vec<String> = elements(node)
@@ -1369,9 +1390,25 @@ impl<'d, 'i> Cx<'d, 'i> {
             }
             let condition = branch.attribute("condition").unwrap_or("");
             if !condition.contains("context.Request.Certificate") {
+                let inner: Vec<String> = branch
+                    .descendants()
+                    .filter(|n| n.is_element() && *n != branch)
+                    .filter(|n| CONVERTED.contains(&n.tag_name().name()))
+                    .map(|n| format!("<{}> on line {}", n.tag_name().name(), self.el(n).line))
+                    .collect();
+                let holds = if inner.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it holds {})", inner.join(", "))
+                };
                 return self.report.skip(
                     e,
-                    "a <choose> that is not the client-certificate check; gateguard does not evaluate policy expressions",
+                    format!(
+                        "a <choose> whose condition on line {} gateguard cannot express{holds}: \
+                         only the client-certificate check converts; gateguard applies its \
+                         checks to every request of the API",
+                        be.line
+                    ),
                 );
             }
             let actions: Vec<Node> = elements(branch).collect();
@@ -2298,10 +2335,10 @@ fn print_report(report: &Report, masker: &Masker, input: &Path, written: Option<
         eprintln!("{file}:{}: {kind}: <{}>: {text}", item.line, item.element);
     }
     let list = |kind: Kind| -> Vec<String> {
-        report
-            .items
+        let mut of_kind: Vec<&Item> = report.items.iter().filter(|i| i.kind == kind).collect();
+        of_kind.sort_by_key(|i| i.line);
+        of_kind
             .iter()
-            .filter(|i| i.kind == kind)
             .map(|i| format!("<{}> line {}", i.element, i.line))
             .collect()
     };
@@ -2346,13 +2383,16 @@ mod tests {
 
     /// The policy from what converted (written only when nothing was refused), and the report.
     fn convert_str(xml: &str, flags: &[&str]) -> (Value, Report) {
-        convert_named(xml, flags, "{}")
+        convert_with(xml, flags, &NamedValues::default())
     }
 
     fn convert_named(xml: &str, flags: &[&str], named: &str) -> (Value, Report) {
+        convert_with(xml, flags, &NamedValues::parse(named).unwrap())
+    }
+
+    fn convert_with(xml: &str, flags: &[&str], named: &NamedValues) -> (Value, Report) {
         let a = args(flags);
-        let named = NamedValues::parse(named).unwrap();
-        let (api, report, _) = convert_text(xml, &a, &named).unwrap();
+        let (api, report, _) = convert_text(xml, &a, named).unwrap();
         let text = render(&api, &a).unwrap();
         gateguard_core::parse_policy(text.as_bytes(), &|_| Some("x".repeat(40))).unwrap();
         (serde_json::from_str(&text).unwrap(), report)
@@ -2812,15 +2852,14 @@ mod tests {
         assert_eq!(refused(&report), ["validate-jwt", "check-header"]);
         let text: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
         let all = text.join("\n");
+        let want = "no value for named value {{tenant-id}} (line 4), template placeholder \
+                    ${api_audience} (line 5): pass the values with --named-values FILE, or \
+                    render the template first";
+        assert!(all.contains(want), "{all}");
         assert!(
-            all.contains("line 4: named value {{tenant-id}} has no value"),
+            all.contains("no value for named value {{sub-key}} (line 7)"),
             "{all}"
         );
-        assert!(
-            all.contains("line 5: template placeholder ${api_audience}"),
-            "{all}"
-        );
-        assert!(all.contains("line 7: named value {{sub-key}}"), "{all}");
         // A header's {{named value}} is a reference to Envoy's environment, not a gap.
         assert!(report
             .items
@@ -2829,9 +2868,12 @@ mod tests {
         // A value file that lacks one still names it.
         let (_, report) = convert_named(&with_placeholders(), &[], r#"{"tenant-id": "t"}"#);
         let all: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
-        assert!(all
-            .join("\n")
-            .contains("{{sub-key}} has no value: add it to the --named-values file"));
+        let all = all.join("\n");
+        assert!(
+            all.contains("{{sub-key}} (line 7): add the values to the --named-values file"),
+            "{all}"
+        );
+        assert!(!all.contains("{{tenant-id}}"), "{all}");
     }
 
     #[test]

@@ -53,21 +53,29 @@ impl NamedValues {
         }
     }
 
-    /// Why `p` is still in the document.
-    pub fn missing(&self, p: &Placeholder) -> String {
-        let fix = if self.given {
-            "add it to the --named-values file"
+    /// Why the placeholders `left` (with their lines) are still in the document, and what to
+    /// do about it.
+    pub fn missing(&self, left: &[(u32, Placeholder)]) -> String {
+        let list: Vec<String> = left
+            .iter()
+            .map(|(line, p)| {
+                let what = match p.kind {
+                    Kind::Named => "named value",
+                    Kind::Template => "template placeholder",
+                    Kind::Directive => "template directive",
+                };
+                format!("{what} {} (line {line})", p.text)
+            })
+            .collect();
+        let mut fix = if self.given {
+            "add the values to the --named-values file".to_string()
         } else {
-            "pass its value with --named-values FILE"
+            "pass the values with --named-values FILE".to_string()
         };
-        match p.kind {
-            Kind::Named => format!("named value {} has no value: {fix}", p.text),
-            Kind::Template => format!(
-                "template placeholder {} is not filled in: {fix}, or render the template first",
-                p.text
-            ),
-            Kind::Directive => format!("template directive {} : render the template first", p.text),
+        if left.iter().any(|(_, p)| p.kind != Kind::Named) {
+            fix.push_str(", or render the template first");
         }
+        format!("no value for {}: {fix}", list.join(", "))
     }
 }
 
