@@ -52,8 +52,11 @@ enum Command {
     /// key injected upstream (from an environment variable GATEGUARD_KEY_<NAME>, listed on
     /// standard error), replay protection per the two lists. Protected paths need JWT
     /// validation: --issuer, --audience, --jwks-uri or --openid-config, and --jwks-cluster.
-    /// The output is checked with the filter's own compiler. Exit 1 on an error in the
-    /// settings or flags, 2 if a file cannot be read or written.
+    /// The output is checked with the filter's own compiler. Settings it cannot read exactly
+    /// (a name that differs from one only in case or spelling, a setting given twice, a ${VAR}
+    /// or Key Vault reference) are errors, never skipped. Nothing is written on an error (an
+    /// existing --out file is left as it was). Exit 1 on an error in the settings or flags, 2
+    /// if a file cannot be read or written.
     ImportEnv(import_env::Args),
     /// Convert an Azure API Management policy document (XML) into a policy with one API.
     ///
