@@ -35,6 +35,69 @@ def test_validate_reports_file_line_path_and_reason(tmp_path):
     assert "host bits" in r.stderr
 
 
+SECRET = "s3cret-Fk-0123456789"
+HMAC = "hmac-s3cret-0123456789-0123456789-xyz"
+
+
+def api(extra):
+    return '{"apis": [{"name": "a", "path_prefix": "/a", ' + extra + "}]}"
+
+
+def jwt(secret):
+    return ('"jwt": {"issuers": ["i"], "audiences": ["a"], "algorithms": ["HS256"], '
+            f'"hmac_secret": {secret}}}')
+
+
+# Policies whose error sits on, next to, or far from a secret; in every shape a secret is written.
+SECRET_POLICIES = {
+    "hmac too short, pretty": api(f'\n  "inject_headers": {{"x-functions-key": {{"value": "{SECRET}"}}}},\n  '
+                                  + jwt('{"value": "short-s3cret"}') + "\n"),
+    "error on the secret's line": api(f'"inject_headers": {{"x-k": {{"value": "{SECRET}"}}}}, "bad": 1'),
+    "minified, secret after the error": api(f'"bad": 1, "inject_headers": {{"x-k": {{"value": "{SECRET}"}}}}'),
+    "escaped quotes and commas": api('"inject_headers": {"x-k": {"value": "s3\\",cret\\\\"}}, "bad": 1'),
+    "bare string header": api(f'"inject_headers": {{"x-k": "{SECRET}"}}'),
+    "bare string hmac": api(jwt(f'"{HMAC}"')),
+    "inject_headers not an object": api(f'"inject_headers": "{SECRET}"'),
+    "number": api('"inject_headers": {"x-k": {"value": 731337731337}}'),
+    "typo'd key": api(f'"inject_headers": {{"x-k": {{"vaule": "{SECRET}"}}}}'),
+    "secret pasted as a key": api(jwt(f'{{"{HMAC}": "x"}}')),
+    "control character": api(f'"inject_headers": {{"x-k": {{"value": "{SECRET}\\r\\n"}}}}'),
+    "syntax error": api(f'"inject_headers": {{"x-k": {{"value": "{SECRET}"}}}}}}'),
+    "crlf": api(f'\r\n"inject_headers": {{"x-k": {{"value": "{SECRET}"}}}},\r\n"bad": 1\r\n'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_POLICIES))
+def test_no_command_prints_a_policy_secret(tmp_path, name):
+    p = tmp_path / "secret.json"
+    p.write_text(SECRET_POLICIES[name])
+    r = run("validate", p)
+    assert r.returncode == 1, r.stderr
+    shown = r.stdout + r.stderr
+    for secret in (SECRET, HMAC, "short-s3cret", "s3", "731337"):
+        assert secret not in shown, f"{secret} in:\n{shown}"
+    assert "error:" in r.stderr
+    if " | " in r.stderr:
+        assert "***" in r.stderr
+    r = run("render", "--policy", p)
+    assert r.returncode != 0
+    for secret in (SECRET, HMAC, "short-s3cret", "s3", "731337"):
+        assert secret not in r.stdout + r.stderr
+
+
+def test_validate_context_shows_masked_values_where_they_stand(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(SECRET_POLICIES["hmac too short, pretty"])
+    r = run("validate", p)
+    assert r.returncode == 1
+    assert "apis[0].jwt.hmac_secret: an HMAC secret needs at least 32 bytes" in r.stderr
+    assert '"x-functions-key": {"value": "***"}' in r.stderr
+    assert '"hmac_secret": {"value": "***"}' in r.stderr
+    lines = r.stderr.splitlines()
+    caret = next(i for i, line in enumerate(lines) if line.rstrip().endswith("^"))
+    assert lines[caret - 1][lines[caret].index("^"):].startswith('{"value": "***"}')
+
+
 def test_validate_exit_code_2_for_unreadable_file(tmp_path):
     r = run("validate", tmp_path / "missing.json")
     assert r.returncode == 2

@@ -252,3 +252,47 @@ def test_help_describes_the_command():
     assert r.returncode == 0
     for text in ["VALID_INPUT_PATHS", "--env-file", "--json", "--inline-keys", "--key-header", "--openid-config"]:
         assert text in r.stdout
+
+
+# ---- an input it cannot convert fully never yields a weaker policy ----
+
+@pytest.mark.parametrize("source, content, expected", [
+    # The protected list under another letter case: read by the backend (App Service on Windows
+    # ignores case), so dropping it would serve /api without a token.
+    ("json", {**SEED, "token_protected_paths_with_ip": SEED["TOKEN_PROTECTED_PATHS_WITH_IP"],
+              "TOKEN_PROTECTED_PATHS_WITH_IP": ""}, '"token_protected_paths_with_ip" looks like'),
+    ("appsettings", [{"name": k, "value": v} for k, v in {**SEED, "Token_Protected_Paths_Without_Ip": "/demapi"}.items()
+                     if k != "TOKEN_PROTECTED_PATHS_WITHOUT_IP"], "[3]: \"Token_Protected_Paths_Without_Ip\" looks like TOKEN_PROTECTED_PATHS_WITHOUT_IP,"),
+    ("dotenv", "\n".join(f"{k}={v}" for k, v in SEED.items()) + "\nTOKEN_PROTECTED_PATH_WITH_IP=/testharnessapi\n",
+     'line 5: "TOKEN_PROTECTED_PATH_WITH_IP" looks like TOKEN_PROTECTED_PATHS_WITH_IP'),
+    # Set twice: which one the backend used is not known.
+    ("dotenv", "\n".join(f"{k}={v}" for k, v in SEED.items()) + "\nTOKEN_PROTECTED_PATHS_WITH_IP=\n",
+     "line 5: TOKEN_PROTECTED_PATHS_WITH_IP is set again (first on line 3)"),
+    # References the loader or App Service would resolve.
+    ("dotenv", "\n".join(f"{k}={v}" for k, v in {**SEED, "TOKEN_PROTECTED_PATHS_WITH_IP": "${PROTECTED}"}.items()),
+     "TOKEN_PROTECTED_PATHS_WITH_IP refers to another variable"),
+    ("json", {**SEED, "API_KEY_VALUES": "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/k/)"},
+     "API_KEY_VALUES refers to a Key Vault secret"),
+], ids=["json-lowercase", "appsettings-mixed-case", "dotenv-singular", "dotenv-twice", "dotenv-expansion",
+        "keyvault-reference"])
+def test_settings_it_cannot_read_exactly_are_refused(tmp_path, source, content, expected):
+    f = tmp_path / "settings"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    flag = "--env-file" if source == "dotenv" else "--json"
+    out = tmp_path / "deployed.json"
+    out.write_text('{"apis": [{"name": "strict", "path_prefix": "/"}]}\n')
+    before = out.read_bytes()
+    r = import_env(flag, f, "--out", out, *JWT)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout == ""
+    assert expected in r.stderr, r.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.json", "settings"]
+    assert_no_secret(r)
+    assert "SecretUri" not in r.stderr
+
+
+def test_a_setting_like_name_in_the_environment_is_refused():
+    r = import_env(*JWT, settings={**SEED, "Token_Protected_Paths_With_Ip": "/api"})
+    assert r.returncode == 1 and r.stdout == ""
+    assert '"Token_Protected_Paths_With_Ip" looks like TOKEN_PROTECTED_PATHS_WITH_IP' in r.stderr

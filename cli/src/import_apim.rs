@@ -1,13 +1,20 @@
 //! `gateguard import-apim`: an Azure API Management policy document (`<policies>` XML, as the
-//! portal's code editor or an export shows it) turned into a gateguard policy with one API.
+//! portal's code editor or an export shows it, a `<fragment>`, or a bare snippet of inbound
+//! policies) turned into a gateguard policy with one API.
 //!
-//! Converted: `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` on the subscription-key
-//! header, the client-certificate `<choose>` pattern and `<validate-client-certificate>`, and
-//! `<set-header>` on the request. Everything else is reported, with its line, as not converted,
-//! and the command then exits 3 so scripts notice. Policy expressions (`@(...)`) are never
-//! evaluated: the certificate condition is recognised by its shape, anything else that needs an
-//! expression is reported. Secrets never reach the output: subscription keys are hashed, named
-//! values and HMAC keys become `{"env": ...}` references.
+//! Fail closed: the importer never writes a policy less strict than its input. Converted:
+//! `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` on the subscription-key header,
+//! the client-certificate `<choose>` pattern and `<validate-client-certificate>`, and
+//! `<set-header>` on the request. Any other `<inbound>` policy, any of those it cannot express
+//! exactly, and any `{{named value}}` or `${placeholder}` without a value make the command
+//! write nothing and exit 3, listing each with its line and why. A few inbound policies that
+//! decide nothing about admission (logging, the backend's address) and everything outside
+//! `<inbound>` are listed as left out. Policy expressions (`@(...)`) are never evaluated: the
+//! certificate condition is recognised by its shape. Secrets never reach a message: subscription
+//! keys are hashed, HMAC keys and named-value headers become `{"env": ...}` references, and the
+//! values `--named-values` fills in are masked.
+
+mod named_values;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -18,19 +25,37 @@ use std::process::ExitCode;
 use roxmltree::{Document, Node};
 use serde_json::{json, Map, Value};
 
+use named_values::{Masker, NamedValues};
+
 const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 const HMAC_VAR: &str = "GATEGUARD_JWT_HMAC_SECRET";
 const SUBSCRIPTION_HEADER: &str = "Ocp-Apim-Subscription-Key";
 const MAX_SKEW: u64 = 600;
 const MAX_AGE: u64 = 86_400;
+/// gateguard's rule for `jwt.hmac_secret` (RFC 7518 §3.2).
+const MIN_HMAC_BYTES: usize = 32;
+/// Exit status when something could not be converted: nothing was written.
+const NOT_CONVERTED: u8 = 3;
+
+/// The inbound policies this command converts; `--skip` cannot leave them out.
+const CONVERTED: [&str; 7] = [
+    "cors",
+    "ip-filter",
+    "validate-jwt",
+    "check-header",
+    "choose",
+    "validate-client-certificate",
+    "set-header",
+];
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The APIM policy document: `<policies><inbound>...</inbound>...</policies>` (API,
-    /// product or operation scope) or a `<fragment>`.
+    /// product or operation scope), a `<fragment>`, or a snippet of inbound policies.
     #[arg(value_name = "POLICY.XML")]
     input: PathBuf,
-    /// Write the gateguard policy here instead of standard output.
+    /// Write the gateguard policy here instead of standard output (atomically; on failure an
+    /// existing file is left as it was).
     #[arg(long, short, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Name of the API in the policy (stats and logs use it).
@@ -52,9 +77,26 @@ pub struct Args {
     /// does not. Repeatable.
     #[arg(long, value_name = "AUD")]
     audience: Vec<String>,
+    /// The values of the document's named values (`{{name}}`) and template placeholders
+    /// (`${name}`): a JSON object {"name": "value", ...}. Values never appear in messages. A
+    /// `<set-header>` value that is exactly `{{name}}` becomes an environment variable instead.
+    #[arg(long, value_name = "FILE")]
+    named_values: Option<PathBuf>,
+    /// Leave out every inbound `<ELEMENT>` gateguard does not convert, accepting that the
+    /// policy does not enforce it: `--skip base` when the enclosing scopes (product, global)
+    /// hold no security policy, `--skip rate-limit` when Envoy limits the rate. Repeatable; not
+    /// for the elements gateguard converts.
+    #[arg(long, value_name = "ELEMENT")]
+    skip: Vec<String>,
+    /// Accept that gateguard does not check certificate revocation (APIM's
+    /// validate-revocation, the default, and Verify()): a revoked certificate stays accepted
+    /// until its thumbprint is removed from the policy.
+    #[arg(long)]
+    no_revocation_check: bool,
 }
 
-/// A failure, with the process exit code: 2 for file I/O, 1 for everything else.
+/// A failure, with the process exit code: 2 for file I/O, 1 for invalid input or flags, 3 when
+/// something could not be converted.
 struct Failure(u8, String);
 
 impl From<String> for Failure {
@@ -67,7 +109,10 @@ impl From<String> for Failure {
 enum Kind {
     Converted,
     Note,
+    /// Could not be converted exactly: nothing is written.
     NotConverted,
+    /// Not converted, and it does not weaken the policy (or `--skip` accepted it).
+    LeftOut,
     Env,
 }
 
@@ -103,6 +148,9 @@ impl Report {
     fn skip(&mut self, n: &El, text: impl Into<String>) {
         self.push(n.line, Kind::NotConverted, &n.name, text);
     }
+    fn left_out(&mut self, n: &El, text: impl Into<String>) {
+        self.push(n.line, Kind::LeftOut, &n.name, text);
+    }
     fn env(&mut self, n: &El, text: impl Into<String>) {
         self.push(n.line, Kind::Env, &n.name, text);
     }
@@ -126,13 +174,7 @@ fn el(doc: &Document, node: Node) -> El {
 
 pub fn run(args: &Args) -> ExitCode {
     match import(args) {
-        Ok(skipped) => {
-            if skipped {
-                ExitCode::from(3)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {
             eprintln!("gateguard import-apim: error: {message}");
             ExitCode::from(code)
@@ -140,20 +182,55 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-/// Converts, writes and reports; `Ok(true)` when some element was not converted.
-fn import(args: &Args) -> Result<bool, Failure> {
+/// Converts, and writes only when everything converted; the report goes to standard error
+/// either way.
+fn import(args: &Args) -> Result<(), Failure> {
     let input = &args.input;
+    if let Some(name) = args.skip.iter().find(|s| CONVERTED.contains(&s.as_str())) {
+        return Err(
+            format!("--skip {name}: gateguard converts <{name}>; it cannot be left out").into(),
+        );
+    }
+    let named = match &args.named_values {
+        Some(path) => NamedValues::read(path).map_err(|(code, e)| Failure(code, e))?,
+        None => NamedValues::default(),
+    };
     let text = std::fs::read_to_string(input)
         .map_err(|e| Failure(2, format!("{}: cannot read: {e}", input.display())))?;
-    let (api, report) =
-        convert_text(&text, args).map_err(|e| format!("{}: {e}", input.display()))?;
-    let has_literal_secret = api.literal_headers;
+    let converted = convert_text(&text, args, &named);
+    let (api, report, masker) = converted.map_err(|e| format!("{}: {e}", input.display()))?;
+    if report.skipped() {
+        print_report(&report, &masker, input, None);
+        return Err(Failure(
+            NOT_CONVERTED,
+            format!(
+                "{}: not converted, so no policy was written{}",
+                input.display(),
+                args.out
+                    .as_ref()
+                    .map(|p| format!(" ({} left as it was)", p.display()))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if !api.has_check() {
+        print_report(&report, &masker, input, None);
+        return Err(Failure(
+            NOT_CONVERTED,
+            format!(
+                "{}: no check to convert: the policy would admit every request, so none was \
+                 written",
+                input.display()
+            ),
+        ));
+    }
     let policy = render(&api, args)?;
     if let Err(e) = gateguard_core::parse_policy(policy.as_bytes(), &|_| Some("x".repeat(40))) {
+        let e = masker.mask(&e.to_string());
         return Err(format!("the generated policy does not validate: {e}").into());
     }
     match &args.out {
-        Some(path) => crate::output::write_policy(path, &policy, has_literal_secret)
+        Some(path) => crate::output::write_policy(path, &policy, api.literal_headers)
             .map_err(|e| Failure(2, format!("{}: cannot write: {e}", path.display())))?,
         None => {
             let mut stdout = std::io::stdout().lock();
@@ -163,8 +240,12 @@ fn import(args: &Args) -> Result<bool, Failure> {
                 .map_err(|e| Failure(2, format!("cannot write to standard output: {e}")))?;
         }
     }
-    print_report(&report, input, args.out.as_deref());
-    Ok(report.skipped())
+    let target = args.out.as_ref().map_or_else(
+        || "standard output".to_string(),
+        |p| p.display().to_string(),
+    );
+    print_report(&report, &masker, input, Some(&target));
+    Ok(())
 }
 
 /// The converted API's blocks, each already accepted by the filter's compiler on its own.
@@ -181,29 +262,79 @@ struct Api {
     literal_headers: bool,
 }
 
-/// Parses the document (repairing the raw form the portal editor shows, see
-/// [`escape_expressions`]) and converts it.
-fn convert_text(text: &str, args: &Args) -> Result<(Api, Report), String> {
-    let repaired;
-    let doc = match Document::parse(text) {
-        Ok(doc) => doc,
-        Err(first) => {
-            repaired = escape_expressions(text);
-            Document::parse(&repaired).map_err(|_| format!("not well-formed XML: {first}"))?
-        }
-    };
-    convert(&doc, args)
+impl Api {
+    /// Whether the policy refuses anything at all.
+    fn has_check(&self) -> bool {
+        self.cors.is_some()
+            || self.ip_allow.is_some()
+            || !self.ip_deny.is_empty()
+            || self.client_certificate.is_some()
+            || self.subscription_key.is_some()
+            || self.jwt.is_some()
+    }
 }
 
-fn convert(doc: &Document, args: &Args) -> Result<(Api, Report), String> {
+/// Parses the document (repairing the raw form the portal editor shows, see
+/// [`escape_expressions`], and wrapping a snippet of several policies in `<inbound>`), fills in
+/// the named values, and converts it.
+fn convert_text(
+    text: &str,
+    args: &Args,
+    named: &NamedValues,
+) -> Result<(Api, Report, Masker), String> {
+    let parsed = parse_document(text)?;
+    let doc = Document::parse(&parsed).map_err(|e| format!("not well-formed XML: {e}"))?;
+    let (filled, masker) = named_values::substitute(&parsed, &doc, named, &is_env_header_value);
+    let doc = Document::parse(&filled).map_err(|e| {
+        masker.mask(&format!(
+            "not well-formed XML once named values are filled in: {e}"
+        ))
+    })?;
+    let (api, report) = convert(&doc, args, named)?;
+    Ok((api, report, masker))
+}
+
+/// The text that parses: as it is, with raw expressions escaped, or (a snippet of several
+/// policies) wrapped in `<inbound>` on its first line, so line numbers hold.
+fn parse_document(text: &str) -> Result<String, String> {
+    let first = match Document::parse(text) {
+        Ok(_) => return Ok(text.to_string()),
+        Err(e) => e,
+    };
+    let escaped = escape_expressions(text);
+    let mut candidates = vec![escaped.clone()];
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('<') && !trimmed.starts_with("<?") && !trimmed.starts_with("<!DOCTYPE") {
+        candidates.push(format!("<inbound>{text}</inbound>"));
+        candidates.push(format!("<inbound>{escaped}</inbound>"));
+    }
+    candidates
+        .into_iter()
+        .find(|c| Document::parse(c).is_ok())
+        .ok_or_else(|| format!("not well-formed XML: {first}"))
+}
+
+/// A `<set-header>` value that is exactly `{{name}}`: it becomes `{"env": NAME}` (the value,
+/// usually a secret, is set in Envoy's environment), so it is neither filled in nor missing.
+fn is_env_header_value(node: Node) -> bool {
+    node.is_text()
+        && named_value(node.text().unwrap_or_default()).is_some()
+        && node.parent().is_some_and(|v| {
+            v.has_tag_name("value") && v.parent().is_some_and(|h| h.has_tag_name("set-header"))
+        })
+}
+
+fn convert(doc: &Document, args: &Args, named: &NamedValues) -> Result<(Api, Report), String> {
     let root = doc.root_element();
     let mut cx = Cx {
         doc,
         args,
+        named,
         api: Api::default(),
         report: Report::default(),
     };
-    match root.tag_name().name() {
+    let name = root.tag_name().name();
+    match name {
         "policies" => {
             for section in elements(root) {
                 let s = el(doc, section);
@@ -216,16 +347,24 @@ fn convert(doc: &Document, args: &Args) -> Result<(Api, Report), String> {
                 }
             }
         }
-        "fragment" => {
+        "fragment" | "inbound" => {
             cx.report.note(
                 &el(doc, root),
-                "a policy fragment: its policies are converted as if they were in <inbound>",
+                format!("<{name}>: its policies are converted as the API's <inbound>"),
             );
             elements(root).for_each(|n| cx.inbound(n));
         }
+        _ if CONVERTED.contains(&name) => {
+            cx.report.note(
+                &el(doc, root),
+                "a single policy: converted as the API's <inbound>",
+            );
+            cx.inbound(root);
+        }
         other => {
             return Err(format!(
-                "expected an API Management policy document (<policies> or <fragment>), found <{other}>"
+                "expected an API Management policy document (<policies>, <fragment> or inbound \
+                 policies), found <{other}>"
             ))
         }
     }
@@ -244,14 +383,14 @@ fn text_of(node: Node) -> String {
     node.text().unwrap_or("").trim().to_string()
 }
 
-/// A value gateguard can use as it is: not a policy expression, not a named value.
+/// A value gateguard can use as it is: not a policy expression, no placeholder left.
 fn literal(value: &str) -> Result<String, String> {
     let v = value.trim();
     if v.starts_with("@(") || v.starts_with("@{") {
-        return Err("is a policy expression".into());
+        return Err("is a policy expression (gateguard does not evaluate expressions)".into());
     }
-    if v.contains("{{") {
-        return Err("refers to a named value".into());
+    if let Some(p) = named_values::find(v).first() {
+        return Err(format!("holds {}, which has no value", p.text));
     }
     Ok(v.to_string())
 }
@@ -307,9 +446,88 @@ fn check_block(key: &str, block: &Value) -> Result<(), String> {
         })
 }
 
+/// The children each converted policy may have; anything else could be a check the
+/// conversion would drop.
+fn known_children(policy: &str) -> &'static [&'static str] {
+    match policy {
+        "cors" => &[
+            "allowed-origins",
+            "allowed-methods",
+            "allowed-headers",
+            "expose-headers",
+        ],
+        "ip-filter" => &["address", "address-range"],
+        "validate-jwt" => &[
+            "openid-config",
+            "issuer-signing-keys",
+            "decryption-keys",
+            "audiences",
+            "issuers",
+            "required-claims",
+        ],
+        "check-header" | "set-header" => &["value"],
+        "choose" => &["when", "otherwise"],
+        "validate-client-certificate" => &["identities"],
+        _ => &[],
+    }
+}
+
+/// Why an inbound policy gateguard does not convert is left out without weakening anything,
+/// or `None` when leaving it out would.
+fn neutral(policy: &str) -> Option<&'static str> {
+    Some(match policy {
+        "set-backend-service" => "the backend is Envoy's route and cluster: point them at it",
+        "rewrite-uri" => "use the Envoy route's prefix_rewrite or regex_rewrite",
+        "trace" | "log-to-eventhub" | "emit-metric" => {
+            "logging and metrics: Envoy's access log and gateguard's stats cover requests"
+        }
+        "set-variable" => {
+            "a context variable, read only by policy expressions (any check that reads it is \
+             refused)"
+        }
+        "cache-lookup" | "cache-lookup-value" | "cache-store-value" | "cache-remove-value" => {
+            "response caching: not a check"
+        }
+        _ => return None,
+    })
+}
+
+/// Why an inbound policy gateguard does not convert matters.
+fn unconverted_reason(policy: &str) -> &'static str {
+    match policy {
+        "base" => {
+            "inherits the policies of the enclosing scope (product, workspace or global), which \
+             this file does not hold: convert them too, or pass --skip base if they enforce \
+             nothing gateguard must"
+        }
+        "rate-limit" | "rate-limit-by-key" | "quota" | "quota-by-key" => {
+            "rate limits and quotas are not part of this conversion: configure Envoy's \
+             local_ratelimit filter (or ratelimit for a shared limit), then pass --skip with \
+             this element's name"
+        }
+        "validate-azure-ad-token" => {
+            "write it as <validate-jwt> with <openid-config \
+             url=\"https://login.microsoftonline.com/<tenant>/v2.0/.well-known/openid-configuration\"/>, \
+             <audiences> and <issuers>, and convert again"
+        }
+        "include-fragment" => {
+            "the fragment's policies are not in this file: convert the fragment's XML, or paste \
+             its policies here"
+        }
+        "return-response" | "mock-response" => {
+            "answers requests itself, so the backend is never called: gateguard would forward them"
+        }
+        _ => {
+            "not a check gateguard performs, and it may refuse or change requests: remove it \
+             from the input, or pass --skip with this element's name, once nothing depends on it"
+        }
+    }
+}
+
 struct Cx<'d, 'i> {
     doc: &'d Document<'i>,
     args: &'d Args,
+    named: &'d NamedValues,
     api: Api,
     report: Report,
 }
@@ -321,6 +539,22 @@ impl<'d, 'i> Cx<'d, 'i> {
 
     fn inbound(&mut self, node: Node) {
         let e = self.el(node);
+        if !CONVERTED.contains(&e.name.as_str()) {
+            if let Some(reason) = neutral(&e.name) {
+                return self.report.left_out(&e, reason);
+            }
+            let reason = unconverted_reason(&e.name);
+            return if self.args.skip.contains(&e.name) {
+                self.report
+                    .left_out(&e, format!("--skip {}: {reason}", e.name))
+            } else {
+                self.report.skip(&e, reason)
+            };
+        }
+        if let Some(reason) = self.unfit(node) {
+            return self.report.skip(&e, reason);
+        }
+        let before = self.report.items.len();
         match e.name.as_str() {
             "cors" => self.cors(node, &e),
             "ip-filter" => self.ip_filter(node, &e),
@@ -328,40 +562,52 @@ impl<'d, 'i> Cx<'d, 'i> {
             "check-header" => self.check_header(node, &e),
             "choose" => self.choose(node, &e),
             "validate-client-certificate" => self.validate_client_certificate(node, &e),
-            "set-header" => self.set_header(node, &e),
-            "base" => self.report.skip(
-                &e,
-                "inherits the inbound policies of the enclosing scope (product or global), which \
-                 this file does not contain: convert those too, or check they hold no security \
-                 policy",
-            ),
-            "rate-limit" | "rate-limit-by-key" | "quota" | "quota-by-key" => self.report.skip(
-                &e,
-                "rate limits and quotas are not part of gateguard: use Envoy's local_ratelimit \
-                 filter (or ratelimit for a shared limit)",
-            ),
-            "set-backend-service" => self.report.skip(
-                &e,
-                "the upstream is Envoy's route and cluster: point them at the backend",
-            ),
-            "rewrite-uri" => self.report.skip(
-                &e,
-                "use the Envoy route's prefix_rewrite or regex_rewrite",
-            ),
-            "validate-azure-ad-token" => self.report.skip(
-                &e,
-                "write it as <validate-jwt> with <openid-config \
-                 url=\"https://login.microsoftonline.com/<tenant>/v2.0/.well-known/openid-configuration\"/>, \
-                 <audiences> and <issuers>, and convert again",
-            ),
-            "include-fragment" => self.report.skip(
-                &e,
-                "the fragment's policies are not in this file: convert the fragment's XML too",
-            ),
-            _ => self
-                .report
-                .skip(&e, "not a check gateguard performs; nothing was converted"),
+            _ => self.set_header(node, &e),
         }
+        self.refuse_if_a_part_was(&e, before);
+    }
+
+    /// A policy one of whose parts (a `<claim>`, a `<key>`) could not be converted is not
+    /// converted either, whatever its own line says.
+    fn refuse_if_a_part_was(&mut self, e: &El, before: usize) {
+        let items = self.report.items.get_mut(before..).unwrap_or_default();
+        let parts: Vec<String> = items
+            .iter()
+            .filter(|i| i.kind == Kind::NotConverted && (i.element != e.name || i.line != e.line))
+            .map(|i| format!("<{}> line {}", i.element, i.line))
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        for item in items {
+            if item.kind == Kind::Converted && item.element == e.name && item.line == e.line {
+                item.kind = Kind::NotConverted;
+                item.text = format!(
+                    "not converted, as a part of it was not: {}",
+                    parts.join(", ")
+                );
+            }
+        }
+    }
+
+    /// Why a policy this command converts cannot be converted whatever its content: a
+    /// placeholder without a value, or a child element the conversion would drop.
+    fn unfit(&self, node: Node) -> Option<String> {
+        let left = named_values::left_in(self.doc, node, &is_env_header_value);
+        if !left.is_empty() {
+            return Some(self.named.missing(&left));
+        }
+        let known = known_children(node.tag_name().name());
+        let unknown: Vec<String> = elements(node)
+            .filter(|c| !known.contains(&c.tag_name().name()))
+            .map(|c| format!("<{}> on line {}", c.tag_name().name(), self.el(c).line))
+            .collect();
+        (!unknown.is_empty()).then(|| {
+            format!(
+                "unknown child element {}: what it enforces would be lost",
+                unknown.join(", ")
+            )
+        })
     }
 
     fn other_section(&mut self, node: Node, section: &str) {
@@ -375,11 +621,11 @@ impl<'d, 'i> Cx<'d, 'i> {
                 self.report
                     .note(&e, "Envoy's route forwards the request upstream; nothing to convert")
             }
-            _ => self.report.skip(
+            _ => self.report.left_out(
                 &e,
                 format!(
-                    "in <{section}>: gateguard checks requests only; configure this in Envoy \
-                     (route, cluster or a response filter)"
+                    "in <{section}>: gateguard decides which requests are admitted; configure \
+                     this in Envoy (route, cluster or a response filter)"
                 ),
             ),
         }
@@ -431,6 +677,12 @@ impl<'d, 'i> Cx<'d, 'i> {
             Ok(out)
         };
         let mut origins = list(child(node, "allowed-origins"), "origin")?;
+        if let Some(o) = origins.iter().find(|o| o.contains("*.")) {
+            return Err(format!(
+                "origin {o:?}: APIM takes an origin exactly (only \"*\" alone is a wildcard), \
+                 gateguard would admit every subdomain: list the origins"
+            ));
+        }
         if credentials && origins.iter().any(|o| o == "*") {
             origins.retain(|o| o != "*");
             self.report.skip(
@@ -716,80 +968,11 @@ impl<'d, 'i> Cx<'d, 'i> {
         if let Some(keys) = child(node, "issuer-signing-keys") {
             for k in elements(keys).filter(|n| n.tag_name().name() == "key") {
                 let ke = self.el(k);
-                if k.attribute("certificate-id").is_some() {
-                    self.report.skip(
-                        &ke,
-                        "certificate-id refers to a certificate uploaded to APIM: export its \
-                         public key and add it as an inline JWKS (jwt.jwks.inline)",
-                    );
-                    continue;
+                match self.signing_key(k, &ke, hmac) {
+                    Ok(SigningKey::Rsa(jwk)) => rsa_keys.push(jwk),
+                    Ok(SigningKey::Hmac) => hmac = true,
+                    Err(reason) => self.report.skip(&ke, reason),
                 }
-                if let (Some(n), Some(x)) = (k.attribute("n"), k.attribute("e")) {
-                    match (base64url(n), base64url(x)) {
-                        (Some(n), Some(x)) => {
-                            let mut jwk = Map::new();
-                            jwk.insert("kty".into(), json!("RSA"));
-                            jwk.insert("use".into(), json!("sig"));
-                            if let Some(id) = k.attribute("id") {
-                                jwk.insert("kid".into(), json!(id.trim()));
-                            }
-                            jwk.insert("n".into(), json!(n));
-                            jwk.insert("e".into(), json!(x));
-                            rsa_keys.push(Value::Object(jwk));
-                        }
-                        _ => self.report.skip(
-                            &ke,
-                            "n or e is not base64 (policy expressions are not evaluated)",
-                        ),
-                    }
-                    continue;
-                }
-                let secret = text_of(k);
-                if secret.is_empty() {
-                    self.report.skip(&ke, "an empty <key>");
-                    continue;
-                }
-                if hmac {
-                    self.report.skip(
-                        &ke,
-                        format!(
-                            "another symmetric key: gateguard takes one HMAC secret ({HMAC_VAR})"
-                        ),
-                    );
-                    continue;
-                }
-                let origin = match named_value(&secret) {
-                    Some(nv) => format!("named value {{{{{nv}}}}}"),
-                    None if secret.starts_with('@') => {
-                        self.report.skip(&ke, "the key is a policy expression");
-                        continue;
-                    }
-                    None => match base64_decode(&secret) {
-                        Some(bytes) if bytes.len() < 32 => {
-                            self.report.note(
-                                &ke,
-                                format!(
-                                    "the key has {} bytes; gateguard needs at least 32 and refuses the policy until a longer secret is set",
-                                    bytes.len()
-                                ),
-                            );
-                            "the <key> element".to_string()
-                        }
-                        Some(_) => "the <key> element".to_string(),
-                        None => {
-                            self.report.skip(&ke, "the key is not base64");
-                            continue;
-                        }
-                    },
-                };
-                hmac = true;
-                self.report.env(
-                    &ke,
-                    format!(
-                        "{HMAC_VAR}: the HMAC signing key from {origin}, base64-decoded (gateguard \
-                         uses the variable's bytes as the secret; it is not written to the policy)"
-                    ),
-                );
             }
         }
         if !rsa_keys.is_empty() {
@@ -797,8 +980,8 @@ impl<'d, 'i> Cx<'d, 'i> {
                 self.report.skip(
                     e,
                     format!(
-                        "{} <key n= e=> next to <openid-config>: gateguard takes the key set from \
-                         one place; the openid-config keys are used",
+                        "{} <key n= e=> next to <openid-config>: APIM accepts both, gateguard \
+                         takes the key set from one place",
                         rsa_keys.len()
                     ),
                 );
@@ -816,15 +999,12 @@ impl<'d, 'i> Cx<'d, 'i> {
             algorithms.push("HS256");
             summary.push(format!("HS256 secret from ${HMAC_VAR}"));
         }
-        let Some(jwks) = jwks else {
-            return Err(if hmac {
-                "only a symmetric (HMAC) key: gateguard needs an RSA/EC key set (openid-config or \
-                 n/e keys) next to an HMAC secret, so this cannot be expressed"
-                    .into()
-            } else {
-                "no key gateguard can use (<openid-config> or <key n= e=>)".into()
-            });
-        };
+        if jwks.is_none() && !hmac {
+            return Err(
+                "no key gateguard can use (<openid-config>, <key n= e=> or a symmetric <key>)"
+                    .into(),
+            );
+        }
 
         // Issuers and audiences.
         let mut issuers = self.values(node, "issuers", "issuer");
@@ -919,7 +1099,9 @@ impl<'d, 'i> Cx<'d, 'i> {
         block.insert("issuers".into(), json!(issuers));
         block.insert("audiences".into(), json!(audiences));
         block.insert("algorithms".into(), json!(algorithms));
-        block.insert("jwks".into(), jwks);
+        if let Some(jwks) = jwks {
+            block.insert("jwks".into(), jwks);
+        }
         block.insert("clock_skew_seconds".into(), json!(skew));
         if !claims.is_empty() {
             block.insert("required_claims".into(), Value::Array(claims));
@@ -928,6 +1110,70 @@ impl<'d, 'i> Cx<'d, 'i> {
             block.insert("hmac_secret".into(), json!({ "env": HMAC_VAR }));
         }
         Ok((Value::Object(block), summary.join(", ")))
+    }
+
+    /// One `<issuer-signing-keys><key>`: an RSA key as a JWK, or the symmetric key, which
+    /// goes to Envoy's environment (never to the policy or a message).
+    fn signing_key(&mut self, k: Node, ke: &El, have_hmac: bool) -> Result<SigningKey, String> {
+        if k.attribute("certificate-id").is_some() {
+            return Err(
+                "certificate-id refers to a certificate uploaded to APIM: export its \
+                        public key and add it as an inline JWKS (jwt.jwks.inline)"
+                    .into(),
+            );
+        }
+        if let (Some(n), Some(x)) = (k.attribute("n"), k.attribute("e")) {
+            let (Some(n), Some(x)) = (base64url(n), base64url(x)) else {
+                return Err("n or e is not base64 (policy expressions are not evaluated)".into());
+            };
+            let mut jwk = Map::new();
+            jwk.insert("kty".into(), json!("RSA"));
+            jwk.insert("use".into(), json!("sig"));
+            if let Some(id) = k.attribute("id") {
+                jwk.insert(
+                    "kid".into(),
+                    json!(literal(id).map_err(|r| format!("id {r}"))?),
+                );
+            }
+            jwk.insert("n".into(), json!(n));
+            jwk.insert("e".into(), json!(x));
+            return Ok(SigningKey::Rsa(Value::Object(jwk)));
+        }
+        let secret = text_of(k);
+        if secret.is_empty() {
+            return Err("an empty <key>".into());
+        }
+        if have_hmac {
+            return Err(format!(
+                "another symmetric key: gateguard takes one HMAC secret ({HMAC_VAR})"
+            ));
+        }
+        literal(&secret).map_err(|r| format!("the key {r}"))?;
+        // APIM's key is base64; gateguard's secret is the text whose bytes are the key.
+        let bytes = base64_decode(&secret).ok_or("the key is not base64")?;
+        if bytes.len() < MIN_HMAC_BYTES {
+            return Err(format!(
+                "the key has {} bytes; gateguard requires at least {MIN_HMAC_BYTES} for HMAC",
+                bytes.len()
+            ));
+        }
+        if std::str::from_utf8(&bytes).is_err() || bytes.contains(&0) {
+            return Err(
+                "the decoded key is binary, not text: gateguard's hmac_secret (and an \
+                 environment variable) holds text, so tokens signed with this key cannot be \
+                 verified; sign with a text key of 32+ bytes"
+                    .into(),
+            );
+        }
+        self.report.env(
+            ke,
+            format!(
+                "{HMAC_VAR}: the HMAC signing key of this <key>, base64-decoded ({} bytes of \
+                 text); it is not written to the policy",
+                bytes.len()
+            ),
+        );
+        Ok(SigningKey::Hmac)
     }
 
     /// The literal `<item>` values under `<container>`; the others are reported.
@@ -959,11 +1205,17 @@ impl<'d, 'i> Cx<'d, 'i> {
         };
         for c in elements(container).filter(|n| n.tag_name().name() == "claim") {
             let ce = self.el(c);
-            let name = c.attribute("name").unwrap_or("").trim().to_string();
-            if name.is_empty() {
-                self.report.skip(&ce, "a <claim> without a name");
-                continue;
-            }
+            let name = match literal(c.attribute("name").unwrap_or("")) {
+                Ok(name) if !name.is_empty() => name,
+                Ok(_) => {
+                    self.report.skip(&ce, "a <claim> without a name");
+                    continue;
+                }
+                Err(r) => {
+                    self.report.skip(&ce, format!("the claim's name {r}"));
+                    continue;
+                }
+            };
             let all = match c.attribute("match").map(str::trim) {
                 None | Some("all") => true,
                 Some("any") => false,
@@ -997,15 +1249,39 @@ impl<'d, 'i> Cx<'d, 'i> {
                 }
                 continue;
             }
-            if let Some(sep) = c.attribute("separator") {
-                if sep != " " {
+            // gateguard matches an array's elements and a string's space-separated words (and
+            // the whole string); APIM splits a string only with separator=" ".
+            match c.attribute("separator") {
+                Some(" ") if values.iter().all(|v| !v.contains(' ')) => {}
+                Some(" ") => {
+                    self.report.skip(
+                        &ce,
+                        format!("claim {name:?}: a value with a space never matches a space-separated claim in APIM"),
+                    );
+                    continue;
+                }
+                Some(sep) => {
                     self.report.skip(
                         &ce,
                         format!(
-                            "claim {name:?}: separator {sep:?}: gateguard matches arrays and \
-                             space-separated strings, so a {sep:?}-separated claim no longer matches"
+                            "claim {name:?}: separator {sep:?}: gateguard splits claims on spaces \
+                             only, so a {sep:?}-separated claim would not match"
                         ),
                     );
+                    continue;
+                }
+                None => {
+                    self.report.skip(
+                        &ce,
+                        format!(
+                            "claim {name:?} has no separator: APIM compares a string claim whole, \
+                             gateguard also matches its space-separated words (\"not Admin\" \
+                             holds \"Admin\"); add separator=\" \" to the <claim> if that is \
+                             meant (for array claims such as roles it changes nothing) and \
+                             convert again"
+                        ),
+                    );
+                    continue;
                 }
             }
             let key = if all { "all_of" } else { "any_of" };
@@ -1114,9 +1390,25 @@ impl<'d, 'i> Cx<'d, 'i> {
             }
             let condition = branch.attribute("condition").unwrap_or("");
             if !condition.contains("context.Request.Certificate") {
+                let inner: Vec<String> = branch
+                    .descendants()
+                    .filter(|n| n.is_element() && *n != branch)
+                    .filter(|n| CONVERTED.contains(&n.tag_name().name()))
+                    .map(|n| format!("<{}> on line {}", n.tag_name().name(), self.el(n).line))
+                    .collect();
+                let holds = if inner.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it holds {})", inner.join(", "))
+                };
                 return self.report.skip(
                     e,
-                    "a <choose> that is not the client-certificate check; gateguard does not evaluate policy expressions",
+                    format!(
+                        "a <choose> whose condition on line {} gateguard cannot express{holds}: \
+                         only the client-certificate check converts; gateguard applies its \
+                         checks to every request of the API",
+                        be.line
+                    ),
                 );
             }
             let actions: Vec<Node> = elements(branch).collect();
@@ -1169,6 +1461,8 @@ impl<'d, 'i> Cx<'d, 'i> {
         };
         let mut rule = CertRule {
             validity: not_before || not_after,
+            chain: trust,
+            revocation,
             ..CertRule::default()
         };
         let mut thumbprints = BTreeSet::new();
@@ -1208,13 +1502,6 @@ impl<'d, 'i> Cx<'d, 'i> {
             }
         }
         rule.groups.push(thumbprints);
-        if trust || revocation {
-            self.report.note(
-                e,
-                "gateguard pins the listed thumbprints; it does not build the chain to a CA or \
-                 check revocation (validate-trust/validate-revocation)",
-            );
-        }
         self.client_certificate(e, rule);
     }
 
@@ -1223,6 +1510,14 @@ impl<'d, 'i> Cx<'d, 'i> {
             return self
                 .report
                 .skip(e, "a second client-certificate check: merge them into one");
+        }
+        if rule.revocation && !self.args.no_revocation_check {
+            return self.report.skip(
+                e,
+                "APIM checks the certificate's revocation (validate-revocation, true by default, \
+                 or Verify()); gateguard cannot: pass --no-revocation-check if removing a \
+                 thumbprint from the policy is how you revoke",
+            );
         }
         let thumbprints =
             match rule.groups.as_slice() {
@@ -1264,8 +1559,16 @@ impl<'d, 'i> Cx<'d, 'i> {
         if rule.chain {
             self.report.note(
                 e,
-                "Verify() also builds the chain to a trusted CA: gateguard pins the thumbprints \
-                 and checks the dates, not the chain",
+                "APIM also builds the chain to a trusted CA (validate-trust, Verify()): \
+                 gateguard accepts exactly the pinned certificates and checks their dates, not \
+                 the chain",
+            );
+        }
+        if rule.revocation {
+            self.report.note(
+                e,
+                "--no-revocation-check: a revoked certificate stays accepted until its \
+                 thumbprint is removed from the policy",
             );
         }
         self.report.converted(
@@ -1366,6 +1669,11 @@ impl<'d, 'i> Cx<'d, 'i> {
     }
 }
 
+enum SigningKey {
+    Rsa(Value),
+    Hmac,
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -1382,8 +1690,10 @@ struct CertRule {
     /// Each set: the refusal "thumbprint is none of these". More than one set refuses all.
     groups: Vec<BTreeSet<String>>,
     validity: bool,
-    /// `Verify()` also checks the chain.
+    /// `Verify()` / validate-trust: APIM also checks the chain.
     chain: bool,
+    /// `Verify()` / validate-revocation: APIM also checks revocation.
+    revocation: bool,
     subject: Option<String>,
     issuer: Option<String>,
 }
@@ -1403,8 +1713,10 @@ enum Atom {
     NoCertificate,
     ThumbprintNot(String),
     ThumbprintIs(String),
-    /// `Verify()` / `VerifyNoRevocation()`, true when valid.
-    Verify,
+    /// `Verify()` / `VerifyNoRevocation()`, true when valid; whether it checks revocation.
+    Verify {
+        revocation: bool,
+    },
     /// `NotAfter < DateTime.Now`, `NotBefore > DateTime.Now`: true when invalid.
     OutOfDates,
     IssuerNot(String),
@@ -1456,7 +1768,7 @@ impl CertRule {
                 }
                 Atom::IssuerNot(i) => set_once(&mut self.issuer, i, "Issuer"),
                 Atom::SubjectNot(s) => set_once(&mut self.subject, s, "SubjectName"),
-                Atom::ThumbprintIs(_) | Atom::Verify => Err(format!(
+                Atom::ThumbprintIs(_) | Atom::Verify { .. } => Err(format!(
                     "{a:?} refuses the certificates it should accept (missing `!`?)"
                 )),
             },
@@ -1467,9 +1779,10 @@ impl CertRule {
     fn add_acceptance_negated(&mut self, inner: &Expr) -> Result<(), String> {
         match inner {
             Expr::Atom(a) => match classify(a)? {
-                Atom::Verify => {
+                Atom::Verify { revocation } => {
                     self.validity = true;
                     self.chain = true;
+                    self.revocation |= revocation;
                     Ok(())
                 }
                 Atom::ThumbprintIs(t) => {
@@ -1648,8 +1961,11 @@ fn classify(atom: &str) -> Result<Atom, String> {
     if a == format!("{CERT}==null") || a == format!("null=={CERT}") {
         return Ok(Atom::NoCertificate);
     }
-    if a == format!("{CERT}.Verify()") || a == format!("{CERT}.VerifyNoRevocation()") {
-        return Ok(Atom::Verify);
+    if a == format!("{CERT}.Verify()") {
+        return Ok(Atom::Verify { revocation: true });
+    }
+    if a == format!("{CERT}.VerifyNoRevocation()") {
+        return Ok(Atom::Verify { revocation: false });
     }
     for now in ["DateTime.Now", "DateTime.UtcNow"] {
         if [
@@ -1679,15 +1995,33 @@ fn classify(atom: &str) -> Result<Atom, String> {
     let Some(property) = property.strip_prefix(CERT) else {
         return unsupported();
     };
-    let property = [
-        "ToUpper()",
-        "ToUpperInvariant()",
-        "ToLower()",
-        "ToLowerInvariant()",
+    let cased = [
+        ("ToUpper()", true),
+        ("ToUpperInvariant()", true),
+        ("ToLower()", false),
+        ("ToLowerInvariant()", false),
     ]
     .iter()
-    .find_map(|f| property.strip_suffix(&format!(".{f}")))
-    .unwrap_or(property);
+    .find_map(|(f, upper)| Some((property.strip_suffix(&format!(".{f}"))?, *upper)));
+    // gateguard has no case rule for the issuer and subject names.
+    if cased.is_some_and(|(p, _)| p != ".Thumbprint") {
+        return unsupported();
+    }
+    let (property, upper) = cased.unwrap_or((property, true));
+    // APIM compares strings exactly, and Thumbprint is upper-case hex: a literal in the other
+    // case never matches (APIM refuses every certificate), while gateguard ignores case.
+    if property == ".Thumbprint" {
+        let wrong_case = if upper {
+            value.chars().any(|c| c.is_ascii_lowercase())
+        } else {
+            value.chars().any(|c| c.is_ascii_uppercase())
+        };
+        if wrong_case {
+            return Err(format!(
+                "{atom:?} compares with the wrong letter case, so in APIM it never matches"
+            ));
+        }
+    }
     match (property, equal) {
         (".Thumbprint", false) => Ok(Atom::ThumbprintNot(value)),
         (".Thumbprint", true) => Ok(Atom::ThumbprintIs(value)),
@@ -1982,8 +2316,10 @@ fn render(api: &Api, args: &Args) -> Result<String, String> {
     crate::output::policy_text(vec![Value::Object(object)])
 }
 
-/// One line per finding (`FILE:LINE: kind: <element>: text`), then a summary line.
-fn print_report(report: &Report, input: &Path, out: Option<&Path>) {
+/// One line per finding (`FILE:LINE: kind: <element>: text`), then a summary line; values
+/// filled in from `--named-values` masked. `written` names where the policy went, `None` when
+/// nothing was written.
+fn print_report(report: &Report, masker: &Masker, input: &Path, written: Option<&str>) {
     let file = input.display();
     let mut items: Vec<&Item> = report.items.iter().collect();
     items.sort_by_key(|i| i.line);
@@ -1992,38 +2328,37 @@ fn print_report(report: &Report, input: &Path, out: Option<&Path>) {
             Kind::Converted => "converted",
             Kind::Note => "note",
             Kind::NotConverted => "NOT CONVERTED",
+            Kind::LeftOut => "left out",
             Kind::Env => "set in Envoy's environment",
         };
-        eprintln!(
-            "{file}:{}: {kind}: <{}>: {}",
-            item.line, item.element, item.text
-        );
+        let text = masker.mask(&item.text);
+        eprintln!("{file}:{}: {kind}: <{}>: {text}", item.line, item.element);
     }
     let list = |kind: Kind| -> Vec<String> {
-        report
-            .items
+        let mut of_kind: Vec<&Item> = report.items.iter().filter(|i| i.kind == kind).collect();
+        of_kind.sort_by_key(|i| i.line);
+        of_kind
             .iter()
-            .filter(|i| i.kind == kind)
             .map(|i| format!("<{}> line {}", i.element, i.line))
             .collect()
     };
-    let converted = list(Kind::Converted);
-    let skipped = list(Kind::NotConverted);
-    let target = out.map_or_else(
-        || "standard output".to_string(),
-        |p| p.display().to_string(),
-    );
+    let count = |kind: Kind, what: &str| -> String {
+        let items = list(kind);
+        if items.is_empty() {
+            format!("0 {what}")
+        } else {
+            format!("{} {what} ({})", items.len(), items.join(", "))
+        }
+    };
+    let converted = list(Kind::Converted).len();
     let mut summary = format!(
-        "gateguard import-apim: {file}: {} converted, {} not converted",
-        converted.len(),
-        skipped.len()
+        "gateguard import-apim: {file}: {converted} converted, {}, {}",
+        count(Kind::NotConverted, "not converted"),
+        count(Kind::LeftOut, "left out")
     );
-    if !skipped.is_empty() {
-        summary.push_str(&format!(" ({})", skipped.join(", ")));
-    }
-    summary.push_str(&format!("; policy written to {target}"));
-    if !skipped.is_empty() {
-        summary.push_str("; exit status 3: review what was not converted");
+    match written {
+        Some(target) => summary.push_str(&format!("; policy written to {target}")),
+        None => summary.push_str(&format!("; nothing written, exit status {NOT_CONVERTED}")),
     }
     eprintln!("{summary}");
 }
@@ -2046,12 +2381,30 @@ mod tests {
         Cli::try_parse_from(argv).unwrap().args
     }
 
+    /// The policy from what converted (written only when nothing was refused), and the report.
     fn convert_str(xml: &str, flags: &[&str]) -> (Value, Report) {
+        convert_with(xml, flags, &NamedValues::default())
+    }
+
+    fn convert_named(xml: &str, flags: &[&str], named: &str) -> (Value, Report) {
+        convert_with(xml, flags, &NamedValues::parse(named).unwrap())
+    }
+
+    fn convert_with(xml: &str, flags: &[&str], named: &NamedValues) -> (Value, Report) {
         let a = args(flags);
-        let (api, report) = convert_text(xml, &a).unwrap();
+        let (api, report, _) = convert_text(xml, &a, named).unwrap();
         let text = render(&api, &a).unwrap();
         gateguard_core::parse_policy(text.as_bytes(), &|_| Some("x".repeat(40))).unwrap();
         (serde_json::from_str(&text).unwrap(), report)
+    }
+
+    fn refused(report: &Report) -> Vec<&str> {
+        report
+            .items
+            .iter()
+            .filter(|i| i.kind == Kind::NotConverted)
+            .map(|i| i.element.as_str())
+            .collect()
     }
 
     fn inbound(body: &str) -> String {
@@ -2151,8 +2504,8 @@ mod tests {
 
     #[test]
     fn thumbprint_condition_documented_form() {
-        let r = rule(r#"@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != "desired-thumbprint")"#).unwrap();
-        assert_eq!(r.groups, vec![set(&["desired-thumbprint"])]);
+        let r = rule(r#"@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != "DESIRED-THUMBPRINT")"#).unwrap();
+        assert_eq!(r.groups, vec![set(&["DESIRED-THUMBPRINT"])]);
         assert!(!r.validity && !r.chain);
     }
 
@@ -2190,6 +2543,11 @@ mod tests {
             r#"@(!context.Deployment.Certificates.Any(c => c.Value.Thumbprint == context.Request.Certificate.Thumbprint))"#,
             r#"@((context.Request.Certificate == null)"#,
             r#"@(context.Request.Certificate.Thumbprint != "A" && context.Request.Certificate.NotAfter < DateTime.Now)"#,
+            // Letter case APIM never matches (Thumbprint is upper case), case functions
+            // gateguard has no equivalent for.
+            r#"@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != "3a7f")"#,
+            r#"@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint.ToLower() != "3A7F")"#,
+            r#"@(context.Request.Certificate == null || context.Request.Certificate.Issuer.ToUpper() != "CN=CA")"#,
         ] {
             assert!(rule(bad).is_err(), "{bad}");
         }
@@ -2296,8 +2654,8 @@ mod tests {
   <openid-config url="https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0/.well-known/openid-configuration" />
   <audiences><audience>api://processfactorial</audience></audiences>
   <required-claims>
-    <claim name="roles" match="any"><value>Forms.Submit</value><value>Forms.Admin</value></claim>
-    <claim name="scp"><value>read</value></claim>
+    <claim name="roles" match="any" separator=" "><value>Forms.Submit</value><value>Forms.Admin</value></claim>
+    <claim name="scp" separator=" "><value>read</value></claim>
   </required-claims>
 </validate-jwt>"#,
         );
@@ -2367,17 +2725,50 @@ mod tests {
 </validate-jwt>"#,
         );
         let (policy, report) = convert_str(&xml, &[]);
+        assert!(!report.skipped(), "{:?}", report.items);
         assert_eq!(
             policy["apis"][0]["client_certificate"],
             json!({"thumbprints": ["3A7F00000000000000000000000000000000009C"], "check_validity": true})
         );
-        // HMAC alone: gateguard also needs an asymmetric key set, so it is reported.
-        assert!(policy["apis"][0].get("jwt").is_none());
+        // HMAC alone is a key set of its own: no jwks, the secret from the environment.
+        assert_eq!(
+            policy["apis"][0]["jwt"],
+            json!({
+                "issuers": ["http://contoso.com/"], "audiences": ["a"], "algorithms": ["HS256"],
+                "clock_skew_seconds": 0, "hmac_secret": {"env": HMAC_VAR}
+            })
+        );
+        assert!(!policy.to_string().contains("c2VjcmV0"));
         assert!(report
             .items
             .iter()
-            .any(|i| i.kind == Kind::NotConverted && i.element == "validate-jwt"));
-        assert!(!policy.to_string().contains("c2VjcmV0"));
+            .all(|i| !i.text.contains("c2VjcmV0") && !i.text.contains("secret-secret")));
+    }
+
+    #[test]
+    fn hmac_keys_gateguard_cannot_hold_are_refused() {
+        for (key, why) in [
+            ("c2hvcnQ=", "5 bytes"),
+            // 32 random bytes: not text, so no hmac_secret can hold them.
+            ("3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4=", "binary"),
+            ("not base64!", "not base64"),
+            ("@(context.Variables[\"k\"])", "expression"),
+        ] {
+            let xml = inbound(&format!(
+                r#"<validate-jwt header-name="Authorization"><issuer-signing-keys><key>{key}</key></issuer-signing-keys>
+  <audiences><audience>a</audience></audiences><issuers><issuer>i</issuer></issuers></validate-jwt>"#
+            ));
+            let (policy, report) = convert_str(&xml, &[]);
+            assert!(policy["apis"][0].get("jwt").is_none(), "{key}");
+            assert!(
+                report
+                    .items
+                    .iter()
+                    .any(|i| i.kind == Kind::NotConverted && i.text.contains(why)),
+                "{key}: {:?}",
+                report.items
+            );
+        }
     }
 
     #[test]
@@ -2421,16 +2812,207 @@ mod tests {
 
     #[test]
     fn unknown_and_inherited_elements_are_reported() {
-        let xml = "<policies><inbound><base /><rate-limit calls=\"20\" renewal-period=\"90\" /></inbound><backend><forward-request /></backend><outbound><set-header name=\"x\" exists-action=\"delete\" /></outbound></policies>";
+        let xml = "<policies><inbound><base /><rate-limit calls=\"20\" renewal-period=\"90\" /><trace source=\"x\" /><set-query-parameter name=\"a\" exists-action=\"delete\" /></inbound><backend><forward-request /></backend><outbound><set-header name=\"x\" exists-action=\"delete\" /></outbound></policies>";
         let (_, report) = convert_str(xml, &[]);
-        let skipped: Vec<&str> = report
+        assert_eq!(
+            refused(&report),
+            ["base", "rate-limit", "set-query-parameter"]
+        );
+        let left_out: Vec<&str> = report
             .items
             .iter()
-            .filter(|i| i.kind == Kind::NotConverted)
+            .filter(|i| i.kind == Kind::LeftOut)
             .map(|i| i.element.as_str())
             .collect();
-        assert_eq!(skipped, ["base", "rate-limit", "set-header"]);
-        assert!(convert_text("<foo/>", &args(&[])).is_err());
-        assert!(convert_text("<policies><inbound>", &args(&[])).is_err());
+        assert_eq!(left_out, ["trace", "set-header"]);
+        // --skip accepts the loss, element by element.
+        let (_, report) = convert_str(xml, &["--skip", "base", "--skip", "rate-limit"]);
+        assert_eq!(refused(&report), ["set-query-parameter"]);
+        let none = NamedValues::default();
+        assert!(convert_text("<foo/>", &args(&[]), &none).is_err());
+        assert!(convert_text("<policies><inbound>", &args(&[]), &none).is_err());
+    }
+
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+    fn with_placeholders() -> String {
+        inbound(
+            r#"<validate-jwt header-name="Authorization" require-scheme="Bearer">
+  <openid-config url="https://login.microsoftonline.com/{{tenant-id}}/v2.0/.well-known/openid-configuration" />
+  <audiences><audience>${api_audience}</audience></audiences>
+</validate-jwt>
+<check-header name="Ocp-Apim-Subscription-Key"><value>{{sub-key}}</value></check-header>
+<set-header name="x-functions-key" exists-action="override"><value>{{functions-key}}</value></set-header>"#,
+        )
+    }
+
+    #[test]
+    fn placeholders_without_values_are_refused_by_name() {
+        let (_, report) = convert_str(&with_placeholders(), &[]);
+        assert_eq!(refused(&report), ["validate-jwt", "check-header"]);
+        let text: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
+        let all = text.join("\n");
+        let want = "no value for named value {{tenant-id}} (line 4), template placeholder \
+                    ${api_audience} (line 5): pass the values with --named-values FILE, or \
+                    render the template first";
+        assert!(all.contains(want), "{all}");
+        assert!(
+            all.contains("no value for named value {{sub-key}} (line 7)"),
+            "{all}"
+        );
+        // A header's {{named value}} is a reference to Envoy's environment, not a gap.
+        assert!(report
+            .items
+            .iter()
+            .any(|i| i.kind == Kind::Converted && i.element == "set-header"));
+        // A value file that lacks one still names it.
+        let (_, report) = convert_named(&with_placeholders(), &[], r#"{"tenant-id": "t"}"#);
+        let all: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
+        let all = all.join("\n");
+        assert!(
+            all.contains("{{sub-key}} (line 7): add the values to the --named-values file"),
+            "{all}"
+        );
+        assert!(!all.contains("{{tenant-id}}"), "{all}");
+    }
+
+    #[test]
+    fn named_values_fill_in_and_never_show() {
+        let named = format!(
+            r#"{{"tenant-id": "{TENANT}", "api_audience": "api://aud-value", "sub-key": "sub-key-s3cret", "functions-key": "fk-s3cret"}}"#
+        );
+        let a = args(&[]);
+        let values = NamedValues::parse(&named).unwrap();
+        let (api, report, masker) = convert_text(&with_placeholders(), &a, &values).unwrap();
+        assert!(!report.skipped(), "{:?}", report.items);
+        let policy: Value = serde_json::from_str(&render(&api, &a).unwrap()).unwrap();
+        let api = &policy["apis"][0];
+        assert_eq!(
+            api["jwt"]["issuers"],
+            json!([format!("https://login.microsoftonline.com/{TENANT}/v2.0")])
+        );
+        assert_eq!(api["jwt"]["audiences"], json!(["api://aud-value"]));
+        assert_eq!(
+            api["subscription_key"]["keys_sha256"],
+            json!([gateguard_core::subscription_key::hash_key("sub-key-s3cret")])
+        );
+        // The header's value stays in Envoy's environment even when the file has it.
+        assert_eq!(
+            api["inject_headers"],
+            json!({"x-functions-key": {"env": "FUNCTIONS_KEY"}})
+        );
+        assert!(!policy.to_string().contains("s3cret"));
+        for item in &report.items {
+            let shown = masker.mask(&item.text);
+            assert!(
+                !shown.contains(TENANT) && !shown.contains("s3cret"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn checks_inside_choose_are_refused() {
+        let xml = inbound(
+            r#"<choose>
+  <when condition="@(context.Request.Method == &quot;POST&quot;)">
+    <validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>
+  </when>
+</choose>
+<choose>
+  <when condition="@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != &quot;3A7F00000000000000000000000000000000009C&quot;)">
+    <return-response><set-status code="403" /></return-response>
+  </when>
+  <otherwise><ip-filter action="allow"><address>10.0.0.1</address></ip-filter></otherwise>
+</choose>"#,
+        );
+        let (policy, report) = convert_str(&xml, &[]);
+        assert_eq!(refused(&report), ["choose", "choose"]);
+        assert!(policy["apis"][0].get("jwt").is_none());
+        assert!(policy["apis"][0].get("client_certificate").is_none());
+    }
+
+    #[test]
+    fn revocation_is_refused_unless_accepted() {
+        let thumb = "3A7F00000000000000000000000000000000009C";
+        for body in [
+            format!(
+                r#"<validate-client-certificate><identities><identity thumbprint="{thumb}" /></identities></validate-client-certificate>"#
+            ),
+            format!(
+                r#"<choose><when condition="@(context.Request.Certificate == null || !context.Request.Certificate.Verify() || context.Request.Certificate.Thumbprint != &quot;{thumb}&quot;)"><return-response><set-status code="403" /></return-response></when></choose>"#
+            ),
+        ] {
+            let xml = inbound(&body);
+            let (policy, report) = convert_str(&xml, &[]);
+            assert_eq!(refused(&report).len(), 1, "{body}");
+            assert!(policy["apis"][0].get("client_certificate").is_none());
+            let (policy, report) = convert_str(&xml, &["--no-revocation-check"]);
+            assert!(!report.skipped(), "{:?}", report.items);
+            assert_eq!(
+                policy["apis"][0]["client_certificate"]["thumbprints"],
+                json!([thumb])
+            );
+        }
+        // VerifyNoRevocation() checks no revocation: nothing to accept.
+        let xml = inbound(&format!(
+            r#"<choose><when condition="@(context.Request.Certificate == null || !context.Request.Certificate.VerifyNoRevocation() || context.Request.Certificate.Thumbprint != &quot;{thumb}&quot;)"><return-response><set-status code="403" /></return-response></when></choose>"#
+        ));
+        assert!(!convert_str(&xml, &[]).1.skipped());
+    }
+
+    #[test]
+    fn what_a_conversion_would_drop_is_refused() {
+        for body in [
+            // A child element the conversion does not read.
+            r#"<cors><allowed-origins><origin>https://a.example</origin></allowed-origins><allowed-paths /></cors>"#,
+            // A claim without separator=" " (APIM compares a string claim whole), or another one.
+            r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="department"><value>Finance</value></claim></required-claims></validate-jwt>"#,
+            r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="groups" separator=","><value>a</value></claim></required-claims></validate-jwt>"#,
+            // An origin APIM takes literally, gateguard as every subdomain.
+            r#"<cors><allowed-origins><origin>https://*.contoso.com</origin></allowed-origins></cors>"#,
+            // A claim required by presence only.
+            r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="roles" /></required-claims></validate-jwt>"#,
+            // A second key source APIM would accept.
+            r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><openid-config url="https://idp2.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#,
+            // An issuer that is an expression.
+            r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><issuers><issuer>https://idp.example.com</issuer><issuer>@(context.Variables.GetValueOrDefault&lt;string&gt;("iss"))</issuer></issuers></validate-jwt>"#,
+            // A header the backend would have had removed.
+            r#"<set-header name="x-user" exists-action="delete" />"#,
+            // A subscription key checked for presence only.
+            r#"<check-header name="Ocp-Apim-Subscription-Key" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false" />"#,
+            // A wildcard origin APIM refuses with credentials.
+            r#"<cors allow-credentials="true"><allowed-origins><origin>*</origin><origin>https://a.example</origin></allowed-origins></cors>"#,
+        ] {
+            let (_, report) = convert_str(&inbound(body), &[]);
+            assert!(report.skipped(), "{body}: {:?}", report.items);
+        }
+    }
+
+    #[test]
+    fn snippets_without_policies() {
+        let jwt = r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#;
+        let ip = r#"<ip-filter action="allow"><address>10.0.0.1</address></ip-filter>"#;
+        for xml in [
+            jwt.to_string(),
+            format!("<inbound>\n{jwt}\n{ip}\n</inbound>"),
+            format!("{jwt}\n{ip}"),
+            format!("<!-- two policies -->\n{jwt}\n{ip}"),
+        ] {
+            let (policy, report) = convert_str(&xml, &[]);
+            assert!(!report.skipped(), "{xml}: {:?}", report.items);
+            assert_eq!(policy["apis"][0]["jwt"]["audiences"], json!(["a"]));
+        }
+        let (_, report) = convert_str(&format!("{jwt}\n<base />\n{ip}"), &[]);
+        assert_eq!(refused(&report), ["base"]);
+        assert_eq!(
+            report
+                .items
+                .iter()
+                .find(|i| i.element == "base")
+                .unwrap()
+                .line,
+            2
+        );
     }
 }

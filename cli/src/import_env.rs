@@ -112,12 +112,21 @@ fn read_settings(args: &Args) -> Result<(BTreeMap<String, String>, String), Fail
             .map_err(|e| Failure(2, format!("{}: cannot read: {e}", path.display())))
     };
     if let Some(path) = &args.env_file {
-        let map = parse_dotenv(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        let map = parse_dotenv(&read(path)?)
+            .and_then(|m| unresolved(&m).map(|()| m))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         return Ok((map, path.display().to_string()));
     }
     if let Some(path) = &args.json {
-        let map = parse_json(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        let map = parse_json(&read(path)?)
+            .and_then(|m| unresolved(&m).map(|()| m))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         return Ok((map, path.display().to_string()));
+    }
+    for (name, _) in std::env::vars_os() {
+        if let Some(e) = name.to_str().and_then(near_miss) {
+            return Err(format!("in the environment: {e}").into());
+        }
     }
     let mut map = BTreeMap::new();
     for key in SETTINGS {
@@ -131,7 +140,71 @@ fn read_settings(args: &Args) -> Result<(BTreeMap<String, String>, String), Fail
             }
         }
     }
+    unresolved(&map)?;
     Ok((map, "the environment".into()))
+}
+
+/// A name that looks like one of the settings without being it (another letter case, `-` for
+/// `_`, a singular): the portal backend may well read it (App Service on Windows ignores case),
+/// this command would not, and a protected path would lose its token check without a word.
+fn near_miss(name: &str) -> Option<String> {
+    if SETTINGS.contains(&name) {
+        return None;
+    }
+    let canon = name
+        .trim()
+        .to_ascii_uppercase()
+        .replace(['-', '.', ' '], "_");
+    if let Some(same) = SETTINGS.iter().find(|s| **s == canon) {
+        return Some(format!(
+            "{name:?} looks like {same}, but names must match exactly: rename it, or remove it \
+             if it is not read"
+        ));
+    }
+    let like: Vec<&str> = SETTINGS
+        .iter()
+        .filter(|s| {
+            let stem = s
+                .trim_end_matches("_WITH_IP")
+                .trim_end_matches("_WITHOUT_IP");
+            let stem = stem.trim_end_matches('S');
+            canon.starts_with(stem)
+        })
+        .copied()
+        .collect();
+    (!like.is_empty()).then(|| {
+        format!(
+            "{name:?} looks like {}, but names must match exactly: rename it, or remove it if \
+             it is not read",
+            like.join(" or ")
+        )
+    })
+}
+
+/// The settings' values must be the values: a `${VAR}` the .env loader would expand, or an
+/// App Service Key Vault reference, is not resolved here. Names the setting, never its value.
+fn unresolved(settings: &BTreeMap<String, String>) -> Result<(), String> {
+    for key in SETTINGS {
+        let Some(value) = settings.get(key) else {
+            continue;
+        };
+        let reference = if value.contains("${") {
+            "another variable (${...})"
+        } else if value
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("@microsoft.keyvault(")
+        {
+            "a Key Vault secret (@Microsoft.KeyVault(...))"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "{key} refers to {reference}, which import-env does not resolve: give the value \
+             itself (in the environment, or with --env-file/--json)"
+        ));
+    }
+    Ok(())
 }
 
 /// A .env file: `KEY=VALUE` lines, blank lines and `#` comments, an optional `export ` prefix,
@@ -139,6 +212,7 @@ fn read_settings(args: &Args) -> Result<(BTreeMap<String, String>, String), Fail
 /// ` # comment` after a value. Errors name the line, never its content (it may hold a key).
 fn parse_dotenv(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut map = BTreeMap::new();
+    let mut lines = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let line_no = n + 1;
         let line = line.trim();
@@ -162,7 +236,17 @@ fn parse_dotenv(text: &str) -> Result<BTreeMap<String, String>, String> {
                 "line {line_no}: expected KEY=VALUE (KEY of letters, digits, \"_\" and \".\")"
             ));
         }
+        if let Some(e) = near_miss(key) {
+            return Err(format!("line {line_no}: {e}"));
+        }
         let value = dotenv_value(value.trim_start()).map_err(|e| format!("line {line_no}: {e}"))?;
+        if SETTINGS.contains(&key) {
+            if let Some(first) = lines.insert(key.to_string(), line_no) {
+                return Err(format!(
+                    "line {line_no}: {key} is set again (first on line {first}); keep one"
+                ));
+            }
+        }
         map.insert(key.to_string(), value);
     }
     Ok(map)
@@ -221,6 +305,9 @@ fn parse_json(text: &str) -> Result<BTreeMap<String, String>, String> {
     match doc {
         Value::Object(object) => {
             for (key, value) in object {
+                if let Some(e) = near_miss(&key) {
+                    return Err(e);
+                }
                 if !SETTINGS.contains(&key.as_str()) {
                     continue;
                 }
@@ -240,6 +327,9 @@ fn parse_json(text: &str) -> Result<BTreeMap<String, String>, String> {
                          app-settings format)"
                     ));
                 };
+                if let Some(e) = near_miss(name) {
+                    return Err(format!("[{i}]: {e}"));
+                }
                 if !SETTINGS.contains(&name) {
                     continue;
                 }
@@ -898,5 +988,59 @@ mod tests {
         .unwrap_err()
         .contains("twice"));
         assert!(parse_json("\"x\"").is_err());
+    }
+
+    #[test]
+    fn names_like_a_setting_are_refused_not_ignored() {
+        for name in [
+            "token_protected_paths_with_ip",
+            "TOKEN_PROTECTED_PATH_WITH_IP",
+            "Token-Protected-Paths-Without-Ip",
+            "VALID_INPUT_PATH",
+            "API_KEY_VALUE",
+        ] {
+            let e = near_miss(name).unwrap();
+            assert!(e.contains(&format!("{name:?}")), "{e}");
+            let e = parse_dotenv(&format!("VALID_INPUT_PATHS=/a\n{name}=/a\n")).unwrap_err();
+            assert!(e.starts_with("line 2:"), "{e}");
+            let e = parse_json(&format!(r#"{{"{name}": "/a"}}"#)).unwrap_err();
+            assert!(e.contains("names must match exactly"), "{e}");
+            let e = parse_json(&format!(r#"[{{"name": "{name}", "value": "/a"}}]"#)).unwrap_err();
+            assert!(e.starts_with("[0]:"), "{e}");
+        }
+        for name in SETTINGS
+            .iter()
+            .chain(&["TOKEN_CACHE", "APIKEY", "WEBSITE_RUN_FROM_PACKAGE"])
+        {
+            assert_eq!(near_miss(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_setting_set_twice_in_a_dotenv_is_refused() {
+        let e = parse_dotenv(
+            "TOKEN_PROTECTED_PATHS_WITH_IP=/api\nX=1\nTOKEN_PROTECTED_PATHS_WITH_IP=\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("line 3:") && e.contains("first on line 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn references_are_refused_by_setting_name() {
+        for value in [
+            "${PROTECTED}",
+            "/api;${MORE}",
+            " @Microsoft.KeyVault(SecretUri=https://v/s/k)",
+        ] {
+            let map = BTreeMap::from([(KEY_VALUES.to_string(), value.to_string())]);
+            let e = unresolved(&map).unwrap_err();
+            assert!(e.starts_with("API_KEY_VALUES refers to"), "{e}");
+            assert!(!e.contains("PROTECTED") && !e.contains("SecretUri"), "{e}");
+        }
+        let map = BTreeMap::from([("OTHER".to_string(), "${X}".to_string())]);
+        assert!(unresolved(&map).is_ok());
     }
 }

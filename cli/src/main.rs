@@ -30,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check policy files exactly as the filter will. Exit 0 if all are valid, 1 if any is not,
-    /// 2 if a file cannot be read.
+    /// Check policy files exactly as the filter will. Errors show the offending lines, with
+    /// values that may be secrets (hmac_secret, inject_headers) as ***. Exit 0 if all are
+    /// valid, 1 if any is not, 2 if a file cannot be read.
     Validate(validate::Args),
     /// Print a complete Envoy configuration that runs gateguard with a policy.
     Render(Box<render::Args>),
@@ -51,19 +52,27 @@ enum Command {
     /// key injected upstream (from an environment variable GATEGUARD_KEY_<NAME>, listed on
     /// standard error), replay protection per the two lists. Protected paths need JWT
     /// validation: --issuer, --audience, --jwks-uri or --openid-config, and --jwks-cluster.
-    /// The output is checked with the filter's own compiler. Exit 1 on an error in the
-    /// settings or flags, 2 if a file cannot be read or written.
+    /// The output is checked with the filter's own compiler. Settings it cannot read exactly
+    /// (a name that differs from one only in case or spelling, a setting given twice, a ${VAR}
+    /// or Key Vault reference) are errors, never skipped. Nothing is written on an error (an
+    /// existing --out file is left as it was). Exit 1 on an error in the settings or flags, 2
+    /// if a file cannot be read or written.
     ImportEnv(import_env::Args),
     /// Convert an Azure API Management policy document (XML) into a policy with one API.
     ///
-    /// Converts <cors>, <ip-filter> (address ranges become CIDRs), <validate-jwt>
-    /// (openid-config, n/e or HMAC keys, audiences, issuers, required-claims), <check-header> on
-    /// Ocp-Apim-Subscription-Key (keys stored as SHA-256), the client-certificate thumbprint
-    /// <choose> pattern, <validate-client-certificate> and request <set-header> ({{named
-    /// values}} become environment variables). Lists every element on standard error as
-    /// converted or not converted, with its line. Exit 0 if everything converted, 3 if some
-    /// element was not converted (the policy is still written), 1 for invalid XML or a result
-    /// the filter would refuse, 2 if a file cannot be read or written.
+    /// Fails closed: it never writes a policy less strict than its input. Converts <cors>,
+    /// <ip-filter> (address ranges become CIDRs), <validate-jwt> (openid-config, n/e keys, an
+    /// HMAC key (HS256, with or without RSA keys), audiences, issuers, required-claims),
+    /// <check-header> on Ocp-Apim-Subscription-Key (keys stored as SHA-256), the
+    /// client-certificate <choose> pattern, <validate-client-certificate> and request
+    /// <set-header> (a {{named value}} header becomes an environment variable). Named values
+    /// and ${placeholders} elsewhere are filled in from --named-values. Lists every element on
+    /// standard error as converted, left out or not converted, with its line. Exit 0 when the
+    /// policy was written; 3 when an element could not be converted exactly (an unknown inbound
+    /// policy, a check inside <choose>, a placeholder without a value...): nothing is written
+    /// and an existing --out file is left as it was; 1 for invalid XML, flags or
+    /// --named-values file, or a result the filter would refuse; 2 if a file cannot be read or
+    /// written.
     ImportApim(import_apim::Args),
     /// Print the JSON Schema of policy documents (policies/gateguard.schema.json), generated
     /// from the filter's own configuration types.

@@ -1,8 +1,10 @@
 //! `gateguard validate`: the filter's own parser and compiler, run before deployment.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gateguard_core::locate::secret_spans;
 use gateguard_core::parse_policy;
 
 /// Stands in for environment variables that are not set where the CLI runs: long enough for any
@@ -74,17 +76,121 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-/// The offending line with its neighbours and a caret, as 3scale's filter shows config errors.
+/// The offending line with its neighbours and a caret, as 3scale's filter shows config errors;
+/// every value that may be a secret (see [`secret_spans`]) is shown as `***`.
 fn print_context(text: &str, line: usize, column: usize) {
-    let lines: Vec<&str> = text.lines().collect();
+    for row in context(text, line, column) {
+        eprintln!("{row}");
+    }
+}
+
+fn context(text: &str, line: usize, column: usize) -> Vec<String> {
+    let secrets = secret_spans(text);
+    let mut rows = Vec::new();
     let first = line.saturating_sub(2).max(1);
-    let last = (line + 1).min(lines.len());
-    for n in first..=last {
-        if let Some(l) = lines.get(n - 1) {
-            eprintln!("{n:>5} | {l}");
+    let mut start = 0;
+    for (n, raw) in text.split('\n').enumerate().map(|(i, l)| (i + 1, l)) {
+        if n > line + 1 {
+            break;
+        }
+        if n >= first {
+            let l = raw.strip_suffix('\r').unwrap_or(raw);
+            let (shown, caret) = masked(l, start, &secrets, column);
+            rows.push(format!("{n:>5} | {shown}"));
             if n == line {
-                eprintln!("      | {}^", " ".repeat(column.saturating_sub(1)));
+                rows.push(format!("      | {}^", " ".repeat(caret.saturating_sub(1))));
             }
+        }
+        start += raw.len() + 1;
+    }
+    rows
+}
+
+/// `line` (starting at byte `start` of the document) with the parts inside `secrets` replaced
+/// by `***`, and where 1-based character `column` lands in it.
+fn masked(line: &str, start: usize, secrets: &[Range<usize>], column: usize) -> (String, usize) {
+    let mut out = String::with_capacity(line.len());
+    let mut caret = None;
+    let mut shown = 0;
+    let mut in_secret = false;
+    for (chars, (i, c)) in line.char_indices().enumerate() {
+        let at = start + i;
+        let secret = secrets.iter().any(|r| r.contains(&at));
+        if chars + 1 == column {
+            caret = Some(shown + 1);
+        }
+        if secret {
+            if !in_secret {
+                out.push_str("***");
+                shown += 3;
+            }
+        } else {
+            out.push(c);
+            shown += 1;
+        }
+        in_secret = secret;
+    }
+    (out, caret.unwrap_or(shown + 1))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn error_context(text: &str) -> String {
+        let e = parse_policy(text.as_bytes(), &|_| Some(PLACEHOLDER.into())).unwrap_err();
+        let mut shown = format!("{}: {}\n", e.path, e.reason);
+        shown += &context(text, e.line.unwrap(), e.column.unwrap()).join("\n");
+        shown
+    }
+
+    #[test]
+    fn context_masks_secrets_on_the_error_line_and_around_it() {
+        let text = r#"{"apis": [{"name": "a", "path_prefix": "/a",
+  "inject_headers": {"x-functions-key": {"value": "fk-s3cret"}},
+  "jwt": {"issuers": ["i"], "audiences": ["a"], "algorithms": ["HS256"], "hmac_secret": {"value": "short-s3cret"}}
+}]}"#;
+        let shown = error_context(text);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains(r#""hmac_secret": {"value": "***"}"#),
+            "{shown}"
+        );
+        assert!(shown.contains(r#"{"value": "***"}}"#), "{shown}");
+        // The caret still points at the field in error.
+        let rows: Vec<&str> = shown.lines().collect();
+        let caret = rows
+            .iter()
+            .position(|r| r.trim_end().ends_with('^'))
+            .unwrap();
+        let at = rows[caret].find('^').unwrap();
+        assert_eq!(&rows[caret - 1][at..at + 10], r#"{"value": "#);
+    }
+
+    #[test]
+    fn context_masks_secrets_in_minified_and_escaped_policies() {
+        for text in [
+            // One line, the secret before the error.
+            r#"{"apis":[{"name":"a","path_prefix":"/a","inject_headers":{"x-k":{"value":"s3\"c,r}e\\t"}},"bad":1}]}"#,
+            // The secret after the error, on the same line.
+            r#"{"apis":[{"name":"a","bad":1,"path_prefix":"/a","inject_headers":{"x-k":{"value":"s3cret"}}}]}"#,
+            // A bare string, a number and a typo'd key.
+            r#"{"apis":[{"name":"a","path_prefix":"/a","inject_headers":{"x-k":"s3cret"}}]}"#,
+            r#"{"apis":[{"name":"a","path_prefix":"/a","inject_headers":{"x-k":{"value":731337}}}]}"#,
+            r#"{"apis":[{"name":"a","path_prefix":"/a","inject_headers":{"x-k":{"vaule":"s3cret"}}}]}"#,
+            // A syntax error next to the secret.
+            r#"{"apis":[{"name":"a","path_prefix":"/a","inject_headers":{"x-k":{"value":"s3cret"}}}}]}"#,
+            "{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/a\",\"inject_headers\":{\"x-k\":{\"value\":\"s3cret\n\"}}}]}",
+            // Windows line ends.
+            "{\"apis\": [{\"name\": \"a\",\r\n\"path_prefix\": \"/a\",\r\n\"inject_headers\": {\"x-k\": {\"value\": \"s3cret\"}}, \"bad\": 1}]}",
+        ] {
+            let shown = error_context(text);
+            assert!(
+                !shown.contains("s3") && !shown.contains("731337"),
+                "{text}\n{shown}"
+            );
+            assert!(shown.contains("***"), "{shown}");
         }
     }
 }

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{is_token, CorsConfig, CorsPolicy};
-use crate::error::{index, join, ConfigError};
+use crate::error::{index, join, without_secrets, ConfigError};
 use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterPolicy};
 use crate::jwt::{JwtConfig, JwtPolicy};
 use crate::locate::locate;
@@ -137,7 +137,7 @@ pub fn parse_raw(text: &str) -> Result<PolicyConfig, ConfigError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let (line, column) = (inner.line(), inner.column());
-        let reason = strip_position(&inner.to_string());
+        let (path, reason) = without_secrets(path, strip_position(&inner.to_string()));
         let path = if path == "." { String::new() } else { path };
         ConfigError::new(path, reason).at(line, column)
     })?;

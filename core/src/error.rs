@@ -55,7 +55,162 @@ pub fn join(prefix: &str, field: &str) -> String {
     }
 }
 
+/// Whether a JSON path lies where a policy keeps secrets: an HMAC secret or an injected
+/// header's value (`apis[0].jwt.hmac_secret`, `apis[1].inject_headers.x-functions-key`).
+pub fn is_secret_path(path: &str) -> bool {
+    path.split(['.', '['])
+        .any(|segment| segment == "hmac_secret" || segment == "inject_headers")
+}
+
+/// A parser error's path and message with the values they quote replaced by `***` when the
+/// path holds secrets: serde writes what it found (`invalid type: string "s3cret", expected a
+/// map`, ``unknown variant `s3cret` ``), the path names an unknown key (a secret pasted as a
+/// key), and a policy error must never print a secret.
+pub fn without_secrets(path: String, reason: String) -> (String, String) {
+    if !is_secret_path(&path) {
+        return (path, reason);
+    }
+    (secret_path_masked(path), reason_masked(&reason))
+}
+
+/// `…hmac_secret.<key>` and `…inject_headers.<header>.<key>` keep `<key>` only when it is
+/// `value` or `env`.
+fn secret_path_masked(path: String) -> String {
+    let Some(at) = path
+        .rfind("hmac_secret")
+        .or_else(|| path.rfind("inject_headers"))
+    else {
+        return path;
+    };
+    let (head, tail) = path.split_at(at);
+    let mut segments: Vec<&str> = tail.split('.').collect();
+    // hmac_secret.<key>, or inject_headers.<header>.<key>
+    let keyed = if tail.starts_with("hmac_secret") {
+        2
+    } else {
+        3
+    };
+    if segments.len() >= keyed {
+        let key = segments[keyed - 1..].join(".");
+        if key != "value" && key != "env" {
+            segments.truncate(keyed - 1);
+            segments.push("***");
+        }
+    }
+    format!("{head}{}", segments.join("."))
+}
+
+fn reason_masked(reason: &str) -> String {
+    // What serde puts before the value it quotes.
+    const MARKERS: [&str; 8] = [
+        "string \"",
+        "string `",
+        "integer `",
+        "floating point `",
+        "boolean `",
+        "character `",
+        "variant `",
+        "field `",
+    ];
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some((at, marker)) = MARKERS
+        .iter()
+        .filter_map(|m| rest.find(m).map(|i| (i, *m)))
+        .min_by_key(|(i, _)| *i)
+    {
+        let open = at + marker.len();
+        out.push_str(rest.get(..open).unwrap_or(""));
+        let quote = if marker.ends_with('"') { '"' } else { '`' };
+        let body = rest.get(open..).unwrap_or("");
+        let mut escaped = false;
+        let close = body.char_indices().find(|&(_, c)| {
+            let end = c == quote && !escaped;
+            escaped = c == '\\' && !escaped && quote == '"';
+            end
+        });
+        out.push_str("***");
+        rest = close.map_or("", |(i, _)| body.get(i..).unwrap_or(""));
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `index("apis", 2)` is `apis[2]`.
 pub fn index(prefix: &str, i: usize) -> String {
     format!("{prefix}[{i}]")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_paths() {
+        assert!(is_secret_path("apis[0].jwt.hmac_secret"));
+        assert!(is_secret_path("apis[0].inject_headers"));
+        assert!(is_secret_path("apis[3].inject_headers.x-functions-key"));
+        assert!(!is_secret_path("apis[0].jwt.issuers[0]"));
+        assert!(!is_secret_path("apis[0].name"));
+    }
+
+    #[test]
+    fn quoted_values_are_masked_under_secret_paths() {
+        let cases = [
+            (
+                r#"invalid type: string "s3\"cr`et", expected a map"#,
+                r#"invalid type: string "***", expected a map"#,
+            ),
+            (
+                "invalid type: integer `731337`, expected a string",
+                "invalid type: integer `***`, expected a string",
+            ),
+            (
+                "unknown variant `s3cret`, expected `value` or `env`",
+                "unknown variant `***`, expected `value` or `env`",
+            ),
+            ("expected `,` or `}`", "expected `,` or `}`"),
+            (
+                r#"invalid type: string "unterminated"#,
+                r#"invalid type: string "***"#,
+            ),
+        ];
+        for (reason, masked) in cases {
+            let path = "apis[0].inject_headers".to_string();
+            assert_eq!(
+                without_secrets(path.clone(), reason.to_string()),
+                (path, masked.to_string())
+            );
+        }
+        let plain = r#"invalid type: string "x", expected a map"#.to_string();
+        let path = "apis[0].cors".to_string();
+        assert_eq!(without_secrets(path.clone(), plain.clone()), (path, plain));
+    }
+
+    #[test]
+    fn unknown_keys_in_secret_paths_are_masked() {
+        let masked = |p: &str| without_secrets(p.to_string(), String::new()).0;
+        assert_eq!(masked("apis[0].jwt.hmac_secret"), "apis[0].jwt.hmac_secret");
+        assert_eq!(
+            masked("apis[0].jwt.hmac_secret.value"),
+            "apis[0].jwt.hmac_secret.value"
+        );
+        assert_eq!(
+            masked("apis[0].jwt.hmac_secret.s3cret"),
+            "apis[0].jwt.hmac_secret.***"
+        );
+        assert_eq!(
+            masked("apis[1].inject_headers.x-k"),
+            "apis[1].inject_headers.x-k"
+        );
+        assert_eq!(
+            masked("apis[1].inject_headers.x-k.env"),
+            "apis[1].inject_headers.x-k.env"
+        );
+        assert_eq!(
+            masked("apis[1].inject_headers.x-k.s3.cret"),
+            "apis[1].inject_headers.x-k.***"
+        );
+    }
 }
