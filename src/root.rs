@@ -1,7 +1,9 @@
 //! The root context: one per worker. Compiles the policy on `on_configure` and refuses a bad
 //! one (Envoy then rejects the configuration), so no worker serves with a half-understood
-//! policy. From `on_tick` it keeps remote JWKS fresh: one worker fetches (elected through a
-//! lease in shared data), publishes the key set in shared data, and every worker picks it up.
+//! policy, and prepares the replay store for it (moving its entries when the policy wants
+//! another layout). From `on_tick` it keeps remote JWKS fresh: one worker fetches (elected
+//! through a lease in shared data), publishes the key set in shared data, and every worker picks
+//! it up; and it reports the replay store's occupancy, reclaiming expired entries on the way.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -9,7 +11,9 @@ use std::time::Duration;
 
 use gateguard_core::jwt::fetch::{split_uri, FetchResult, JwksFetcher, FETCH_TIMEOUT_SECONDS};
 use gateguard_core::jwt::{JwksSource, KeySet};
-use gateguard_core::replay::{ensure_buckets, occupancy, SharedStore, CREATE_CAS};
+use gateguard_core::replay::{
+    current_layout, ensure_buckets, sweep, Layout, Prepared, SharedStore, CREATE_CAS,
+};
 use gateguard_core::{hex, parse_policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -24,7 +28,7 @@ use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
 pub const PREFIX: &str = "gateguard.";
 /// After a successful fetch, no worker fetches the same JWKS again for this long.
 const MIN_FETCH_GAP_SECONDS: u64 = 5;
-/// Replay buckets scanned per tick for the occupancy gauge.
+/// Replay buckets scanned (and swept) per tick for the occupancy gauge.
 const OCCUPANCY_SLICE: u32 = 512;
 
 /// One remote JWKS an API uses.
@@ -44,6 +48,8 @@ pub struct GatewayRoot {
     remotes: Vec<RemoteJwks>,
     /// dispatch_http_call token → index in `remotes`.
     in_flight: HashMap<u32, usize>,
+    /// The replay layout being scanned for the gauge, and how far the scan got.
+    occupancy_layout: Option<Layout>,
     occupancy_cursor: u32,
     occupancy_live: u64,
     store_full_logged: u64,
@@ -129,15 +135,21 @@ impl RootContext for GatewayRoot {
         let replay_prefix = policy.replay_cache.key_prefix(PREFIX);
         if policy.apis.iter().any(|a| a.replay.is_some()) {
             // Buckets exist before any request: a request never creates one (creation ignores
-            // CAS in Envoy, so it could not be made exclusive).
-            if let Err(e) =
-                ensure_buckets(&HostStore, &replay_prefix, policy.replay_cache.buckets())
-            {
-                log(
-                    LogLevel::Error,
-                    &format!("gateguard: cannot create the replay store (shared data status {}); refusing to start", e.status),
-                );
-                return false;
+            // CAS in Envoy, so it could not be made exclusive). A policy that wants another
+            // bucket count moves every entry to a new layout here, while requests of the
+            // previous policy keep using the store.
+            let wanted = policy.replay_cache.buckets();
+            match ensure_buckets(&HostStore, &replay_prefix, wanted) {
+                Ok(prepared) => log_prepared(&prepared, wanted),
+                Err(e) => {
+                    log(
+                        LogLevel::Error,
+                        &format!(
+                            "gateguard: cannot prepare the replay store ({e}); refusing the policy"
+                        ),
+                    );
+                    return false;
+                }
             }
         }
         let mut keys = Vec::with_capacity(policy.apis.len());
@@ -261,29 +273,43 @@ impl GatewayRoot {
         }
     }
 
-    /// The replay store's live entries, as a gauge, scanned a slice per tick; and one warning
-    /// per tick at most when new tokens were refused because the store is full.
+    /// The replay store's live entries, as a gauge, scanned a slice per tick in the layout
+    /// requests use (a scan that meets sealed buckets starts again in the new layout), expired
+    /// entries of idle buckets reclaimed on the way; and one warning per tick at most when new
+    /// tokens were refused because the store is full.
     fn report_replay_store(&mut self, gateway: &Gateway, now: u64) {
         let policy = &gateway.policy;
         if !policy.apis.iter().any(|a| a.replay.is_some()) {
             return;
         }
-        let buckets = policy.replay_cache.buckets();
-        let end = (self.occupancy_cursor + OCCUPANCY_SLICE).min(buckets);
-        let seen = occupancy(
-            &HostStore,
-            &gateway.replay_prefix,
-            self.occupancy_cursor..end,
-            now,
-        );
-        self.occupancy_live += seen.live;
-        self.occupancy_cursor = end;
-        if end >= buckets {
-            gateway
-                .metrics
-                .set_gauge("replay_store_live_entries", self.occupancy_live);
-            self.occupancy_cursor = 0;
+        if self.occupancy_cursor == 0 {
+            self.occupancy_layout = current_layout(&HostStore, &gateway.replay_prefix)
+                .ok()
+                .flatten();
             self.occupancy_live = 0;
+        }
+        if let Some(layout) = self.occupancy_layout {
+            let end = self
+                .occupancy_cursor
+                .saturating_add(OCCUPANCY_SLICE)
+                .min(layout.buckets);
+            let seen = sweep(
+                &HostStore,
+                &gateway.replay_prefix,
+                layout,
+                self.occupancy_cursor..end,
+                now,
+            );
+            self.occupancy_live += seen.live;
+            self.occupancy_cursor = end;
+            if seen.sealed > 0 {
+                self.occupancy_cursor = 0;
+            } else if end >= layout.buckets {
+                gateway
+                    .metrics
+                    .set_gauge("replay_store_live_entries", self.occupancy_live);
+                self.occupancy_cursor = 0;
+            }
         }
         let full = gateway.store_full.get();
         if full > self.store_full_logged {
@@ -297,6 +323,38 @@ impl GatewayRoot {
             );
             self.store_full_logged = full;
         }
+    }
+}
+
+/// One line per migration this root context worked on, and a warning when the store could not
+/// be moved to the policy's size or lost a corrupt bucket on the way.
+fn log_prepared(prepared: &Prepared, wanted: u32) {
+    for m in prepared.migrations.iter().filter(|m| m.sealed > 0) {
+        log(
+            LogLevel::Info,
+            &format!(
+                "gateguard: replay store moved from {} to {}: this thread carried {} buckets, {} entries",
+                m.from, m.to, m.sealed, m.copied
+            ),
+        );
+        if m.corrupt > 0 {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "gateguard: replay store: {} corrupt buckets of {} could not be moved; the tokens they held are forgotten",
+                    m.corrupt, m.from
+                ),
+            );
+        }
+    }
+    if prepared.layout.buckets != wanted {
+        log(
+            LogLevel::Warn,
+            &format!(
+                "gateguard: replay store left at {} instead of {wanted} buckets: other policies in this VM keep moving it (give gateways with different replay_cache sizes their own vm_id)",
+                prepared.layout
+            ),
+        );
     }
 }
 

@@ -41,6 +41,10 @@ def gw(request, key, echo_upstream):
     config = bootstrap([http_listener("main", port, main), http_listener("small", small_port, small),
                         http_listener("proxied", xff_port, behind_proxy)],
                        [static_cluster("upstream", echo_upstream)], admin)
+    # Policies in one VM share one replay store, whose layout follows the policy configured last:
+    # the 3-entry store gets a VM of its own, as docs/operations.md tells operators to do.
+    small_filter = config["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0]
+    small_filter["typed_config"]["http_filters"][0]["typed_config"]["config"]["vm_config"]["vm_id"] = "small"
     envoy = start_envoy(request, config, concurrency=2)
     envoy.port, envoy.small_port, envoy.xff_port = port, small_port, xff_port
     return envoy

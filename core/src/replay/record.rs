@@ -1,0 +1,274 @@
+//! What the store holds, byte for byte (big-endian, format version 2):
+//!
+//! - live bucket: `"GR" | 2 | 41` then entries of 41 bytes:
+//!   `digest[0..16] | expiry u64 | owner flag u8 (0 none, 1 IP) | owner IPv6 [16] (zero if none)`.
+//!   IPv4 owners are stored as IPv4-mapped IPv6, after `to_canonical()`, so both spellings match.
+//!   An empty value reads as an empty live bucket.
+//! - sealed bucket: `"GS" | 2 | epoch u32 | buckets u32`: its entries moved to that layout.
+//! - pointer: `"GP" | 2 | epoch u32 | buckets u32 | has next u8 | epoch u32 | buckets u32`
+//!   (the current layout, and the one a running migration moves to; zeros when none).
+//!
+//! A bucket's index is computed from the stored digest bytes, so a migration can place every
+//! entry where requests will look for it in a layout of any size.
+
+use std::net::Ipv6Addr;
+use std::slice::ChunksExact;
+
+use super::policy::MAX_BUCKETS;
+
+pub const FORMAT_VERSION: u8 = 2;
+pub const ENTRY_LEN: usize = 41;
+pub const HEADER_LEN: usize = 4;
+pub(crate) const STORED_DIGEST_LEN: usize = 16;
+const LIVE: [u8; HEADER_LEN] = [b'G', b'R', FORMAT_VERSION, ENTRY_LEN as u8];
+const SEALED: [u8; 3] = [b'G', b'S', FORMAT_VERSION];
+pub const SEALED_LEN: usize = 11;
+const POINTER: [u8; 3] = [b'G', b'P', FORMAT_VERSION];
+pub const POINTER_LEN: usize = 20;
+
+/// One arrangement of the store: `buckets` keys under `e{epoch}/{buckets}/`. Epochs only grow,
+/// so a layout is never reused, even when a later policy asks for the same bucket count again,
+/// and a seal always points to a later epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub epoch: u32,
+    pub buckets: u32,
+}
+
+impl Layout {
+    /// The layout a store starts with.
+    pub fn first(buckets: u32) -> Self {
+        Self { epoch: 1, buckets }
+    }
+
+    /// Bucket counts are powers of two (migration groups rely on it) and at most 65,536.
+    pub fn is_valid(&self) -> bool {
+        self.epoch >= 1 && self.buckets.is_power_of_two() && self.buckets <= MAX_BUCKETS
+    }
+
+    /// The layout a migration from `self` to `buckets` buckets creates.
+    pub fn successor(&self, buckets: u32) -> Option<Self> {
+        Some(Self {
+            epoch: self.epoch.checked_add(1)?,
+            buckets,
+        })
+    }
+
+    pub fn bucket_key(&self, prefix: &str, index: u32) -> String {
+        format!("{prefix}e{}/{}/{index}", self.epoch, self.buckets)
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.buckets.to_be_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Option<Self> {
+        let epoch = u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let buckets = u32::from_be_bytes(bytes.get(4..8)?.try_into().ok()?);
+        let layout = Self { epoch, buckets };
+        layout.is_valid().then_some(layout)
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} buckets (epoch {})", self.buckets, self.epoch)
+    }
+}
+
+/// The store's one pointer key: which layout requests use, and where a migration is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pointer {
+    pub current: Layout,
+    /// Set while a migration from `current` runs; always `current.epoch + 1`.
+    pub next: Option<Layout>,
+}
+
+impl Pointer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(POINTER_LEN);
+        out.extend_from_slice(&POINTER);
+        self.current.put(&mut out);
+        match self.next {
+            Some(next) => {
+                out.push(1);
+                next.put(&mut out);
+            }
+            None => out.extend_from_slice(&[0; 9]),
+        }
+        out
+    }
+
+    /// `None` for anything but a well-formed pointer whose `next` follows `current`.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != POINTER_LEN || bytes.get(..3)? != POINTER {
+            return None;
+        }
+        let current = Layout::read(bytes.get(3..11)?)?;
+        let rest = bytes.get(12..)?;
+        let next = match bytes.get(11)? {
+            0 if rest.iter().all(|&b| b == 0) => None,
+            1 => {
+                let next = Layout::read(rest)?;
+                if Some(next.epoch) != current.epoch.checked_add(1) {
+                    return None;
+                }
+                Some(next)
+            }
+            _ => return None,
+        };
+        Some(Self { current, next })
+    }
+}
+
+/// One decoded entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub digest: [u8; STORED_DIGEST_LEN],
+    pub expiry: u64,
+    pub owner: Option<Ipv6Addr>,
+}
+
+/// Why a bucket record does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorruptBucket {
+    /// Wrong magic, version or entry length.
+    Header,
+    /// Not a whole number of entries.
+    Length,
+    /// An entry with an unknown owner flag, or an owner address without the flag.
+    Entry { index: usize },
+    /// A sealed marker whose target is not a valid layout.
+    Seal,
+}
+
+/// A bucket as stored: its entries, or where they went.
+#[derive(Debug, Clone)]
+pub enum Bucket<'a> {
+    Live(ChunksExact<'a, u8>),
+    Sealed(Layout),
+}
+
+/// A decoded bucket, owned (for tests and tools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Live(Vec<Entry>),
+    Sealed(Layout),
+}
+
+/// Validates a record. An empty slice is a fresh live bucket.
+pub fn parse_bucket(bucket: &[u8]) -> Result<Bucket<'_>, CorruptBucket> {
+    if bucket.starts_with(&SEALED) {
+        if bucket.len() != SEALED_LEN {
+            return Err(CorruptBucket::Seal);
+        }
+        let target = bucket.get(3..).and_then(Layout::read);
+        return target.map(Bucket::Sealed).ok_or(CorruptBucket::Seal);
+    }
+    live_entries(bucket).map(Bucket::Live)
+}
+
+/// The raw entries of a live record; a sealed one is `Header` here.
+pub(crate) fn live_entries(bucket: &[u8]) -> Result<ChunksExact<'_, u8>, CorruptBucket> {
+    if bucket.is_empty() {
+        return Ok(bucket.chunks_exact(ENTRY_LEN));
+    }
+    let (header, body) = bucket
+        .split_at_checked(HEADER_LEN)
+        .ok_or(CorruptBucket::Header)?;
+    if header != LIVE {
+        return Err(CorruptBucket::Header);
+    }
+    if body.len() % ENTRY_LEN != 0 {
+        return Err(CorruptBucket::Length);
+    }
+    for (index, raw) in body.chunks_exact(ENTRY_LEN).enumerate() {
+        let valid = match raw[24] {
+            0 => raw[25..].iter().all(|&b| b == 0),
+            1 => true,
+            _ => false,
+        };
+        if !valid {
+            return Err(CorruptBucket::Entry { index });
+        }
+    }
+    Ok(body.chunks_exact(ENTRY_LEN))
+}
+
+/// `raw` is one chunk of [`live_entries`]: exactly `ENTRY_LEN` bytes.
+pub(crate) fn parse_entry(raw: &[u8]) -> Entry {
+    let mut digest = [0u8; STORED_DIGEST_LEN];
+    digest.copy_from_slice(&raw[..16]);
+    let mut expiry = [0u8; 8];
+    expiry.copy_from_slice(&raw[16..24]);
+    let mut owner = [0u8; 16];
+    owner.copy_from_slice(&raw[25..41]);
+    Entry {
+        digest,
+        expiry: u64::from_be_bytes(expiry),
+        owner: (raw[24] == 1).then(|| Ipv6Addr::from(owner)),
+    }
+}
+
+/// The expiry of a raw entry, without decoding the rest.
+pub(crate) fn raw_expiry(raw: &[u8]) -> u64 {
+    let mut expiry = [0u8; 8];
+    expiry.copy_from_slice(&raw[16..24]);
+    u64::from_be_bytes(expiry)
+}
+
+pub(crate) fn push_entry(out: &mut Vec<u8>, entry: &Entry) {
+    out.extend_from_slice(&entry.digest);
+    out.extend_from_slice(&entry.expiry.to_be_bytes());
+    match entry.owner {
+        Some(ip) => {
+            out.push(1);
+            out.extend_from_slice(&ip.octets());
+        }
+        None => {
+            out.push(0);
+            out.extend_from_slice(&[0u8; 16]);
+        }
+    }
+}
+
+pub fn decode(bucket: &[u8]) -> Result<Record, CorruptBucket> {
+    Ok(match parse_bucket(bucket)? {
+        Bucket::Live(raws) => Record::Live(raws.map(parse_entry).collect()),
+        Bucket::Sealed(target) => Record::Sealed(target),
+    })
+}
+
+/// `encode(&[])` is the fresh bucket configuration writes: the header alone, never an empty
+/// value (the SDK reports an empty value like a missing one).
+pub fn encode(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + entries.len() * ENTRY_LEN);
+    out.extend_from_slice(&LIVE);
+    for e in entries {
+        push_entry(&mut out, e);
+    }
+    out
+}
+
+pub(crate) fn live_header() -> [u8; HEADER_LEN] {
+    LIVE
+}
+
+/// The marker a migration leaves in a bucket whose entries moved to `target`.
+pub fn encode_sealed(target: Layout) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEALED_LEN);
+    out.extend_from_slice(&SEALED);
+    target.put(&mut out);
+    out
+}
+
+/// The bucket of a digest (the 32-byte one or the stored 16 bytes) in a layout of `buckets`:
+/// bytes 12..16, which the store keeps, so an entry can be placed again in another layout.
+pub fn bucket_index(digest: &[u8], buckets: u32) -> u32 {
+    let n = digest
+        .get(12..16)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes);
+    n % buckets.max(1)
+}

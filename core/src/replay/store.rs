@@ -1,0 +1,237 @@
+//! The request path against Envoy shared data: read the pointer, find the token's live bucket
+//! (following seals), decide, write back with the CAS read.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+
+use super::admit::{admit, Verdict};
+use super::policy::{ReplayCachePolicy, ReplayMode, TokenRef};
+use super::record::{bucket_index, parse_bucket, Bucket, Layout, Pointer};
+
+/// A failed CAS means another worker wrote the bucket, so retries are bounded by contention,
+/// not by time; 64 is far above the worker count of any Envoy we expect.
+pub const MAX_CAS_RETRIES: u32 = 64;
+/// Seals one request may follow. Each is a migration that completed while the request ran
+/// (a request starts from the pointer's current layout), so one is already rare.
+pub const MAX_HOPS: u32 = 8;
+/// Creates a key only if it is still missing: if another worker created it meanwhile, the set
+/// is refused (Envoy's CAS counter would have to sit at exactly this value) instead of wiping it.
+pub const CREATE_CAS: u32 = u32::MAX;
+
+/// A host call refused, with the host's status code for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreError {
+    pub status: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    CasMismatch,
+    Other(StoreError),
+}
+
+/// Envoy shared data as the replay store needs it. `get` returns the value and its CAS (never 0
+/// for an existing key); `set` with a non-zero CAS on an existing key fails with `CasMismatch`
+/// unless it matches, with CAS 0 overwrites, and on a missing key creates it whatever the CAS.
+/// Keys cannot be deleted.
+pub trait SharedStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+pub fn pointer_key(prefix: &str) -> String {
+    format!("{prefix}current")
+}
+
+/// Why the pointer could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointerError {
+    Store(StoreError),
+    /// Present but not a pointer gateguard wrote.
+    Corrupt,
+}
+
+/// The pointer and its CAS; `None` before any configuration prepared the store.
+pub fn read_pointer(
+    store: &dyn SharedStore,
+    prefix: &str,
+) -> Result<Option<(Pointer, u32)>, PointerError> {
+    match store
+        .get(&pointer_key(prefix))
+        .map_err(PointerError::Store)?
+    {
+        None => Ok(None),
+        Some((value, cas)) => Pointer::decode(&value)
+            .map(|p| Some((p, cas)))
+            .ok_or(PointerError::Corrupt),
+    }
+}
+
+/// The layout requests use now.
+pub fn current_layout(
+    store: &dyn SharedStore,
+    prefix: &str,
+) -> Result<Option<Layout>, PointerError> {
+    Ok(read_pointer(store, prefix)?.map(|(p, _)| p.current))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub verdict: Verdict,
+    /// CAS mismatches before the decision (a stats counter).
+    pub cas_retries: u32,
+    /// Expired entries dropped by this request's write (the evictions counter).
+    pub reclaimed: u32,
+    /// The bucket consulted last, for logs.
+    pub bucket: u32,
+    /// Sealed buckets followed (migrations that ran during this request).
+    pub hops: u32,
+}
+
+/// The request path: read the pointer; read the token's bucket in the current layout; if it is
+/// sealed, go to the layout its marker names and read the token's bucket there; decide on the
+/// live bucket and write it back with the CAS read, retrying on mismatch (the retry may find it
+/// sealed meanwhile, and follows). Exactly one concurrent first use wins because every write is
+/// conditional on the live bucket being unchanged since the decision was made, and a seal is
+/// such a change. Capacity is `max_entries` spread over the layout in use.
+pub fn check_and_record(
+    store: &dyn SharedStore,
+    policy: &ReplayCachePolicy,
+    prefix: &str,
+    token: TokenRef,
+    ip: Option<IpAddr>,
+    mode: ReplayMode,
+    now: u64,
+) -> ReplayOutcome {
+    let mut out = ReplayOutcome {
+        verdict: Verdict::StoreUnavailable,
+        cas_retries: 0,
+        reclaimed: 0,
+        bucket: 0,
+        hops: 0,
+    };
+    let done = |mut out: ReplayOutcome, verdict| {
+        out.verdict = verdict;
+        out
+    };
+    let mut layout = match read_pointer(store, prefix) {
+        Ok(Some((pointer, _))) => pointer.current,
+        Ok(None) => return done(out, Verdict::MissingBucket),
+        Err(PointerError::Corrupt) => return done(out, Verdict::Corrupt),
+        Err(PointerError::Store(_)) => return done(out, Verdict::StoreUnavailable),
+    };
+    loop {
+        out.bucket = bucket_index(&token.digest, layout.buckets);
+        let key = layout.bucket_key(prefix, out.bucket);
+        let (value, cas) = match store.get(&key) {
+            Ok(Some(found)) => found,
+            Ok(None) => return done(out, Verdict::MissingBucket),
+            Err(_) => return done(out, Verdict::StoreUnavailable),
+        };
+        // A CAS of 0 would make the write unconditional: never decide on it.
+        if cas == 0 {
+            return done(out, Verdict::StoreUnavailable);
+        }
+        match parse_bucket(&value) {
+            Ok(Bucket::Sealed(target)) => {
+                // Seals only point to a later epoch, so a corrupt chain cannot loop; the bound
+                // is for a request that keeps losing to migrations.
+                if target.epoch <= layout.epoch {
+                    return done(out, Verdict::Corrupt);
+                }
+                if out.hops >= MAX_HOPS {
+                    return done(out, Verdict::Contention);
+                }
+                out.hops += 1;
+                layout = target;
+                continue;
+            }
+            Ok(Bucket::Live(_)) => {}
+            Err(_) => return done(out, Verdict::Corrupt),
+        }
+        let admission = admit(
+            &value,
+            &token,
+            ip,
+            mode,
+            now,
+            policy.capacity_in(layout.buckets),
+        );
+        let Some(new_value) = admission.new_value else {
+            return done(out, admission.verdict);
+        };
+        match store.set(&key, &new_value, cas) {
+            Ok(()) => {
+                out.reclaimed = admission.reclaimed;
+                return done(out, admission.verdict);
+            }
+            Err(SetError::CasMismatch) if out.cas_retries < MAX_CAS_RETRIES => {
+                out.cas_retries += 1;
+            }
+            Err(SetError::CasMismatch) => return done(out, Verdict::Contention),
+            Err(SetError::Other(_)) => return done(out, Verdict::StoreUnavailable),
+        }
+    }
+}
+
+/// Envoy's shared data in process, for tests and benchmarks: one lock, a global CAS counter
+/// that skips 0, creation that ignores the CAS, no deletion, exactly as the host behaves.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    map: HashMap<String, (Vec<u8>, u32)>,
+    last_cas: u32,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys, for tests.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of keys and values, for measurements.
+    pub fn bytes(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.map.iter().map(|(k, (v, _))| k.len() + v.len()).sum()
+    }
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(inner.map.get(key).cloned())
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, current)) = inner.map.get(key) {
+            if cas != 0 && cas != *current {
+                return Err(SetError::CasMismatch);
+            }
+        }
+        inner.last_cas = inner.last_cas.wrapping_add(1);
+        if inner.last_cas == 0 {
+            inner.last_cas = 1;
+        }
+        let next = inner.last_cas;
+        inner.map.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+}
