@@ -382,7 +382,7 @@ impl Checks<'_, '_> {
         skew: u64,
     ) -> Result<(), Refusal> {
         let identity = signed_content_sha256(token);
-        let token = TokenRef::new(&self.api.name, &identity, exp, skew);
+        let token = TokenRef::new(&identity, exp, skew);
         let owner = match mode {
             ReplayMode::WithIp => self.client_ip.ok(),
             ReplayMode::WithoutIp => None,

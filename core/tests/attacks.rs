@@ -58,6 +58,7 @@ fn es_policy(s: &Signer) -> CompiledPolicy {
     let doc = json!({"apis": [
         {"name": "once", "path_prefix": "/once", "jwt": jwt("api://once"), "replay": {"mode": "without_ip"}},
         {"name": "bound", "path_prefix": "/bound", "jwt": jwt("api://bound"), "replay": {"mode": "with_ip"}},
+        {"name": "again", "path_prefix": "/again", "jwt": jwt("api://once"), "replay": {"mode": "without_ip"}},
     ]});
     parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap()
 }
@@ -93,6 +94,22 @@ fn ecdsa_signature_malleability_is_a_replay_not_a_new_token() {
         401,
         "Token replay detected",
     );
+}
+
+#[test]
+fn a_spent_token_is_spent_on_every_api() {
+    let s = es256_signer("k1");
+    let p = es_policy(&s);
+    let h = FakeHost::new(&p, jwks(&[&s]));
+    let t = es256_token(&s, "k1", "api://once");
+    forward(&call("/once/x").without_key().bearer(&t).run(&p, &h));
+    for path in ["/again/x", "/once/x"] {
+        assert_refused(
+            &call(path).without_key().bearer(&malleate(&t)).run(&p, &h),
+            401,
+            "Token replay detected",
+        );
+    }
 }
 
 #[test]

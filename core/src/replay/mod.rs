@@ -63,10 +63,11 @@
 //! configurations (exact, but the last one configured decides the layout): give such gateways
 //! their own `vm_id`.
 //!
-//! Scope: the digest is SHA-256 over the API name and the token's SHA-256, so each API keeps its
-//! own replay history: a `without_ip` token is accepted once per API, and two APIs with different
-//! modes never see each other's entries. Within one API, a token recorded under one mode stays
-//! spent after a policy switches mode (an entry without owner never matches an IP): fail closed.
+//! Scope: one history for the whole store. The digest is SHA-256 over the token's signed
+//! content (`header.payload`), never the API, so a `without_ip` token is accepted once across
+//! every API, renaming or re-prefixing an API in a reload forgets nothing, and a token recorded
+//! under one mode stays spent after a policy switches mode (an entry without owner never
+//! matches an IP; an owned entry is a replay for `without_ip`): fail closed.
 
 mod admit;
 mod migrate;

@@ -132,22 +132,22 @@ pub fn store_prefix(base: &str) -> String {
 /// A validated token as the replay store sees it: never the token itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenRef {
-    /// SHA-256 over the API name and the token's SHA-256 (see [`TokenRef::new`]).
+    /// SHA-256 over the token's identity (see [`TokenRef::new`]).
     pub digest: [u8; 32],
     /// First second at which the entry may be forgotten: the token's `exp` + clock skew + 1.
     pub exp: u64,
 }
 
 impl TokenRef {
-    /// `token_sha256` is the SHA-256 of the compact JWT (the verified-token cache key).
+    /// `identity` is the SHA-256 of what the token's signature covers (`header.payload`), so
+    /// every encoding of one signature is one token. One history for the whole gateway: a token
+    /// spent on one API is spent on all, whatever the APIs are named or become after a reload.
     /// The entry outlives `exp + clock_skew` by one second so that it covers the last second an
     /// `exp` check accepts, whether that check is inclusive or not.
-    pub fn new(api: &str, token_sha256: &[u8; 32], exp: u64, clock_skew: u64) -> Self {
+    pub fn new(identity: &[u8; 32], exp: u64, clock_skew: u64) -> Self {
         let mut h = Sha256::new();
-        h.update(b"gateguard/replay/v1\0");
-        h.update((api.len() as u64).to_be_bytes());
-        h.update(api.as_bytes());
-        h.update(token_sha256);
+        h.update(b"gateguard/replay/v2\0");
+        h.update(identity);
         Self {
             digest: h.finalize().into(),
             exp: exp.saturating_add(clock_skew).saturating_add(1),

@@ -661,8 +661,8 @@ fn a_token_recorded_again_after_its_entry_expired_keeps_its_later_record() {
     let vm = Vm::new();
     let (p, _) = vm.configure(1000);
     let raw = sha("skewed");
-    let short = TokenRef::new(API, &raw, NOW, 0);
-    let long = TokenRef::new(API, &raw, NOW, 300);
+    let short = TokenRef::new(&raw, NOW, 0);
+    let long = TokenRef::new(&raw, NOW, 300);
     assert_eq!(
         vm.outcome(&p, short, None, WithoutIp, NOW - 10).verdict,
         FirstUse
