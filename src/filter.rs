@@ -7,8 +7,8 @@ use std::rc::Rc;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward};
-use gateguard_core::gateway::{Event, Host};
 use gateguard_core::jwt::{cache, KeySet};
+use gateguard_core::pipeline::{Event, Host};
 use gateguard_core::replay::{SharedStore, Verdict};
 use gateguard_core::{CompiledPolicy, Outcome, Request};
 use proxy_wasm::traits::{Context, HttpContext};

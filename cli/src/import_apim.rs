@@ -1625,7 +1625,7 @@ impl<'d, 'i> Cx<'d, 'i> {
                 Err(r) => return self.report.skip(e, format!("{name}: the value {r}")),
             }
         };
-        if let Err(reason) = gateguard_core::config::check_upstream_header_name(&name) {
+        if let Err(reason) = gateguard_core::headers::check_upstream_header_name(&name) {
             return self.report.skip(e, format!("{name:?}: {reason}"));
         }
         let block = json!({ name.as_str(): source.clone() });

@@ -610,7 +610,7 @@ fn jwt_block(args: &Args, apis: &[PlannedApi]) -> Result<Option<Value>, String> 
 
 /// The policy document, pretty-printed, `$schema` first.
 fn render(apis: &[PlannedApi], args: &Args, jwt: Option<&Value>) -> Result<String, String> {
-    gateguard_core::config::check_upstream_header_name(&args.key_header)
+    gateguard_core::headers::check_upstream_header_name(&args.key_header)
         .map_err(|reason| format!("--key-header: {reason}"))?;
     let mut list = Vec::new();
     for api in apis {

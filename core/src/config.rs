@@ -8,8 +8,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
-use crate::cors::{is_token, CorsConfig, CorsPolicy};
+use crate::cors::{CorsConfig, CorsPolicy};
 use crate::error::{index, join, without_secrets, ConfigError};
+use crate::headers::{check_upstream_header_name, is_header_value};
 use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterPolicy};
 use crate::jwt::{JwtConfig, JwtPolicy};
 use crate::locate::locate;
@@ -285,36 +286,6 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         replay,
         inject_headers,
     })
-}
-
-/// Headers the gateway sets upstream: valid names that do not change how the request is
-/// routed or framed.
-pub fn check_upstream_header_name(name: &str) -> Result<(), String> {
-    if !is_token(name) {
-        return Err(format!("{name:?} is not a header name"));
-    }
-    const RESERVED: &[&str] = &[
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-connection",
-        "authorization",
-        "cookie",
-    ];
-    let lower = name.to_ascii_lowercase();
-    if RESERVED.contains(&lower.as_str()) {
-        return Err(format!("{name:?} cannot be set by the gateway"));
-    }
-    Ok(())
-}
-
-pub fn is_header_value(v: &str) -> bool {
-    v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::error::{index, join, ConfigError};
+use crate::headers::is_token;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -262,13 +263,6 @@ fn header_list(names: &[String], path: &str) -> Result<Vec<String>, ConfigError>
             }
         })
         .collect()
-}
-
-/// RFC 9110 `token`: what method and header names are made of.
-pub fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn default_port(scheme: &str) -> Option<u16> {

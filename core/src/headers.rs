@@ -1,6 +1,7 @@
-//! Header names as backends read them. CGI and WSGI servers (and the frameworks on them) turn
-//! `x-user-id` and `x_user_id` into the same `HTTP_X_USER_ID`, so a header the gateway sets or
-//! consumes must be removed from the client's request in every spelling: any case, `_` for `-`.
+//! HTTP header names and values: what a valid one is, which ones the gateway may set, and how
+//! backends read them. CGI and WSGI servers (and the frameworks on them) turn `x-user-id` and
+//! `x_user_id` into the same `HTTP_X_USER_ID`, so a header the gateway sets or consumes must be
+//! removed from the client's request in every spelling: any case, `_` for `-`.
 
 /// Do two header names reach a backend as the same header?
 pub fn same_header_name(a: &str, b: &str) -> bool {
@@ -41,6 +42,43 @@ pub const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"]
 
 /// The query parameter form frameworks accept for the same purpose.
 pub const METHOD_OVERRIDE_QUERY: &str = "_method";
+
+/// RFC 9110 `token`: what method and header names are made of.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Headers the gateway sets upstream: valid names that do not change how the request is
+/// routed or framed.
+pub fn check_upstream_header_name(name: &str) -> Result<(), String> {
+    if !is_token(name) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "authorization",
+        "cookie",
+    ];
+    let lower = name.to_ascii_lowercase();
+    if RESERVED.contains(&lower.as_str()) {
+        return Err(format!("{name:?} cannot be set by the gateway"));
+    }
+    Ok(())
+}
+
+pub fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -5,8 +5,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::cors::is_token;
 use crate::error::{index, join, ConfigError};
+use crate::headers::is_token;
 use crate::hex;
 use crate::query::query_values;
 

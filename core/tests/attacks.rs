@@ -296,7 +296,7 @@ fn a_stricter_api_is_not_reachable_through_another_spelling_of_its_path() {
         {"name": "admin", "path_prefix": "/api/admin", "ip_filter": {"allow": ["192.0.2.1"]}},
     ]});
     let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
-    let h = gateguard_core::gateway::NoHost;
+    let h = gateguard_core::pipeline::NoHost;
     for path in [
         "/odata/$metadata",
         "/odata/%24metadata",
@@ -341,7 +341,7 @@ fn forwarded_certificates_count_only_from_the_trusted_proxies() {
         "client_ip": {"trusted_proxy_hops": 1, "trusted_proxies": ["10.0.0.1"]}
     });
     let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
-    let h = gateguard_core::gateway::NoHost;
+    let h = gateguard_core::pipeline::NoHost;
     let header = base64::engine::general_purpose::STANDARD.encode(&der);
     // Certificates are public: a client that reaches the gateway directly must not present one
     // in a header only the platform's front end may write.

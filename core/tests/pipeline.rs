@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use gateguard_core::gateway::{NoHost, Request};
+use gateguard_core::pipeline::{NoHost, Request};
 use gateguard_core::{parse_policy, Outcome};
 use jsonwebtoken::{Algorithm, Header};
 use serde_json::json;

@@ -81,7 +81,7 @@ impl RequiredClaim {
             Some(m) => {
                 let mut out = Vec::with_capacity(m.len());
                 for (i, method) in m.iter().enumerate() {
-                    if !crate::cors::is_token(method) {
+                    if !crate::headers::is_token(method) {
                         return Err(ConfigError::new(
                             index(&join(path, "methods"), i),
                             format!("{method:?} is not an HTTP method"),
@@ -150,5 +150,5 @@ pub fn header_value(claim: &Value) -> Option<String> {
             .join(","),
         other => scalar(other)?,
     };
-    crate::config::is_header_value(&text).then_some(text)
+    crate::headers::is_header_value(&text).then_some(text)
 }

@@ -310,7 +310,7 @@ impl JwtPolicy {
         let mut claims_to_headers: Vec<(String, String)> = Vec::new();
         for (claim, header) in &cfg.claims_to_headers {
             let field = join(&headers_path, claim);
-            crate::config::check_upstream_header_name(header)
+            crate::headers::check_upstream_header_name(header)
                 .map_err(|r| ConfigError::new(&field, r))?;
             let lower = header.to_ascii_lowercase();
             if claims_to_headers.iter().any(|(_, h)| *h == lower) {

@@ -52,13 +52,13 @@ fn entries_of(bytes: &[u8]) -> Vec<Entry> {
     }
 }
 
-struct Gateway {
+struct ReadyStore {
     store: MemoryStore,
     prefix: String,
     policy: ReplayCachePolicy,
 }
 
-impl Gateway {
+impl ReadyStore {
     fn new(max_entries: u64) -> Self {
         let policy = policy(max_entries);
         let (store, prefix) = ready(&policy);
@@ -176,7 +176,7 @@ fn bucket_sizing_is_a_power_of_two_and_covers_max_entries() {
 
 #[test]
 fn with_ip_first_ip_owns_the_token_and_other_ips_are_refused() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     assert_eq!(gw.check(t, ip("203.0.113.5"), WithIp, NOW), FirstUse);
     for _ in 0..5 {
@@ -190,7 +190,7 @@ fn with_ip_first_ip_owns_the_token_and_other_ips_are_refused() {
 
 #[test]
 fn with_ip_ipv4_mapped_ipv6_is_the_same_owner_as_ipv4() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     assert_eq!(
         gw.check(t, ip("::ffff:198.51.100.7"), WithIp, NOW),
@@ -210,7 +210,7 @@ fn with_ip_ipv4_mapped_ipv6_is_the_same_owner_as_ipv4() {
 
 #[test]
 fn with_ip_ownership_lasts_until_exp_plus_skew_then_the_entry_is_reclaimed() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = TokenRef::new(&sha("a"), NOW + 10, 60);
     assert_eq!(t.exp, NOW + 71);
     assert_eq!(gw.check(t, ip("10.0.0.1"), WithIp, NOW), FirstUse);
@@ -251,7 +251,7 @@ fn with_ip_ownership_lasts_until_exp_plus_skew_then_the_entry_is_reclaimed() {
 
 #[test]
 fn with_ip_without_a_client_ip_fails_closed() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     assert_eq!(gw.check(t, None, WithIp, NOW), MissingIp);
     assert!(!MissingIp.is_accepted());
@@ -263,7 +263,7 @@ fn with_ip_without_a_client_ip_fails_closed() {
 
 #[test]
 fn without_ip_first_use_accepted_second_refused_whatever_the_ip() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     assert_eq!(gw.check(t, ip("10.0.0.1"), WithoutIp, NOW), FirstUse);
     assert_eq!(gw.check(t, ip("10.0.0.1"), WithoutIp, NOW), Replay);
@@ -337,7 +337,7 @@ fn expired_entries_are_reclaimed_on_write() {
 
 #[test]
 fn store_full_of_live_tokens_refuses_new_ones_then_accepts_after_expiry() {
-    let gw = Gateway::new(3);
+    let gw = ReadyStore::new(3);
     for name in ["a", "b", "c"] {
         assert_eq!(
             gw.check(tok(name, NOW + 10), None, WithoutIp, NOW),
@@ -374,7 +374,7 @@ fn store_full_of_live_tokens_refuses_new_ones_then_accepts_after_expiry() {
 
 #[test]
 fn sweep_reclaims_idle_buckets() {
-    let gw = Gateway::new(5000);
+    let gw = ReadyStore::new(5000);
     for i in 0..100 {
         assert_eq!(
             gw.check(tok(&format!("t{i}"), NOW + i), None, WithoutIp, NOW),
@@ -540,7 +540,7 @@ fn corrupt_buckets_fail_closed_without_writing() {
         assert_eq!(Pointer::decode(bad), None, "{bad:?}");
     }
     // Through the store: refused, and the bucket is left as found (for the log).
-    let gw = Gateway::new(10);
+    let gw = ReadyStore::new(10);
     let key = gw.key(0);
     gw.store.set(&key, b"garbage", 0).unwrap();
     assert_eq!(gw.check(tok("b", NOW + 600), None, WithoutIp, NOW), Corrupt);
@@ -608,7 +608,7 @@ fn a_missing_bucket_fails_closed_and_is_not_created_by_a_request() {
 
 #[test]
 fn a_corrupt_pointer_or_a_backward_seal_fails_closed() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     let bucket = bucket_index(&t.digest, 4);
     // A seal that points back (or to itself) would loop: refused, nothing written.
@@ -632,7 +632,7 @@ fn a_corrupt_pointer_or_a_backward_seal_fails_closed() {
 
 #[test]
 fn different_tokens_in_one_bucket_are_told_apart() {
-    let gw = Gateway::new(500); // one bucket
+    let gw = ReadyStore::new(500); // one bucket
     assert_eq!(gw.policy.buckets(), 1);
     let tokens: Vec<TokenRef> = (0..200).map(|i| tok(&format!("t{i}"), NOW + 600)).collect();
     for (i, t) in tokens.iter().enumerate() {
@@ -667,7 +667,7 @@ fn digests_equal_in_their_stored_16_bytes_count_as_one_token() {
 
 #[test]
 fn one_history_for_every_api() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let raw = sha("the same jwt");
     let t = TokenRef::new(&raw, NOW + 600, 0);
     // Spent on one `without_ip` API: spent on every other, whatever its name.
@@ -682,7 +682,7 @@ fn one_history_for_every_api() {
 
 #[test]
 fn a_token_spent_under_one_mode_stays_spent_after_a_mode_switch() {
-    let gw = Gateway::new(1000);
+    let gw = ReadyStore::new(1000);
     let t = tok("a", NOW + 600);
     assert_eq!(gw.check(t, ip("10.0.0.1"), WithoutIp, NOW), FirstUse);
     assert_eq!(gw.check(t, ip("10.0.0.1"), WithIp, NOW), Replay);
@@ -876,7 +876,7 @@ fn without_ip_exactly_one_first_use_per_token_under_a_16_thread_race() {
     const THREADS: usize = 16;
     const ROUNDS: u64 = 200;
     // 16 buckets: the racing token also contends with every thread's own token.
-    let gw = Gateway::new(4096);
+    let gw = ReadyStore::new(4096);
     let firsts: Vec<AtomicU32> = (0..ROUNDS).map(|_| AtomicU32::new(0)).collect();
     let retries = AtomicU32::new(0);
     let barrier = Barrier::new(THREADS);
@@ -920,7 +920,7 @@ fn without_ip_exactly_one_first_use_per_token_under_a_16_thread_race() {
 fn with_ip_exactly_one_owner_among_32_racing_ips() {
     const THREADS: usize = 32;
     const ROUNDS: u64 = 200;
-    let gw = Gateway::new(1_000_000);
+    let gw = ReadyStore::new(1_000_000);
     let results: Vec<Mutex<Vec<(usize, Verdict, Verdict)>>> =
         (0..ROUNDS).map(|_| Mutex::new(Vec::new())).collect();
     let barrier = Barrier::new(THREADS);
@@ -1059,7 +1059,7 @@ fn measure_memory_and_cost() {
             started.elapsed() / N
         );
     }
-    let gw = Gateway::new(1_000_000);
+    let gw = ReadyStore::new(1_000_000);
     let started = Instant::now();
     for i in 0..N {
         black_box(gw.check(tok(&format!("c{i}"), NOW + 3600), None, WithoutIp, NOW));
