@@ -70,6 +70,9 @@ def gw(request, keys, idp, echo_upstream):
                       required_claims=[{"name": "roles", "any_of": ["Forms.Delete"], "methods": ["DELETE"]}],
                       claims_to_headers={"sub": "x-user-id"}),
               inject_headers={"x-functions-key": {"value": FUNCTION_KEY}}),
+        keyed("reports", "/reports",
+              jwt=jwt({"inline": jwtkit.jwks(keys["ed"])}, "EdDSA",
+                      required_claims=[{"name": "roles", "any_of": ["Reports.Read"], "methods": ["GET"]}])),
         {"name": "rotating", "path_prefix": "/rotating", "jwt": jwt(
             {"cluster": "idp", "uri": f"http://127.0.0.1:{idp.port}/keys", "refresh_seconds": 1}, "ES256")},
     ]}
@@ -186,7 +189,7 @@ def test_strict_api_is_reached_in_every_spelling(gw, path):
 @pytest.mark.parametrize("path", [
     "/api/x/%2e%2e;/admin/users", "/api/x/..;/admin/users", "/api/x/.%2e;x/admin", "/api/x%2F..%2Fadmin",
     "/api/x%5c..%5cadmin", "/api/%252e%252e/admin", "/odata/%2524metadata", "/api/%C0%AE%C0%AE/admin",
-    "/ap%C4%B1/admin", "/api/x/...;/admin", "/api/x/..%00/admin",
+    "/ap%C4%B1/admin", "/api/x/...;/admin", "/api/x/..%00/admin", "/api/admin./users", "/api/admin%20/users",
 ])
 def test_ambiguous_paths_never_reach_the_lenient_api(gw, path):
     status, body = call(gw.port, path)
@@ -243,6 +246,14 @@ def test_method_override_query_parameter_is_checked_too(gw, keys):
     for path in ("/forms/x?_method=DELETE", "/forms/x?a=1&_METHOD=delete"):
         status, body = call(gw.port, path, reader, headers=[("Ocp-Apim-Subscription-Key", KEY)], method="POST")
         assert (status, json.loads(body)) == (403, CLAIMS), path
+
+
+def test_head_is_checked_as_get(gw, keys):
+    # Express, Flask and Spring serve HEAD with the GET handler.
+    nobody = jwtkit.token(keys["ed"], jwtkit.claims(ISS, AUD, roles=["Forms.Read"]))
+    assert call(gw.port, "/reports/x", nobody, headers=[("Ocp-Apim-Subscription-Key", KEY)], method="HEAD")[0] == 403
+    reader = jwtkit.token(keys["ed"], jwtkit.claims(ISS, AUD, roles=["Reports.Read"]))
+    assert call(gw.port, "/reports/x", reader, headers=[("Ocp-Apim-Subscription-Key", KEY)], method="HEAD")[0] == 200
 
 
 def test_a_token_with_the_right_role_may_still_override(gw, keys):

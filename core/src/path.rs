@@ -31,6 +31,8 @@ pub enum PathError {
     /// backends fold to ASCII (`ı`, `ſ`, the Kelvin sign...), or a full-width `.`, `/`, `\`.
     AmbiguousUnicode,
     DotSegment,
+    /// A segment ending in `.` or a space, which Windows servers strip.
+    TrailingDotOrSpace,
     TooLong,
 }
 
@@ -45,6 +47,7 @@ impl PathError {
             PathError::DoubleEncoding => "double percent-encoding in path",
             PathError::AmbiguousUnicode => "invalid or ambiguous Unicode in path",
             PathError::DotSegment => "dot segment in path",
+            PathError::TrailingDotOrSpace => "path segment ends with a dot or space",
             PathError::TooLong => "path too long",
         }
     }
@@ -91,6 +94,10 @@ pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
         // `.`, `..`, and what Windows and old servers read as them (`...`, `.. `).
         if name.trim_end_matches([' ', '.']).is_empty() {
             return Err(PathError::DotSegment);
+        }
+        // Windows (IIS, http.sys) drops trailing dots and spaces: `admin.` may be `admin`.
+        if name.ends_with(['.', ' ']) {
+            return Err(PathError::TrailingDotOrSpace);
         }
         normalized.push('/');
         normalized.push_str(name);
@@ -254,6 +261,14 @@ mod tests {
             "/api/x/.%2e/admin",
         ] {
             assert_eq!(norm(p), Err(PathError::DotSegment), "{p}");
+        }
+        for p in [
+            "/api/admin./users",
+            "/api/admin%2e/users",
+            "/api/admin%20/x",
+            "/api/admin.;x/y",
+        ] {
+            assert_eq!(norm(p), Err(PathError::TrailingDotOrSpace), "{p}");
         }
         // Dots inside names are fine.
         assert_eq!(norm("/api/v1.2/..x").unwrap(), "/api/v1.2/..x");

@@ -104,10 +104,14 @@ impl<'a> Request<'a> {
             .collect()
     }
 
-    /// The method and every method the request asks a backend to treat it as (override
-    /// headers in any spelling, `_method` in the query): method-scoped rules apply to each.
+    /// The method and every method a backend may treat the request as (override headers in
+    /// any spelling, `_method` in the query, GET for HEAD): method-scoped rules apply to each.
     pub fn effective_methods(&self, query: Option<&str>) -> Vec<String> {
         let mut methods = vec![self.method.to_string()];
+        // Express, Flask, Spring and others serve HEAD with the GET handler.
+        if self.method.eq_ignore_ascii_case("HEAD") {
+            methods.push("GET".to_string());
+        }
         let overrides = self
             .headers
             .iter()

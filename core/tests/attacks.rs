@@ -178,12 +178,16 @@ fn cached_tokens_die_with_the_key_that_verified_them() {
 }
 
 fn hygiene_policy(s: &Signer) -> CompiledPolicy {
+    hygiene_policy_with_rule(s, "DELETE")
+}
+
+fn hygiene_policy_with_rule(s: &Signer, method: &str) -> CompiledPolicy {
     let doc = json!({"apis": [{
         "name": "a", "path_prefix": "/a",
         "subscription_key": {"keys_sha256": [gateguard_core::subscription_key::hash_key("k")]},
         "jwt": {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["EdDSA"],
                 "jwks": {"inline": {"keys": [s.jwk]}},
-                "required_claims": [{"name": "roles", "any_of": ["Forms.Delete"], "methods": ["DELETE"]}],
+                "required_claims": [{"name": "roles", "any_of": ["Forms.Delete"], "methods": [method]}],
                 "claims_to_headers": {"sub": "x-user-id"}},
         "inject_headers": {"x-functions-key": {"value": "fk"}}
     }]});
@@ -322,6 +326,8 @@ fn a_stricter_api_is_not_reachable_through_another_spelling_of_its_path() {
         "/api/%252e%252e/admin",
         "/api/x/%C0%AE%C0%AE/admin",
         "/ap%C4%B1/admin",
+        "/api/admin./users",
+        "/api/admin%20/users",
     ] {
         let d = call(path).run(&p, &h);
         assert_refused(&d, 400, "Bad request path");
