@@ -3,7 +3,7 @@
 
 use std::ptr::{null, null_mut};
 
-use gateguard_core::replay::{SetError, SharedStore, StoreError};
+use gateguard_core::shared_data::{SetError, SharedStore, StoreError};
 
 #[link(wasm_import_module = "env")]
 extern "C" {

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use gateguard_core::jwt::fetch::{split_uri, FetchResult, JwksFetcher, FETCH_TIMEOUT_SECONDS};
 use gateguard_core::jwt::{JwksSource, KeySet};
-use gateguard_core::replay::{
-    current_layout, ensure_buckets, sweep, Layout, Prepared, SharedStore, CREATE_CAS,
-};
+use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
+use gateguard_core::shared_data::{SharedStore, CREATE_CAS};
 use gateguard_core::{hex, parse_policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
