@@ -27,6 +27,9 @@ const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
 
+/// Shared-data key prefix of everything gateguard stores.
+pub const KEY_PREFIX: &str = "gateguard.";
+
 /// The proxy's shared key-value store (one per `vm_id`, common to all worker threads).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostStore;

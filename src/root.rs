@@ -1,9 +1,10 @@
 //! The root context: one per worker. Compiles the policy on `on_configure` and refuses a bad
 //! one (Envoy then rejects the configuration), so no worker serves with a half-understood
 //! policy, and prepares the replay store for it (moving its entries when the policy wants
-//! another layout). From `on_tick` it keeps remote JWKS fresh: one worker fetches (elected
-//! through a lease in shared data), publishes the key set in shared data, and every worker picks
-//! it up; and it reports the replay store's occupancy, reclaiming expired entries on the way.
+//! another layout). From `on_tick` it keeps remote JWKS fresh (the core's `SharedJwks` elects
+//! the one worker that fetches and hands every worker the key set it publishes; this file sends
+//! the request and passes the answer back), and it reports the replay store's occupancy,
+//! reclaiming expired entries on the way.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -18,12 +19,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use crate::filter::{Gateway, RequestFilter};
-use crate::host::{self, BufferType, HostStore, LogLevel, MapType};
+use crate::configured::ConfiguredGateway;
+use crate::filter::RequestFilter;
+use crate::host::{self, log, BufferType, HostStore, LogLevel, MapType, KEY_PREFIX};
 use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
 
-/// Shared-data key prefix of everything gateguard stores.
-pub const PREFIX: &str = "gateguard.";
 /// Replay buckets scanned (and swept) per tick for the occupancy gauge.
 const OCCUPANCY_SLICE: u32 = 512;
 
@@ -37,7 +37,7 @@ struct RemoteJwks {
 
 #[derive(Default)]
 pub struct GatewayRoot {
-    gateway: Option<Rc<Gateway>>,
+    gateway: Option<Rc<ConfiguredGateway>>,
     remotes: Vec<RemoteJwks>,
     /// dispatch_http_call token → index in `remotes`.
     in_flight: HashMap<u32, usize>,
@@ -117,7 +117,7 @@ impl RootContext for GatewayRoot {
                 return false;
             }
         };
-        let replay_prefix = policy.replay_cache.key_prefix(PREFIX);
+        let replay_prefix = policy.replay_cache.key_prefix(KEY_PREFIX);
         if policy.apis.iter().any(|a| a.replay.is_some()) {
             // Buckets exist before any request: a request never creates one (creation ignores
             // CAS in Envoy, so it could not be made exclusive). A policy that wants another
@@ -152,14 +152,19 @@ impl RootContext for GatewayRoot {
                     self.remotes.push(RemoteJwks {
                         api: i,
                         cluster: cluster.clone(),
-                        jwks: SharedJwks::new(PREFIX, cluster, uri, *refresh_seconds),
+                        jwks: SharedJwks::new(KEY_PREFIX, cluster, uri, *refresh_seconds),
                     });
                 }
                 Some(JwksSource::None) | None => keys.push(None),
             }
         }
         let metrics = Metrics::define(&policy);
-        self.gateway = Some(Rc::new(Gateway::new(policy, metrics, keys, replay_prefix)));
+        self.gateway = Some(Rc::new(ConfiguredGateway::new(
+            policy,
+            metrics,
+            keys,
+            replay_prefix,
+        )));
         // Fetching starts on the first tick, on the workers. Not from here: Envoy also
         // configures a root context on the main thread, whose HTTP calls never answer, and a
         // fetch started there would hold the fetch lease until it timed out.
@@ -188,7 +193,7 @@ impl RootContext for GatewayRoot {
 }
 
 impl GatewayRoot {
-    fn refresh_jwks(&mut self, gateway: &Gateway, index: usize, now: u64) {
+    fn refresh_jwks(&mut self, gateway: &ConfiguredGateway, index: usize, now: u64) {
         let Some(remote) = self.remotes.get_mut(index) else {
             return;
         };
@@ -231,7 +236,7 @@ impl GatewayRoot {
     /// requests use (a scan that meets sealed buckets starts again in the new layout), expired
     /// entries of idle buckets reclaimed on the way; and one warning per tick at most when new
     /// tokens were refused because the store is full.
-    fn report_replay_store(&mut self, gateway: &Gateway, now: u64) {
+    fn report_replay_store(&mut self, gateway: &ConfiguredGateway, now: u64) {
         let policy = &gateway.policy;
         if !policy.apis.iter().any(|a| a.replay.is_some()) {
             return;
@@ -310,8 +315,4 @@ fn log_prepared(prepared: &Prepared, wanted: u32) {
             ),
         );
     }
-}
-
-pub fn log(level: LogLevel, message: &str) {
-    host::log(level, message);
 }
