@@ -82,11 +82,12 @@ pub use admit::{admit, normalise_ip, Admission, Verdict};
 pub use migrate::{create_buckets, ensure_buckets, Migration, PrepareError, Prepared};
 pub use policy::{
     store_prefix, ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode, TokenRef,
-    MAX_BUCKETS, MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
+    MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
 };
 pub use record::{
     bucket_index, decode, encode, encode_sealed, parse_bucket, Bucket, CorruptBucket, Entry,
-    Layout, Pointer, Record, ENTRY_LEN, FORMAT_VERSION, HEADER_LEN, POINTER_LEN, SEALED_LEN,
+    Layout, Pointer, Record, ENTRY_LEN, FORMAT_VERSION, HEADER_LEN, MAX_BUCKETS, POINTER_LEN,
+    SEALED_LEN,
 };
 pub use scan::{occupancy, sweep, Occupancy};
 pub use store::{
