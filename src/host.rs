@@ -3,7 +3,7 @@
 
 use std::ptr::{null, null_mut};
 
-use gateguard_core::replay::{SetError, SharedStore, StoreError};
+use gateguard_core::shared_data::{SetError, SharedStore, StoreError};
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -26,6 +26,9 @@ extern "C" {
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
+
+/// Shared-data key prefix of everything gateguard stores.
+pub const KEY_PREFIX: &str = "gateguard.";
 
 /// The proxy's shared key-value store (one per `vm_id`, common to all worker threads).
 #[derive(Debug, Clone, Copy, Default)]

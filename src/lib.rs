@@ -1,6 +1,7 @@
 //! gateguard's proxy-wasm adapter: collects request facts, asks the core for a decision, and
 //! applies it. Everything that decides lives in `gateguard-core`.
 
+mod configured;
 mod filter;
 mod host;
 mod metrics;

@@ -1,33 +1,29 @@
 //! The root context: one per worker. Compiles the policy on `on_configure` and refuses a bad
 //! one (Envoy then rejects the configuration), so no worker serves with a half-understood
 //! policy, and prepares the replay store for it (moving its entries when the policy wants
-//! another layout). From `on_tick` it keeps remote JWKS fresh: one worker fetches (elected
-//! through a lease in shared data), publishes the key set in shared data, and every worker picks
-//! it up; and it reports the replay store's occupancy, reclaiming expired entries on the way.
+//! another layout). From `on_tick` it keeps remote JWKS fresh (the core's `SharedJwks` elects
+//! the one worker that fetches and hands every worker the key set it publishes; this file sends
+//! the request and passes the answer back), and it reports the replay store's occupancy,
+//! reclaiming expired entries on the way.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use gateguard_core::jwt::fetch::{split_uri, FetchResult, JwksFetcher, FETCH_TIMEOUT_SECONDS};
-use gateguard_core::jwt::{JwksSource, KeySet};
-use gateguard_core::replay::{
-    current_layout, ensure_buckets, sweep, Layout, Prepared, SharedStore, CREATE_CAS,
-};
-use gateguard_core::{hex, parse_policy};
+use gateguard_core::jwt::fetch::FetchResult;
+use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
+use gateguard_core::jwt::JwksSource;
+use gateguard_core::parse_policy;
+use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
-use sha2::{Digest, Sha256};
 
-use crate::filter::{Gateway, RequestFilter};
-use crate::host::{self, BufferType, HostStore, LogLevel, MapType};
+use crate::configured::ConfiguredGateway;
+use crate::filter::RequestFilter;
+use crate::host::{self, log, BufferType, HostStore, LogLevel, MapType, KEY_PREFIX};
 use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
 
-/// Shared-data key prefix of everything gateguard stores.
-pub const PREFIX: &str = "gateguard.";
-/// After a successful fetch, no worker fetches the same JWKS again for this long.
-const MIN_FETCH_GAP_SECONDS: u64 = 5;
 /// Replay buckets scanned (and swept) per tick for the occupancy gauge.
 const OCCUPANCY_SLICE: u32 = 512;
 
@@ -35,16 +31,13 @@ const OCCUPANCY_SLICE: u32 = 512;
 struct RemoteJwks {
     api: usize,
     cluster: String,
-    fetcher: JwksFetcher,
-    /// Shared-data keys: the published key set (`fetched_at` + JWKS JSON) and the fetch lease.
-    keys_key: String,
-    lease_key: String,
-    seen_cas: u32,
+    /// Who fetches it and how its keys reach every worker (lease, publish, adopt).
+    jwks: SharedJwks,
 }
 
 #[derive(Default)]
 pub struct GatewayRoot {
-    gateway: Option<Rc<Gateway>>,
+    gateway: Option<Rc<ConfiguredGateway>>,
     remotes: Vec<RemoteJwks>,
     /// dispatch_http_call token → index in `remotes`.
     in_flight: HashMap<u32, usize>,
@@ -81,25 +74,17 @@ impl Context for GatewayRoot {
             return;
         };
         let api_name = gateway.api_name(remote.api).to_string();
-        match remote.fetcher.on_response(now, status, &body) {
+        match remote.jwks.on_response(&HostStore, now, status, &body) {
             Ok(FetchResult::Keys(set)) => {
-                let mut value = now.to_be_bytes().to_vec();
-                value.extend_from_slice(&body);
-                let _ = HostStore.set(&remote.keys_key, &value, 0);
-                if let Ok(Some((_, cas))) = HostStore.get(&remote.keys_key) {
-                    remote.seen_cas = cas;
-                }
-                release_lease(&remote.lease_key, now + MIN_FETCH_GAP_SECONDS);
                 log(
                     LogLevel::Info,
                     &format!("gateguard: api={api_name} JWKS loaded: {} keys", set.len()),
                 );
                 gateway.set_keys(remote.api, Rc::new(set));
             }
-            Ok(FetchResult::Discovered) => release_lease(&remote.lease_key, now),
+            Ok(FetchResult::Discovered) => {}
             Err(e) => {
                 gateway.metrics.add(Some(remote.api), JWKS_FETCH_FAILED, 1);
-                release_lease(&remote.lease_key, remote.fetcher.next_attempt());
                 log(
                     LogLevel::Warn,
                     &format!(
@@ -107,7 +92,7 @@ impl Context for GatewayRoot {
                         remote.cluster,
                         e.reason(),
                         if gateway.has_keys(remote.api) { "the last good key set" } else { "no key set: JWT requests get 401" },
-                        remote.fetcher.next_attempt().saturating_sub(now)
+                        remote.jwks.next_attempt().saturating_sub(now)
                     ),
                 );
             }
@@ -132,7 +117,7 @@ impl RootContext for GatewayRoot {
                 return false;
             }
         };
-        let replay_prefix = policy.replay_cache.key_prefix(PREFIX);
+        let replay_prefix = policy.replay_cache.key_prefix(KEY_PREFIX);
         if policy.apis.iter().any(|a| a.replay.is_some()) {
             // Buckets exist before any request: a request never creates one (creation ignores
             // CAS in Envoy, so it could not be made exclusive). A policy that wants another
@@ -164,22 +149,22 @@ impl RootContext for GatewayRoot {
                     refresh_seconds,
                 }) => {
                     keys.push(None);
-                    let id =
-                        hex::encode(&Sha256::digest(format!("{cluster}\n{uri}").as_bytes())[..8]);
                     self.remotes.push(RemoteJwks {
                         api: i,
                         cluster: cluster.clone(),
-                        fetcher: JwksFetcher::new(uri, *refresh_seconds),
-                        keys_key: format!("{PREFIX}jwks.{id}"),
-                        lease_key: format!("{PREFIX}jwks.{id}.lease"),
-                        seen_cas: 0,
+                        jwks: SharedJwks::new(KEY_PREFIX, cluster, uri, *refresh_seconds),
                     });
                 }
                 Some(JwksSource::None) | None => keys.push(None),
             }
         }
         let metrics = Metrics::define(&policy);
-        self.gateway = Some(Rc::new(Gateway::new(policy, metrics, keys, replay_prefix)));
+        self.gateway = Some(Rc::new(ConfiguredGateway::new(
+            policy,
+            metrics,
+            keys,
+            replay_prefix,
+        )));
         // Fetching starts on the first tick, on the workers. Not from here: Envoy also
         // configures a root context on the main thread, whose HTTP calls never answer, and a
         // fetch started there would hold the fetch lease until it timed out.
@@ -208,58 +193,32 @@ impl RootContext for GatewayRoot {
 }
 
 impl GatewayRoot {
-    fn refresh_jwks(&mut self, gateway: &Gateway, index: usize, now: u64) {
+    fn refresh_jwks(&mut self, gateway: &ConfiguredGateway, index: usize, now: u64) {
         let Some(remote) = self.remotes.get_mut(index) else {
             return;
         };
-        // Keys another worker published.
-        if let Ok(Some((value, cas))) = HostStore.get(&remote.keys_key) {
-            if cas != remote.seen_cas && value.len() > 8 {
-                remote.seen_cas = cas;
-                let (at, body) = value.split_at(8);
-                let fetched_at = at.try_into().map(u64::from_be_bytes).unwrap_or(0);
-                if let Ok(set) = KeySet::from_jwks_json(body) {
-                    gateway.set_keys(remote.api, Rc::new(set));
-                    remote.fetcher.on_keys(now, fetched_at);
-                }
-            }
+        if let Some(set) = remote.jwks.adopt(&HostStore, now) {
+            gateway.set_keys(remote.api, Rc::new(set));
         }
         if gateway.take_kid_request(remote.api) {
-            remote.fetcher.on_unknown_kid(now);
+            remote.jwks.on_unknown_kid(now);
         }
-        let Some(step) = remote.fetcher.poll(now) else {
+        let Some(request) = remote.jwks.begin(&HostStore, now) else {
             return;
         };
-        if !acquire_lease(&remote.lease_key, now) {
-            // Another worker is fetching or the IdP is backing off: look again next tick.
-            remote.fetcher.defer(now);
-            return;
-        }
-        let Some((authority, path)) = split_uri(step.uri()) else {
-            remote.fetcher.on_failure(now);
-            return;
-        };
-        let headers = vec![
-            (":method", "GET"),
-            (":path", path),
-            (":authority", authority),
-            ("accept", "application/json"),
-            ("user-agent", "gateguard"),
-        ];
         match hostcalls::dispatch_http_call(
             &remote.cluster,
-            headers,
+            request.headers(),
             None,
             vec![],
-            Duration::from_secs(FETCH_TIMEOUT_SECONDS - 1),
+            Duration::from_secs(JwksRequest::TIMEOUT_SECONDS),
         ) {
             Ok(token) => {
                 gateway.metrics.add(Some(remote.api), JWKS_FETCH, 1);
                 self.in_flight.insert(token, index);
             }
             Err(status) => {
-                remote.fetcher.on_failure(now);
-                release_lease(&remote.lease_key, remote.fetcher.next_attempt());
+                remote.jwks.on_dispatch_failed(&HostStore, now);
                 gateway.metrics.add(Some(remote.api), JWKS_FETCH_FAILED, 1);
                 log(
                     LogLevel::Warn,
@@ -277,7 +236,7 @@ impl GatewayRoot {
     /// requests use (a scan that meets sealed buckets starts again in the new layout), expired
     /// entries of idle buckets reclaimed on the way; and one warning per tick at most when new
     /// tokens were refused because the store is full.
-    fn report_replay_store(&mut self, gateway: &Gateway, now: u64) {
+    fn report_replay_store(&mut self, gateway: &ConfiguredGateway, now: u64) {
         let policy = &gateway.policy;
         if !policy.apis.iter().any(|a| a.replay.is_some()) {
             return;
@@ -356,31 +315,4 @@ fn log_prepared(prepared: &Prepared, wanted: u32) {
             ),
         );
     }
-}
-
-/// The right to fetch: a shared-data record `until` (u64); whoever moves it forward with CAS
-/// fetches. Never depends on CAS to create the key: creation uses a CAS that cannot match an
-/// existing entry, so two workers cannot both create it.
-fn acquire_lease(key: &str, now: u64) -> bool {
-    let until = (now + FETCH_TIMEOUT_SECONDS).to_be_bytes();
-    match HostStore.get(key) {
-        Ok(None) => HostStore.set(key, &until, CREATE_CAS).is_ok(),
-        Ok(Some((value, cas))) => {
-            let held_until = value
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            held_until <= now && cas != 0 && HostStore.set(key, &until, cas).is_ok()
-        }
-        Err(_) => false,
-    }
-}
-
-/// Ends our lease: nobody fetches this JWKS again before `until`.
-fn release_lease(key: &str, until: u64) {
-    let _ = HostStore.set(key, &until.to_be_bytes(), 0);
-}
-
-pub fn log(level: LogLevel, message: &str) {
-    host::log(level, message);
 }

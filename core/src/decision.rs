@@ -1,5 +1,5 @@
 //! What the gateway does with a request, and the one place where every refusal is mapped to
-//! its status, message, stat and log reason (SPEC "Checks, in order").
+//! its status, message, stat and log reason (docs/policy.md lists them check by check).
 
 use crate::client_cert::{AcceptedCertificate, CertError};
 use crate::ip_filter::ClientIpError;
@@ -24,6 +24,9 @@ pub enum Outcome {
     ReplayUnavailable,
     NotFound,
     BadRequest,
+    /// No policy loaded: no counter (counters are defined from the policy), but the filter
+    /// state and the audit line name it.
+    NotConfigured,
 }
 
 impl Outcome {
@@ -59,6 +62,7 @@ impl Outcome {
             Outcome::ReplayUnavailable => "replay_unavailable",
             Outcome::NotFound => "not_found",
             Outcome::BadRequest => "bad_request",
+            Outcome::NotConfigured => "not_configured",
         }
     }
 }
@@ -66,6 +70,8 @@ impl Outcome {
 /// Why a request was refused. Each variant maps to exactly one status and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// The filter has no policy: every request fails closed.
+    NotConfigured,
     NotFound,
     BadPath(PathError),
     Cors,
@@ -76,6 +82,7 @@ pub enum Refusal {
     Replay(Verdict),
 }
 
+pub const MSG_NOT_CONFIGURED: &str = "Gateway not configured";
 pub const MSG_NOT_FOUND: &str = "Resource not found";
 pub const MSG_BAD_PATH: &str = "Bad request path";
 pub const MSG_CORS: &str = "CORS origin not allowed";
@@ -94,6 +101,7 @@ pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
 impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
+            Refusal::NotConfigured => 503,
             Refusal::NotFound => 404,
             Refusal::BadPath(_) => 400,
             Refusal::Cors | Refusal::Ip(_) | Refusal::Cert(_) => 403,
@@ -107,6 +115,7 @@ impl Refusal {
 
     pub fn message(&self) -> &'static str {
         match self {
+            Refusal::NotConfigured => MSG_NOT_CONFIGURED,
             Refusal::NotFound => MSG_NOT_FOUND,
             Refusal::BadPath(_) => MSG_BAD_PATH,
             Refusal::Cors => MSG_CORS,
@@ -127,6 +136,7 @@ impl Refusal {
 
     pub fn outcome(&self) -> Outcome {
         match self {
+            Refusal::NotConfigured => Outcome::NotConfigured,
             Refusal::NotFound => Outcome::NotFound,
             Refusal::BadPath(_) => Outcome::BadRequest,
             Refusal::Cors => Outcome::CorsDenied,
@@ -144,6 +154,7 @@ impl Refusal {
     /// The check that refused, for logs.
     pub fn check(&self) -> &'static str {
         match self {
+            Refusal::NotConfigured => "configuration",
             Refusal::NotFound => "routing",
             Refusal::BadPath(_) => "path",
             Refusal::Cors => "cors",
@@ -159,6 +170,7 @@ impl Refusal {
     /// A short machine reason for logs; never contains request content.
     pub fn reason(&self) -> &'static str {
         match self {
+            Refusal::NotConfigured => "no policy loaded",
             Refusal::NotFound => "no API matches the path",
             Refusal::BadPath(e) => e.reason(),
             Refusal::Cors => "origin or method not allowed",
@@ -272,5 +284,23 @@ mod tests {
         assert!(reply
             .headers
             .contains(&("content-type".into(), "application/json".into())));
+    }
+
+    #[test]
+    fn an_unconfigured_filter_fails_closed_with_503() {
+        let Decision::Reply { reply, outcome, .. } =
+            Decision::refuse(None, Refusal::NotConfigured, &[])
+        else {
+            panic!()
+        };
+        assert_eq!(
+            reply.body,
+            r#"{"statusCode":503,"message":"Gateway not configured"}"#
+        );
+        assert_eq!(
+            reply.headers,
+            vec![("content-type".into(), "application/json".into())]
+        );
+        assert_eq!((reply.status, outcome.name()), (503, "not_configured"));
     }
 }

@@ -15,6 +15,7 @@ pub mod path;
 pub mod pipeline;
 pub mod query;
 pub mod replay;
+pub mod shared_data;
 pub mod subscription_key;
 pub mod value;
 

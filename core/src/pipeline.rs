@@ -20,7 +20,8 @@ use crate::ip_filter::ClientIpError;
 use crate::jwt::{extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet};
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
-use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, SharedStore, TokenRef};
+use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef};
+use crate::shared_data::{SetError, SharedStore, StoreError};
 
 /// Facts about one request, collected by the adapter.
 #[derive(Debug, Clone, Copy)]
@@ -87,11 +88,11 @@ struct Unavailable;
 static UNAVAILABLE: Unavailable = Unavailable;
 
 impl SharedStore for Unavailable {
-    fn get(&self, _key: &str) -> Result<Option<(Vec<u8>, u32)>, crate::replay::StoreError> {
+    fn get(&self, _key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         Ok(None)
     }
-    fn set(&self, _key: &str, _value: &[u8], _cas: u32) -> Result<(), crate::replay::SetError> {
-        Err(crate::replay::SetError::CasMismatch)
+    fn set(&self, _key: &str, _value: &[u8], _cas: u32) -> Result<(), SetError> {
+        Err(SetError::CasMismatch)
     }
 }
 

@@ -24,7 +24,8 @@ pub enum Verdict {
     Expired,
     /// `with_ip` without a client IP: cannot bind, fail closed.
     MissingIp,
-    /// The bucket's record (or the store's pointer) does not parse; nothing written.
+    /// The bucket's record or the store's pointer is not what gateguard writes there (it does not
+    /// parse, or a seal points back to an older layout); nothing written.
     Corrupt,
     /// The store or the bucket key does not exist: configuration did not prepare it. Fail closed.
     MissingBucket,

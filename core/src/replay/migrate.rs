@@ -8,10 +8,8 @@ use super::record::{
     bucket_index, encode, encode_sealed, parse_bucket, parse_entry, push_entry, raw_expiry, Bucket,
     Entry, Layout, Pointer, ENTRY_LEN, HEADER_LEN, STORED_DIGEST_LEN,
 };
-use super::store::{
-    pointer_key, read_pointer, PointerError, SetError, SharedStore, StoreError, CREATE_CAS,
-    MAX_CAS_RETRIES,
-};
+use super::store::{pointer_key, read_pointer, PointerError, MAX_CAS_RETRIES};
+use crate::shared_data::{SetError, SharedStore, StoreError, CREATE_CAS};
 
 /// Pointer steps one configuration takes at most (create, start a migration, finish one...).
 /// Only other configurations moving the store to other sizes at the same moment use more.

@@ -3,9 +3,10 @@
 //! same instant, and the store keeps its entries across any policy reload.
 //!
 //! Envoy runs one Wasm VM per worker (and one on the main thread); shared data, one store per
-//! `vm_id`, is the only common state. Its `set` on a key that does not exist ignores the CAS,
-//! so "get, then set with CAS" on a per-token key lets two workers both create it
-//! (`the_naive_per_token_get_then_set_scheme_accepts_twice`), and keys can never be deleted.
+//! `vm_id`, is the only common state ([`crate::shared_data`]). Its `set` on a key that does
+//! not exist ignores the CAS, so "get, then set with CAS" on a per-token key lets two workers
+//! both create it (`the_naive_per_token_get_then_set_scheme_accepts_twice`), and keys can
+//! never be deleted.
 //! Hence a FIXED set of bucket keys, created at configuration time ([`ensure_buckets`]); each
 //! holds a compact record of the tokens hashing to it, and a request reads its bucket, decides
 //! ([`admit`], pure) and writes it back with the CAS it read, retrying on `CasMismatch`
@@ -23,9 +24,10 @@
 //!
 //! - A *layout* is `(epoch, buckets)`, its buckets `{prefix}e{epoch}/{buckets}/{index}`.
 //! - The *pointer* `{prefix}current` names the current layout and, while a migration runs, the
-//!   next one. It is created with [`CREATE_CAS`] and changed only with CAS, in two steps:
-//!   `{P}` → `{P, next N}` with `N = (P.epoch + 1, B')` → `{N}`. So one migration runs at a
-//!   time, epochs only grow, and a layout is never reused (A → B → A makes a third layout).
+//!   next one. It is created with [`CREATE_CAS`](crate::shared_data::CREATE_CAS) and changed
+//!   only with CAS, in two steps: `{P}` → `{P, next N}` with `N = (P.epoch + 1, B')` → `{N}`.
+//!   So one migration runs at a time, epochs only grow, and a layout is never reused
+//!   (A → B → A makes a third layout).
 //! - A bucket is *live* (entries) or *sealed*: a marker naming the layout its entries moved to.
 //!   Only a migration seals, only toward the pointer's `next`, and a seal is final (requests
 //!   write only a bucket they read live, with its CAS). Seals form one line, never a cycle.
@@ -80,16 +82,17 @@ pub use admit::{admit, normalise_ip, Admission, Verdict};
 pub use migrate::{create_buckets, ensure_buckets, Migration, PrepareError, Prepared};
 pub use policy::{
     store_prefix, ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode, TokenRef,
-    MAX_BUCKETS, MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
+    MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
 };
 pub use record::{
     bucket_index, decode, encode, encode_sealed, parse_bucket, Bucket, CorruptBucket, Entry,
-    Layout, Pointer, Record, ENTRY_LEN, FORMAT_VERSION, HEADER_LEN, POINTER_LEN, SEALED_LEN,
+    Layout, Pointer, Record, ENTRY_LEN, FORMAT_VERSION, HEADER_LEN, MAX_BUCKETS, POINTER_LEN,
+    SEALED_LEN,
 };
 pub use scan::{occupancy, sweep, Occupancy};
 pub use store::{
-    check_and_record, current_layout, pointer_key, read_pointer, MemoryStore, PointerError,
-    ReplayOutcome, SetError, SharedStore, StoreError, CREATE_CAS, MAX_CAS_RETRIES, MAX_HOPS,
+    check_and_record, current_layout, pointer_key, read_pointer, PointerError, ReplayOutcome,
+    MAX_CAS_RETRIES, MAX_HOPS,
 };
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::record::{ENTRY_LEN, STORED_DIGEST_LEN};
+use super::record::{ENTRY_LEN, MAX_BUCKETS, STORED_DIGEST_LEN};
 use crate::error::{join, ConfigError};
 
 /// `replay.mode` of an API.
@@ -50,7 +50,6 @@ pub const MAX_ENTRIES_LIMIT: u64 = 50_000_000;
 /// Entries per bucket aimed at: big enough that buckets fill evenly, small enough that a request
 /// copies ~10 KB in and out of shared data.
 pub const TARGET_ENTRIES_PER_BUCKET: u64 = 256;
-pub const MAX_BUCKETS: u32 = 65_536;
 
 /// The compiled `replay_cache`: how many bucket keys, and how many entries each may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,9 +14,9 @@
 use std::net::Ipv6Addr;
 use std::slice::ChunksExact;
 
-use super::policy::MAX_BUCKETS;
-
 pub const FORMAT_VERSION: u8 = 2;
+/// Bucket keys in one layout at most: a pointer or seal naming more is not one gateguard wrote.
+pub const MAX_BUCKETS: u32 = 65_536;
 pub const ENTRY_LEN: usize = 41;
 pub const HEADER_LEN: usize = 4;
 pub(crate) const STORED_DIGEST_LEN: usize = 16;

@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use super::record::{live_header, parse_bucket, raw_expiry, Bucket, Layout};
-use super::store::SharedStore;
+use crate::shared_data::SharedStore;
 
 /// Store occupancy for a stats gauge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

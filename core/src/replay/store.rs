@@ -1,13 +1,12 @@
 //! The request path against Envoy shared data: read the pointer, find the token's live bucket
 //! (following seals), decide, write back with the CAS read.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
 
 use super::admit::{admit, Verdict};
 use super::policy::{ReplayCachePolicy, ReplayMode, TokenRef};
 use super::record::{bucket_index, parse_bucket, Bucket, Layout, Pointer};
+use crate::shared_data::{SetError, SharedStore, StoreError};
 
 /// A failed CAS means another worker wrote the bucket, so retries are bounded by contention,
 /// not by time; 64 is far above the worker count of any Envoy we expect.
@@ -15,30 +14,6 @@ pub const MAX_CAS_RETRIES: u32 = 64;
 /// Seals one request may follow. Each is a migration that completed while the request ran
 /// (a request starts from the pointer's current layout), so one is already rare.
 pub const MAX_HOPS: u32 = 8;
-/// Creates a key only if it is still missing: if another worker created it meanwhile, the set
-/// is refused (Envoy's CAS counter would have to sit at exactly this value) instead of wiping it.
-pub const CREATE_CAS: u32 = u32::MAX;
-
-/// A host call refused, with the host's status code for the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreError {
-    pub status: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetError {
-    CasMismatch,
-    Other(StoreError),
-}
-
-/// Envoy shared data as the replay store needs it. `get` returns the value and its CAS (never 0
-/// for an existing key); `set` with a non-zero CAS on an existing key fails with `CasMismatch`
-/// unless it matches, with CAS 0 overwrites, and on a missing key creates it whatever the CAS.
-/// Keys cannot be deleted.
-pub trait SharedStore {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
-}
 
 pub fn pointer_key(prefix: &str) -> String {
     format!("{prefix}current")
@@ -172,66 +147,5 @@ pub fn check_and_record(
             Err(SetError::CasMismatch) => return done(out, Verdict::Contention),
             Err(SetError::Other(_)) => return done(out, Verdict::StoreUnavailable),
         }
-    }
-}
-
-/// Envoy's shared data in process, for tests and benchmarks: one lock, a global CAS counter
-/// that skips 0, creation that ignores the CAS, no deletion, exactly as the host behaves.
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    inner: Mutex<MemoryInner>,
-}
-
-#[derive(Debug, Default)]
-struct MemoryInner {
-    map: HashMap<String, (Vec<u8>, u32)>,
-    last_cas: u32,
-}
-
-impl MemoryStore {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Number of keys, for tests.
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Bytes of keys and values, for measurements.
-    pub fn bytes(&self) -> usize {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.map.iter().map(|(k, (v, _))| k.len() + v.len()).sum()
-    }
-}
-
-impl SharedStore for MemoryStore {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(inner.map.get(key).cloned())
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, current)) = inner.map.get(key) {
-            if cas != 0 && cas != *current {
-                return Err(SetError::CasMismatch);
-            }
-        }
-        inner.last_cas = inner.last_cas.wrapping_add(1);
-        if inner.last_cas == 0 {
-            inner.last_cas = 1;
-        }
-        let next = inner.last_cas;
-        inner.map.insert(key.to_string(), (value.to_vec(), next));
-        Ok(())
     }
 }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;
+use crate::shared_data::{MemoryStore, SetError, SharedStore, StoreError};
 use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -692,31 +693,6 @@ fn a_token_spent_under_one_mode_stays_spent_after_a_mode_switch() {
 }
 
 // ---- store semantics, CAS and creation ----
-
-#[test]
-fn memory_store_models_envoy_shared_data() {
-    let s = MemoryStore::new();
-    assert_eq!(s.get("k").unwrap(), None);
-    // Creation ignores the CAS.
-    s.set("k", b"1", 12345).unwrap();
-    let (v, c1) = s.get("k").unwrap().unwrap();
-    assert_eq!((v, c1 != 0), (b"1".to_vec(), true));
-    assert_eq!(
-        s.set("k", b"2", c1.wrapping_add(7)),
-        Err(SetError::CasMismatch)
-    );
-    s.set("k", b"2", c1).unwrap();
-    let (_, c2) = s.get("k").unwrap().unwrap();
-    assert!(c2 > c1);
-    assert_eq!(s.set("k", b"3", c1), Err(SetError::CasMismatch));
-    // CAS 0 overwrites unconditionally; the counter is global across keys.
-    s.set("k", b"4", 0).unwrap();
-    s.set("other", b"x", 0).unwrap();
-    let (v, c3) = s.get("k").unwrap().unwrap();
-    let (_, c4) = s.get("other").unwrap().unwrap();
-    assert_eq!(v, b"4".to_vec());
-    assert!(c4 > c3 && c3 > c2);
-}
 
 #[test]
 fn the_naive_per_token_get_then_set_scheme_accepts_twice() {

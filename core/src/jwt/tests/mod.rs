@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 use super::fetch::{FetchState, FetchStep, JwksFetcher};
 use super::*;
 
+mod shared_jwks;
+
 const NOW: u64 = 1_800_000_000;
 const ISS: &str = "https://login.microsoftonline.com/tenant/v2.0";
 const AUD: &str = "api://processfactorial";

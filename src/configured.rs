@@ -1,0 +1,146 @@
+//! The gateway as one configuration left it, on one worker: the compiled policy and what the
+//! worker keeps alongside it (counters, the APIs' current key sets, pending early refreshes,
+//! the replay store's prefix). The root context builds it at `on_configure` and keeps it fresh
+//! from `on_tick`; the HTTP contexts read it. It is also the host side of the core's `Host`
+//! trait: key sets, the verified-token cache and the replay store, in Envoy shared data.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use gateguard_core::jwt::{cache, KeySet};
+use gateguard_core::pipeline::{Event, Host};
+use gateguard_core::replay::Verdict;
+use gateguard_core::shared_data::SharedStore;
+use gateguard_core::CompiledPolicy;
+use serde_json::{Map, Value};
+
+use crate::host::{self, HostStore, LogLevel, KEY_PREFIX};
+use crate::metrics::{
+    Metrics, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
+};
+
+/// One configuration's compiled policy and this worker's state around it.
+pub struct ConfiguredGateway {
+    pub policy: CompiledPolicy,
+    pub metrics: Metrics,
+    pub replay_prefix: String,
+    /// Some API reads the TLS peer certificate (worked out once, not per request).
+    pub reads_peer_certificate: bool,
+    /// New tokens refused because the replay store was full (logged from on_tick).
+    pub store_full: Cell<u64>,
+    keys: RefCell<Vec<Option<Rc<KeySet>>>>,
+    kid_requests: RefCell<Vec<bool>>,
+}
+
+impl ConfiguredGateway {
+    pub fn new(
+        policy: CompiledPolicy,
+        metrics: Metrics,
+        keys: Vec<Option<Rc<KeySet>>>,
+        replay_prefix: String,
+    ) -> Self {
+        let n = keys.len();
+        Self {
+            reads_peer_certificate: policy.reads_peer_certificate(),
+            policy,
+            metrics,
+            replay_prefix,
+            store_full: Cell::new(0),
+            keys: RefCell::new(keys),
+            kid_requests: RefCell::new(vec![false; n]),
+        }
+    }
+
+    pub fn api_name(&self, api: usize) -> &str {
+        self.policy.apis.get(api).map_or("-", |a| a.name.as_str())
+    }
+
+    pub fn set_keys(&self, api: usize, set: Rc<KeySet>) {
+        if let Some(slot) = self.keys.borrow_mut().get_mut(api) {
+            *slot = Some(set);
+        }
+    }
+
+    pub fn has_keys(&self, api: usize) -> bool {
+        self.keys.borrow().get(api).is_some_and(Option::is_some)
+    }
+
+    pub fn take_kid_request(&self, api: usize) -> bool {
+        self.kid_requests
+            .borrow_mut()
+            .get_mut(api)
+            .is_some_and(|r| std::mem::replace(r, false))
+    }
+
+    fn token_cache_key(&self, key: &[u8; 32]) -> String {
+        format!(
+            "{KEY_PREFIX}tc.{}",
+            cache::slot(key, self.policy.token_cache_slots)
+        )
+    }
+}
+
+impl Host for ConfiguredGateway {
+    fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>> {
+        self.keys.borrow().get(api).cloned().flatten()
+    }
+
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)> {
+        let (bytes, _) = HostStore.get(&self.token_cache_key(key)).ok().flatten()?;
+        cache::decode(&bytes, key, now)
+    }
+
+    fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
+        if let Some(value) = cache::encode(key, exp, claims) {
+            let _ = HostStore.set(&self.token_cache_key(key), &value, 0);
+        }
+    }
+
+    fn unknown_kid(&self, api: usize) {
+        if let Some(r) = self.kid_requests.borrow_mut().get_mut(api) {
+            *r = true;
+        }
+    }
+
+    fn replay_store(&self) -> &dyn SharedStore {
+        &HostStore
+    }
+
+    fn replay_prefix(&self) -> &str {
+        &self.replay_prefix
+    }
+
+    fn note(&self, api: usize, event: Event) {
+        match event {
+            Event::JwtCacheHit => self.metrics.add(Some(api), JWT_CACHE_HIT, 1),
+            Event::JwtCacheMiss => self.metrics.add(Some(api), JWT_CACHE_MISS, 1),
+            Event::Replay(outcome) => {
+                self.metrics.add(
+                    Some(api),
+                    REPLAY_CAS_RETRIES,
+                    u64::from(outcome.cas_retries),
+                );
+                self.metrics
+                    .add(Some(api), REPLAY_RECLAIMED, u64::from(outcome.reclaimed));
+                match outcome.verdict {
+                    Verdict::StoreFull => self.store_full.set(self.store_full.get() + 1),
+                    Verdict::Corrupt
+                    | Verdict::MissingBucket
+                    | Verdict::Contention
+                    | Verdict::StoreUnavailable => {
+                        host::log(
+                            LogLevel::Warn,
+                            &format!(
+                                "gateguard: api={} replay store unusable ({}, bucket {}): refusing (fail closed)",
+                                self.api_name(api),
+                                outcome.verdict.reason(),
+                                outcome.bucket
+                            ),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
