@@ -800,7 +800,7 @@ mod tests {
                 "GATEGUARD_KEY_ROOT_2"
             ]
         );
-        let long = format!("/{};/{}.", "y".repeat(70), "y".repeat(64));
+        let long = format!("/{};/{}-", "y".repeat(70), "y".repeat(64));
         let apis = plan_of(&[(INPUT_PATHS, long.as_str()), (KEY_VALUES, "1;2")]).unwrap();
         assert_eq!(apis[1].name.len(), 64);
         assert!(apis[1].name.ends_with("_2"));

@@ -194,7 +194,11 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
         {
             Ok(())
         }
-        _ => Err(format!(
+        Err(e) => Err(format!(
+            "{prefix:?} is not a path a request can match ({})",
+            e.reason()
+        )),
+        Ok(_) => Err(format!(
             "{prefix:?} must be a plain ASCII path: no \"//\", dot segments, \"%\", \";\", \"?\" or \"#\""
         )),
     }
@@ -345,5 +349,7 @@ mod tests {
         assert!(validate_prefix("/a;b").is_err());
         assert!(validate_prefix("/caf\u{e9}").is_err());
         assert!(validate_prefix("/odata/$metadata").is_ok());
+        let err = validate_prefix("/api/admin.").unwrap_err();
+        assert!(err.contains("ends with a dot or space"), "{err}");
     }
 }
