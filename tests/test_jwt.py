@@ -1,5 +1,5 @@
 """End-to-end JWT validation in a real Envoy: keys from an inline JWKS, from a real JWKS
-endpoint through an Envoy cluster, and via OpenID discovery; every SPEC message; the attacks a
+endpoint through an Envoy cluster, and via OpenID discovery; every refusal message docs/policy.md lists; the attacks a
 reviewer tries; the verified-token cache; IdP outage, recovery and key rotation."""
 
 import json

@@ -1,5 +1,5 @@
 //! What the gateway does with a request, and the one place where every refusal is mapped to
-//! its status, message, stat and log reason (SPEC "Checks, in order").
+//! its status, message, stat and log reason (docs/policy.md gives each check's).
 
 use crate::client_cert::{AcceptedCertificate, CertError};
 use crate::ip_filter::ClientIpError;

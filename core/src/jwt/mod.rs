@@ -1,5 +1,5 @@
-//! JWT validation (SPEC §5), written against RFC 7519, RFC 8725 and RFC 6750: the algorithm
-//! comes from the policy and the key, never from the token alone; time claims are checked
+//! JWT validation (docs/policy.md, "JWT"), written against RFC 7519, RFC 8725 and RFC 6750: the
+//! algorithm comes from the policy and the key, never from the token alone; time claims are checked
 //! against the host clock passed in; every failure maps to one of four messages.
 
 pub mod cache;
