@@ -82,6 +82,13 @@ def filter_config(config, name):
     return wasm["typed_config"]["config"]
 
 
+def wasm_filter(policy):
+    """The gateguard filter as `render` writes it for `policy`, for a listener of the caller's own
+    (scripts/bench.py's answer directly, without an upstream)."""
+    filters = connection_manager(render(policy), "gateway_http")["http_filters"]
+    return next(f for f in filters if f["name"] == "envoy.filters.http.wasm")
+
+
 def bootstrap(listeners, clusters, admin_port):
     return {
         "static_resources": {"listeners": listeners, "clusters": clusters},
