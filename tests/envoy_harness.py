@@ -77,16 +77,17 @@ def connection_manager(config, name):
 
 def filter_config(config, name):
     """The gateguard Wasm filter's `config` (policy, vm_config) on listener `name`."""
-    filters = connection_manager(config, name)["http_filters"]
-    wasm = next(f for f in filters if f["name"] == "envoy.filters.http.wasm")
-    return wasm["typed_config"]["config"]
+    return gateguard_filter(connection_manager(config, name))["typed_config"]["config"]
 
 
 def wasm_filter(policy):
     """The gateguard filter as `render` writes it for `policy`, for a listener of the caller's own
     (scripts/bench.py's answer directly, without an upstream)."""
-    filters = connection_manager(render(policy), "gateway_http")["http_filters"]
-    return next(f for f in filters if f["name"] == "envoy.filters.http.wasm")
+    return gateguard_filter(connection_manager(render(policy), "gateway_http"))
+
+
+def gateguard_filter(manager):
+    return next(f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.wasm")
 
 
 def bootstrap(listeners, clusters, admin_port):
