@@ -1,4 +1,7 @@
-"""Starts a real Envoy with the built gateguard.wasm and a policy, once per test group."""
+"""Starts a real Envoy with the built gateguard.wasm, once per test group, on configurations
+`gateguard render` writes: what users deploy. A test that needs several gateways side by side
+renders each and composes them into one Envoy; a test that departs from the rendered config
+says so where it changes it."""
 
 import http.client
 import json
@@ -11,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "gateguard.wasm"
+CLI = ROOT / "target" / "release" / "gateguard"
 ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
 
 
@@ -20,32 +24,94 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wasm_filter(policy, env_keys=()):
+def render(policy, **options):
+    """What `gateguard render` writes for `policy` (a dict, or the policy's text), with this
+    checkout's .wasm: the configuration users deploy, as a dict. `options` are render's own,
+    `_` for `-`: `listen="127.0.0.1:8080"`, `tls_cert=path`, `access_log=path`...
+    A policy render refuses raises RuntimeError with render's message."""
+    text = policy if isinstance(policy, str) else json.dumps(policy, indent=1)
+    with tempfile.TemporaryDirectory(prefix="gateguard-render-") as d:
+        path = Path(d) / "policy.json"
+        path.write_text(text)
+        args = [str(CLI), "render", "--policy", str(path), "--wasm", str(WASM), "--format", "json"]
+        for name, value in options.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"gateguard render exited with {r.returncode}:\n{r.stderr}")
+    return json.loads(r.stdout)
+
+
+def gateway(name, port, policy, upstream, address="127.0.0.1", **options):
+    """A rendered gateway for `policy` listening on `address`:`port` in front of the upstream on
+    127.0.0.1:`upstream`. Its listeners are named `name` (and `name`_tls with `tls_cert`), so
+    that `compose` can put several gateways in one Envoy."""
+    host = f"[{address}]" if ":" in address else address
+    config = render(policy, listen=f"{host}:{port}", upstream=f"127.0.0.1:{upstream}", **options)
+    names = {"gateway_http": name, "gateway_tls": f"{name}_tls"}
+    for l in config["static_resources"]["listeners"]:
+        l["name"] = names[l["name"]]
+    return config
+
+
+def compose(gateways, admin_port):
+    """One Envoy bootstrap serving rendered gateways side by side: every gateway's listeners,
+    each cluster once (gateways render a cluster they share identically), the test's admin."""
+    listeners, clusters = [], {}
+    for config in gateways:
+        listeners += config["static_resources"]["listeners"]
+        for cluster in config["static_resources"]["clusters"]:
+            assert clusters.setdefault(cluster["name"], cluster) == cluster, \
+                f"two gateways render cluster {cluster['name']} differently"
+    return bootstrap(listeners, list(clusters.values()), admin_port)
+
+
+def listener(config, name):
+    return next(l for l in config["static_resources"]["listeners"] if l["name"] == name)
+
+
+def connection_manager(config, name):
+    """The HTTP connection manager of listener `name`, for a test that changes a setting of it."""
+    return listener(config, name)["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def filter_config(config, name):
+    """The gateguard Wasm filter's `config` (policy, vm_config) on listener `name`."""
+    return gateguard_filter(connection_manager(config, name))["typed_config"]["config"]
+
+
+def wasm_filter(policy):
+    """The gateguard filter as `render` writes it for `policy`, for a listener of the caller's own
+    (scripts/bench.py's answer directly, without an upstream)."""
+    return gateguard_filter(connection_manager(render(policy), "gateway_http"))
+
+
+def gateguard_filter(manager):
+    return next(f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.wasm")
+
+
+def bootstrap(listeners, clusters, admin_port):
     return {
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "gateguard",
-                "root_id": "gateguard",
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": policy if isinstance(policy, str) else json.dumps(policy),
-                },
-                "vm_config": {
-                    "vm_id": "gateguard",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": str(WASM)}},
-                    "environment_variables": {"host_env_keys": list(env_keys)},
-                },
-                "fail_open": False,
-            },
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
     }
 
 
-def static_cluster(name, port, tls_sni=None):
-    cluster = {
+# ---- for test_import_apim.py, until its fixture uses `gateway` and `compose` ----
+
+
+def http_listener(name, port, policy, address="127.0.0.1", env_keys=(), upstream="upstream"):
+    """The rendered HTTP listener for `policy`, routed to the test's own cluster `upstream`
+    (`static_cluster`) instead of the rendered one. `env_keys` is unused: render lists every
+    variable the policy reads."""
+    config = gateway(name, port, policy, 9, address)
+    routes = connection_manager(config, name)["route_config"]
+    routes["virtual_hosts"][0]["routes"][0]["route"]["cluster"] = upstream
+    return listener(config, name)
+
+
+def static_cluster(name, port):
+    return {
         "name": name,
         "connect_timeout": "1s",
         "type": "STATIC",
@@ -56,71 +122,14 @@ def static_cluster(name, port, tls_sni=None):
             ],
         },
     }
-    return cluster
-
-
-ACCESS_LOG_FORMAT = ("%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outcome:PLAIN)% "
-                     "api=%FILTER_STATE(wasm.gateguard_api:PLAIN)% reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n")
-
-
-# What `gateguard render` sets on every HTTP connection manager: a client header whose name holds
-# `_` never reaches the filter or the upstream (docs/deploy.md).
-HEADERS_WITH_UNDERSCORES_ACTION = "DROP_HEADER"
-
-
-def hcm(policy, upstream="upstream", env_keys=(), extra_filters=None, xff_hops=0, access_log=None,
-        headers_with_underscores_action=HEADERS_WITH_UNDERSCORES_ACTION):
-    """The connection manager `gateguard render` emits. X-Forwarded-For always reaches the filter
-    as the client sent it; `client_ip.trusted_proxies` in the policy decides whether it counts
-    (`xff_hops` is accepted for compatibility and unused). Pass
-    `headers_with_underscores_action="ALLOW"` (Envoy's default) to let underscore spellings reach
-    the filter, e.g. to test its own stripping as a hand-written config would run it."""
-    filters = list(extra_filters or [])
-    if policy is not None:
-        filters.append(wasm_filter(policy, env_keys))
-    filters.append(
-        {"name": "envoy.filters.http.router",
-         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-    )
-    extra = {}
-    if access_log:
-        extra["access_log"] = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(access_log),
-                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
-            },
-        }]
-    if headers_with_underscores_action:
-        extra["common_http_protocol_options"] = {"headers_with_underscores_action": headers_with_underscores_action}
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "ingress",
-            # source.address must be the TCP peer, never an address taken from X-Forwarded-For;
-            # and X-Forwarded-For reaches gateguard as the client's proxies sent it.
-            "use_remote_address": True,
-            "skip_xff_append": True,
-            "normalize_path": True,
-            "merge_slashes": True,
-            "route_config": {
-                "virtual_hosts": [
-                    {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": upstream}}]}
-                ]
-            },
-            "http_filters": filters,
-            **extra,
-        },
-    }
 
 
 class Envoy:
     """One Envoy process. `config` is a full bootstrap dict."""
 
-    def __init__(self, config, env=None, concurrency=2, name="envoy", admin_port=None):
-        """`config`: a bootstrap dict, or the path of a config file (then give `admin_port`)."""
+    def __init__(self, config, env=None, concurrency=2, name="envoy", admin_port=None, extra_args=()):
+        """`config`: a bootstrap dict, or the path of a config file (then give `admin_port`).
+        `extra_args`: more Envoy command-line options."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"gateguard-{name}-"))
         if isinstance(config, dict):
             self.config_path = self.dir / "envoy.json"
@@ -132,13 +141,14 @@ class Envoy:
         self.log_path = self.dir / "envoy.log"
         self.env = dict(os.environ, **(env or {}))
         self.concurrency = concurrency
+        self.extra_args = list(extra_args)
         self.proc = None
 
     def start(self, wait=True, timeout=30):
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [ENVOY, "-c", str(self.config_path), "--concurrency", str(self.concurrency),
-             "-l", "info", "--disable-hot-restart", "--base-id", str(free_port())],
+             "-l", "info", "--disable-hot-restart", "--base-id", str(free_port()), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         if wait:
@@ -215,21 +225,6 @@ class Envoy:
                 self.proc.wait()
         if getattr(self, "log", None):
             self.log.close()
-
-
-def bootstrap(listeners, clusters, admin_port):
-    return {
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-    }
-
-
-def http_listener(name, port, policy, address="127.0.0.1", **kw):
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": address, "port_value": port}},
-        "filter_chains": [{"filters": [hcm(policy, **kw)]}],
-    }
 
 
 class Response:

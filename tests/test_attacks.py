@@ -15,7 +15,7 @@ import pytest
 
 import jwtkit
 from conftest import sha256_hex, start_envoy
-from envoy_harness import bootstrap, free_port, http_listener, request, static_cluster
+from envoy_harness import compose, connection_manager, free_port, gateway, request
 from idp import IdentityProvider
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
@@ -76,13 +76,11 @@ def gw(request, keys, idp, echo_upstream):
         {"name": "rotating", "path_prefix": "/rotating", "jwt": jwt(
             {"cluster": "idp", "uri": f"http://127.0.0.1:{idp.port}/keys", "refresh_seconds": 1}, "ES256")},
     ]}
-    listener = http_listener("main", port, policy)
-    # Envoy's default lets underscore header names through; the filter must be safe with it,
-    # whatever `render` chooses for the listeners it writes.
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    config = compose([gateway("main", port, policy, echo_upstream)], admin)
+    # Not as rendered: Envoy's default lets underscore header names through, and the filter must
+    # be safe with it, whatever `render` chooses for the listeners it writes.
+    hcm = connection_manager(config, "main")
     hcm["common_http_protocol_options"] = {"headers_with_underscores_action": "ALLOW"}
-    config = bootstrap([listener], [static_cluster("upstream", echo_upstream),
-                                    static_cluster("idp", idp.port)], admin)
     envoy = start_envoy(request, config, concurrency=2)
     envoy.port = port
     return envoy

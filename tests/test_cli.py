@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_harness import ENVOY, ROOT
-
-CLI = ROOT / "target" / "release" / "gateguard"
+from envoy_harness import CLI, ENVOY, ROOT
 
 
 def run(*args, env=None, input=None):

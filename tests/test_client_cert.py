@@ -11,7 +11,7 @@ import pytest
 
 from certs import DAY, NOW, make_ca, make_leaf
 from conftest import start_envoy
-from envoy_harness import bootstrap, free_port, hcm, http_listener, static_cluster
+from envoy_harness import compose, connection_manager, free_port, gateway
 
 MSG = {"statusCode": 403, "message": "Invalid client certificate"}
 
@@ -58,31 +58,11 @@ def policy(p):
 @pytest.fixture(scope="module")
 def gw(request, pki, echo_upstream):
     tls_port, http_port, admin = free_port(), free_port(), free_port()
-    pol = policy(pki)
-    tls_chain = {
-        "filters": [hcm(pol)],
-        "transport_socket": {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "require_client_certificate": False,
-                "common_tls_context": {
-                    "tls_certificates": [{"certificate_chain": {"filename": str(pki["server"].cert_path)},
-                                          "private_key": {"filename": str(pki["server"].key_path)}}],
-                    "validation_context": {"trust_chain_verification": "ACCEPT_UNTRUSTED"},
-                },
-            },
-        },
-    }
-    plain = http_listener("plain", http_port, pol)
-    # Behind a proxy that forwards the certificate: keep the client's XFCC for gateguard to read.
-    plain["filter_chains"][0]["filters"][0]["typed_config"]["forward_client_cert_details"] = "ALWAYS_FORWARD_ONLY"
-    config = bootstrap(
-        [{"name": "tls", "address": {"socket_address": {"address": "127.0.0.1", "port_value": tls_port}},
-          "filter_chains": [tls_chain]}, plain],
-        [static_cluster("upstream", echo_upstream)],
-        admin,
-    )
+    config = compose([gateway("gw", http_port, policy(pki), echo_upstream, tls_listen=f"127.0.0.1:{tls_port}",
+                              tls_cert=pki["server"].cert_path, tls_key=pki["server"].key_path)], admin)
+    # Not as rendered: the plain listener plays a gateway behind a proxy that forwards the
+    # certificate, so it keeps the client's XFCC for gateguard to read.
+    connection_manager(config, "gw")["forward_client_cert_details"] = "ALWAYS_FORWARD_ONLY"
     envoy = start_envoy(request, config)
     envoy.tls_port, envoy.http_port = tls_port, http_port
     return envoy

@@ -15,9 +15,8 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import Envoy, ROOT, bootstrap, free_port, http_listener, request, static_cluster
+from envoy_harness import CLI, ROOT, Envoy, compose, filter_config, free_port, gateway, request
 
-CLI = ROOT / "target" / "release" / "gateguard"
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://processfactorial"
 FORBIDDEN = {"statusCode": 403, "message": "Forbidden: client IP not allowed"}
@@ -51,16 +50,17 @@ def policy(key, hops=1, proxies=(f"{PROXY}/32", "::1/128")):
 @pytest.fixture(scope="module")
 def gw(request, key, echo_upstream):
     ports = {name: free_port() for name in ("v4", "hops2", "v6", "v6_v4only", "v6_everyone")}
-    listeners = [
-        http_listener("v4", ports["v4"], policy(key)),
-        http_listener("hops2", ports["hops2"], policy(key, hops=2)),
-        http_listener("v6", ports["v6"], policy(key), address="::1"),
+    gateways = [
+        gateway("v4", ports["v4"], policy(key), echo_upstream),
+        gateway("hops2", ports["hops2"], policy(key, hops=2), echo_upstream),
+        gateway("v6", ports["v6"], policy(key), echo_upstream, address="::1"),
         # Trusting every IPv4 peer says nothing about IPv6 ones...
-        http_listener("v6_v4only", ports["v6_v4only"], policy(key, proxies=["0.0.0.0/0"]), address="::1"),
+        gateway("v6_v4only", ports["v6_v4only"], policy(key, proxies=["0.0.0.0/0"]), echo_upstream, address="::1"),
         # ...trusting everyone takes both halves, explicitly.
-        http_listener("v6_everyone", ports["v6_everyone"], policy(key, proxies=["0.0.0.0/0", "::/0"]), address="::1"),
+        gateway("v6_everyone", ports["v6_everyone"], policy(key, proxies=["0.0.0.0/0", "::/0"]), echo_upstream,
+                address="::1"),
     ]
-    envoy = start_envoy(request, bootstrap(listeners, [static_cluster("upstream", echo_upstream)], free_port()))
+    envoy = start_envoy(request, compose(gateways, free_port()))
     envoy.ports = ports
     return envoy
 
@@ -200,8 +200,11 @@ def test_validate_and_render_refuse(tmp_path, client_ip, path, reason):
 
 @pytest.mark.parametrize("client_ip,path,reason", REFUSED[:4], ids=IDS[:4])
 def test_envoy_refuses(echo_upstream, client_ip, path, reason):
-    config = bootstrap([http_listener("l", free_port(), refused_policy(client_ip))],
-                       [static_cluster("upstream", echo_upstream)], free_port())
+    # Not as rendered: render refuses these policies (above), so each goes into a rendered
+    # config by hand, as a hand-edited file would bring it.
+    config = compose([gateway("l", free_port(), {"apis": [{"name": "a", "path_prefix": "/a"}]}, echo_upstream)],
+                     free_port())
+    filter_config(config, "l")["configuration"]["value"] = json.dumps(refused_policy(client_ip))
     envoy = Envoy(config, concurrency=1, name="client-ip-refused")
     envoy.start(wait=False)
     try:

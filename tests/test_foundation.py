@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import sha256_hex, start_envoy
-from envoy_harness import bootstrap, free_port, http_listener, request, static_cluster
+from envoy_harness import compose, free_port, gateway, request
 
 ORIGIN = "https://portal.example.com"
 KEY = "demo-key-1"
@@ -55,14 +55,8 @@ XFF_POLICY = {
 def gw(request, echo_upstream, tmp_path_factory):
     port, xff_port, admin = free_port(), free_port(), free_port()
     access_log = tmp_path_factory.mktemp("access") / "access.log"
-    config = bootstrap(
-        [
-            http_listener("main", port, POLICY, env_keys=["CONFIG_APP_KEY"], access_log=access_log),
-            http_listener("xff", xff_port, XFF_POLICY, env_keys=["CONFIG_APP_KEY"]),
-        ],
-        [static_cluster("upstream", echo_upstream)],
-        admin,
-    )
+    config = compose([gateway("main", port, POLICY, echo_upstream, access_log=access_log),
+                      gateway("xff", xff_port, XFF_POLICY, echo_upstream)], admin)
     envoy = start_envoy(request, config, env={"CONFIG_APP_KEY": "function-key-123"})
     envoy.port, envoy.xff_port, envoy.access_log = port, xff_port, access_log
     return envoy

@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-from envoy_harness import ROOT, WASM, Envoy, free_port, request
-
-CLI = ROOT / "target" / "release" / "gateguard"
+from envoy_harness import CLI, WASM, Envoy, free_port, request
 
 V1 = {"apis": [{"name": "alpha", "path_prefix": "/alpha"}]}
 V2 = {"apis": [{"name": "beta", "path_prefix": "/beta"}, {"name": "alpha", "path_prefix": "/alpha",

@@ -1,5 +1,5 @@
 """End-to-end JWT validation in a real Envoy: keys from an inline JWKS, from a real JWKS
-endpoint through an Envoy cluster, and via OpenID discovery; every SPEC message; the attacks a
+endpoint through an Envoy cluster, and via OpenID discovery; every refusal message docs/policy.md lists; the attacks a
 reviewer tries; the verified-token cache; IdP outage, recovery and key rotation."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import ROOT, bootstrap, free_port, http_listener, request, static_cluster
+from envoy_harness import ROOT, compose, free_port, gateway, request
 from idp import IdentityProvider
 
 AUD = "api://processfactorial"
@@ -62,9 +62,7 @@ def gw(request, idp, keys, echo_upstream):
         {"name": "nokeys", "path_prefix": "/nokeys", "jwt": jwt_block(idp.issuer, {
             "cluster": "idp_down", "uri": "http://127.0.0.1:9/keys", "refresh_seconds": 60})},
     ]}
-    config = bootstrap([http_listener("main", port, policy, env_keys=["GG_HMAC"])],
-                       [static_cluster("upstream", echo_upstream), static_cluster("idp", idp.port),
-                        static_cluster("idp_down", free_port())], admin)
+    config = compose([gateway("main", port, policy, echo_upstream)], admin)
     envoy = start_envoy(request, config, env={"GG_HMAC": HMAC_SECRET.decode()})
     envoy.port = port
     # Bounded wait for the first JWKS fetch (on the first tick after start) to reach every

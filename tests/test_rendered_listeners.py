@@ -11,9 +11,7 @@ import subprocess
 import pytest
 
 from certs import make_ca, make_leaf
-from envoy_harness import ROOT, WASM, Envoy, free_port, request
-
-CLI = ROOT / "target" / "release" / "gateguard"
+from envoy_harness import CLI, ROOT, WASM, Envoy, free_port, request
 POLICY = {"apis": [{"name": "echo", "path_prefix": "/echo",
                     "inject_headers": {"x-user-id": {"value": "from-gateway"}}}]}
 SMUGGLED = [("x_user_id", "admin"), ("X_User-Id", "admin"), ("x-user_id", "admin"), ("Ocp_Apim_Subscription_Key", "k")]

@@ -10,7 +10,7 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import bootstrap, free_port, http_listener, request, static_cluster
+from envoy_harness import compose, filter_config, free_port, gateway, request
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://processfactorial"
@@ -38,13 +38,12 @@ def gw(request, key, echo_upstream):
     # Requests come from 127.0.0.1, the proxy the policy trusts to write X-Forwarded-For.
     behind_proxy = {"apis": [api("proxied", "with_ip", key)],
                     "client_ip": {"trusted_proxy_hops": 1, "trusted_proxies": ["127.0.0.1/32"]}}
-    config = bootstrap([http_listener("main", port, main), http_listener("small", small_port, small),
-                        http_listener("proxied", xff_port, behind_proxy)],
-                       [static_cluster("upstream", echo_upstream)], admin)
-    # Policies in one VM share one replay store, whose layout follows the policy configured last:
-    # the 3-entry store gets a VM of its own, as docs/operations.md tells operators to do.
-    small_filter = config["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0]
-    small_filter["typed_config"]["http_filters"][0]["typed_config"]["config"]["vm_config"]["vm_id"] = "small"
+    config = compose([gateway("main", port, main, echo_upstream), gateway("small", small_port, small, echo_upstream),
+                      gateway("proxied", xff_port, behind_proxy, echo_upstream)], admin)
+    # Not as rendered (render writes one gateway per Envoy): policies in one VM share one replay
+    # store, whose layout follows the policy configured last, so the 3-entry store gets a VM of
+    # its own, as docs/operations.md tells operators to do.
+    filter_config(config, "small")["vm_config"]["vm_id"] = "small"
     envoy = start_envoy(request, config, concurrency=2)
     envoy.port, envoy.small_port, envoy.xff_port = port, small_port, xff_port
     return envoy

@@ -13,9 +13,8 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import ENVOY, ROOT, WASM, Envoy, free_port, http_listener, static_cluster
+from envoy_harness import CLI, WASM, Envoy, free_port, gateway
 
-CLI = ROOT / "target" / "release" / "gateguard"
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://processfactorial"
 REPLAY = {"statusCode": 401, "message": "Token replay detected"}
@@ -210,22 +209,6 @@ def test_a_keep_alive_connection_from_before_the_reload_gets_no_second_acceptanc
 # ---- policy delivered through LDS: old connections keep the old filter chain while draining ----
 
 
-class LongDrainEnvoy(Envoy):
-    """The harness's Envoy with a long drain, so a connection from before a listener update
-    keeps running the old policy for the whole test instead of being closed early."""
-
-    def start(self, wait=True, timeout=30):
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [ENVOY, "-c", str(self.config_path), "--concurrency", str(self.concurrency),
-             "-l", "info", "--disable-hot-restart", "--base-id", str(free_port()), "--drain-time-s", "3600"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-        )
-        if wait:
-            self.wait_ready(timeout)
-        return self
-
-
 @pytest.fixture(scope="module")
 def lds(request, tmp_path_factory, key, echo_upstream):
     tmp = tmp_path_factory.mktemp("replay-lds")
@@ -233,22 +216,28 @@ def lds(request, tmp_path_factory, key, echo_upstream):
     lds_file = tmp / "listeners.json"
 
     def publish(version, max_entries):
-        listener = http_listener("gateway", port, policy(key, version, max_entries))
+        """The rendered listener for the policy, delivered by LDS; returns the rendered config."""
+        config = gateway("gateway", port, policy(key, version, max_entries), echo_upstream)
+        listener, = config["static_resources"]["listeners"]
         doc = {"version_info": str(version),
                "resources": [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}]}
         part = tmp / ".listeners.json.tmp"
         part.write_text(json.dumps(doc))
         os.rename(part, lds_file)
+        return config
 
-    publish(1, 1000)
+    rendered = publish(1, 1000)
+    # Not as rendered: the listener comes by LDS instead of static_resources.
     config = {
         "node": {"id": "replay-lds", "cluster": "gateguard"},
         "dynamic_resources": {"lds_config": {"path_config_source": {
             "path": str(lds_file), "watched_directory": {"path": str(tmp)}}, "resource_api_version": "V3"}},
-        "static_resources": {"clusters": [static_cluster("upstream", echo_upstream)]},
+        "static_resources": {"clusters": rendered["static_resources"]["clusters"]},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
     }
-    envoy = LongDrainEnvoy(config, name="replay-lds")
+    # A long drain: a connection from before a listener update keeps running the old policy for
+    # the whole test instead of being closed early.
+    envoy = Envoy(config, name="replay-lds", extra_args=("--drain-time-s", "3600"))
     envoy.start()
     request.addfinalizer(envoy.stop)
     envoy.port, envoy.publish = port, publish

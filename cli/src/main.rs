@@ -8,7 +8,6 @@ mod render;
 mod thumbprint;
 mod token;
 mod validate;
-mod yaml;
 
 use std::process::ExitCode;
 

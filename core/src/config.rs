@@ -1,4 +1,4 @@
-//! The policy document (SPEC "Policy files"): raw serde types, then a compiled policy.
+//! The policy document (docs/policy.md): raw serde types, then a compiled policy.
 //! Two phases: serde with `deny_unknown_fields` catches shape errors with their JSON path and
 //! line; `compile` catches meaning errors (bad CIDR, empty list...) with their JSON path.
 

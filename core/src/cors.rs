@@ -1,5 +1,5 @@
-//! CORS (SPEC §1): preflights answered by the gateway, origin allow-list with exact and
-//! wildcard-subdomain entries, and the response headers an allowed origin gets.
+//! CORS (docs/policy.md, "CORS"): preflights answered by the gateway, origin allow-list with exact
+//! and wildcard-subdomain entries, and the response headers an allowed origin gets.
 
 use serde::Deserialize;
 

@@ -1,4 +1,4 @@
-//! IP filter (SPEC §2) and the client address it judges.
+//! IP filter (docs/policy.md, "IP filter") and the client address it judges.
 
 use std::net::IpAddr;
 

@@ -1,4 +1,5 @@
-//! The pipeline: request facts in, decision out. Checks run in SPEC order; the first refusal
+//! The pipeline: request facts in, decision out. Checks run in the order docs/policy.md
+//! states (CORS, IP filter, client certificate, subscription key, JWT, replay); the first refusal
 //! wins; nothing here talks to the host except through the `Host` trait.
 
 use crate::client_cert::{CertError, CertSource, Malformed, PresentedCertificates};

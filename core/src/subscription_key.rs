@@ -1,5 +1,5 @@
-//! Subscription keys (SPEC §4): APIM's `Ocp-Apim-Subscription-Key`, stored as SHA-256 hashes
-//! in the policy and compared in constant time.
+//! Subscription keys (docs/policy.md, "Subscription key"): APIM's `Ocp-Apim-Subscription-Key`,
+//! stored as SHA-256 hashes in the policy and compared in constant time.
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

@@ -1,4 +1,4 @@
-//! The whole pipeline, natively: checks in SPEC order, exact statuses and messages, the
+//! The whole pipeline, natively: checks in docs/policy.md's order, exact statuses and messages, the
 //! verified-token cache and replay detection against an in-memory store with Envoy's semantics.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

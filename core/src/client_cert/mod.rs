@@ -1,5 +1,5 @@
-//! Client-certificate check (SPEC §3): the gateway-side equivalent of APIM's
-//! `context.Request.Certificate.Thumbprint` policy, plus validity dates and optional
+//! Client-certificate check (docs/policy.md, "Client certificate"): the gateway-side equivalent of
+//! APIM's `context.Request.Certificate.Thumbprint` policy, plus validity dates and optional
 //! subject/issuer names.
 //!
 //! Pure code: the adapter collects what Envoy presented into [`PresentedCertificates`] and passes
