@@ -262,3 +262,13 @@ def request(port, method="GET", path="/", headers=None, body=None, timeout=10, h
         return Response(r.status, hdrs, r.read().decode("utf-8", "replace"))
     finally:
         conn.close()
+
+
+def wait_for(predicate, timeout=30, interval=0.1):
+    """Polls `predicate` until it holds or `timeout` seconds pass (bounded: tests never hang)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

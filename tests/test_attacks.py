@@ -15,7 +15,7 @@ import pytest
 
 import jwtkit
 from conftest import sha256_hex, start_envoy
-from envoy_harness import compose, connection_manager, free_port, gateway, request
+from envoy_harness import compose, connection_manager, free_port, gateway, request, wait_for
 from idp import IdentityProvider
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
@@ -285,13 +285,6 @@ def test_key_query_parameter_is_removed_in_every_spelling(gw, query, kept):
 
 # 10. A verified token does not outlive its key.
 
-def wait_for(predicate, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.25)
-    return False
 
 
 def test_cached_token_stops_working_when_its_key_leaves_the_jwks(gw, keys, idp):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from envoy_harness import CLI, WASM, Envoy, free_port, request
+from envoy_harness import CLI, WASM, Envoy, free_port, request, wait_for
 
 V1 = {"apis": [{"name": "alpha", "path_prefix": "/alpha"}]}
 V2 = {"apis": [{"name": "beta", "path_prefix": "/beta"}, {"name": "alpha", "path_prefix": "/alpha",
@@ -28,13 +28,6 @@ def render(tmp_path, policy, ports, *extra):
         capture_output=True, text=True, timeout=60)
 
 
-def wait_for(predicate, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

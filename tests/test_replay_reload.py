@@ -13,7 +13,7 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import CLI, WASM, Envoy, free_port, gateway
+from envoy_harness import CLI, WASM, Envoy, free_port, gateway, wait_for
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://processfactorial"
@@ -66,13 +66,6 @@ def refused(status_body):
     return status == 401 and json.loads(body) == REPLAY
 
 
-def wait_for(predicate, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def serves(port, version):
