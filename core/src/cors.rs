@@ -8,6 +8,7 @@ use crate::headers::is_token;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
@@ -19,6 +20,8 @@ pub struct CorsConfig {
     pub expose_headers: Vec<String>,
     #[serde(default)]
     pub allow_credentials: bool,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub max_age_seconds: Option<u32>,
 }
