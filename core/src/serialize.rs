@@ -26,21 +26,31 @@ pub(crate) fn is_default_warn_expiry_days(days: &u32) -> bool {
 }
 
 pub(crate) fn is_default_clock_skew(seconds: &u64) -> bool {
-    smallest_jwt().is_ok_and(|smallest| smallest.clock_skew_seconds == *seconds)
+    JwtConfig::accepting(Vec::new(), Vec::new(), Vec::new())
+        .is_ok_and(|smallest| smallest.clock_skew_seconds == *seconds)
 }
 
-fn smallest_jwt() -> serde_json::Result<JwtConfig> {
-    #[derive(Serialize)]
-    struct Smallest {
-        issuers: [String; 0],
-        audiences: [String; 0],
-        algorithms: [String; 0],
+impl JwtConfig {
+    /// Accepts tokens from `issuers`, for `audiences`, signed with `algorithms`; every other
+    /// field as a policy that leaves it out has it.
+    pub fn accepting(
+        issuers: Vec<String>,
+        audiences: Vec<String>,
+        algorithms: Vec<String>,
+    ) -> serde_json::Result<Self> {
+        #[derive(Serialize)]
+        struct Smallest {
+            issuers: Vec<String>,
+            audiences: Vec<String>,
+            algorithms: Vec<String>,
+        }
+        let smallest = Smallest {
+            issuers,
+            audiences,
+            algorithms,
+        };
+        serde_json::from_value(serde_json::to_value(smallest)?)
     }
-    serde_json::from_value(serde_json::to_value(Smallest {
-        issuers: [],
-        audiences: [],
-        algorithms: [],
-    })?)
 }
 
 impl ClientCertConfig {
