@@ -1,5 +1,7 @@
 //! CORS (SPEC §1): preflights answered by the gateway, origin allow-list with exact and
 //! wildcard-subdomain entries, and the response headers an allowed origin gets.
+//!
+//! Origins are parsed by hand: a URL parser accepts and normalises what an Origin must not hold.
 
 use serde::Deserialize;
 
