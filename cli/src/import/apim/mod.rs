@@ -12,7 +12,8 @@
 //! `<inbound>` are listed as left out. Policy expressions (`@(...)`) are never evaluated: the
 //! certificate condition is recognised by its shape. Secrets never reach a message: subscription
 //! keys are hashed, HMAC keys and named-value headers become `{"env": ...}` references, and the
-//! values `--named-values` fills in are masked.
+//! values `--named-values` fills in are masked. Each element converts in a module of its own
+//! into the filter's raw config type, kept only once the filter's compiler accepts it.
 
 mod client_cert;
 mod cors;
