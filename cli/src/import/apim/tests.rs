@@ -444,3 +444,28 @@ fn snippets_without_policies() {
         2
     );
 }
+
+#[test]
+fn the_clock_skew_is_stated_even_when_it_is_gateguards_default() {
+    // APIM's default is 0, gateguard's 60: a reader should not need to know either.
+    let xml = inbound(
+        r#"<validate-jwt header-name="Authorization" require-scheme="Bearer" clock-skew="60"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#,
+    );
+    let a = args(&[]);
+    let (api, report, _) = convert_text(&xml, &a, &NamedValues::default()).unwrap();
+    assert!(!report.skipped(), "{:?}", report.items);
+    let policy: Value = serde_json::from_str(&render(&api, &a).unwrap()).unwrap();
+    let jwt = policy["apis"][0]["jwt"].as_object().unwrap();
+    let keys: Vec<&str> = jwt.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "issuers",
+            "audiences",
+            "algorithms",
+            "jwks",
+            "clock_skew_seconds"
+        ]
+    );
+    assert_eq!(jwt["clock_skew_seconds"], json!(60));
+}

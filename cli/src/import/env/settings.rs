@@ -322,4 +322,19 @@ mod tests {
         let map = BTreeMap::from([("OTHER".to_string(), "${X}".to_string())]);
         assert!(unresolved(&map).is_ok());
     }
+
+    #[test]
+    fn a_dotenv_setting_that_would_substitute_is_refused() {
+        // dotenvy would fill `$HOME` in from this process's environment.
+        for line in ["API_KEY_VALUES=k$HOME", "VALID_INPUT_PATHS=/api;${MORE}"] {
+            let e = parse_dotenv(&format!("OTHER=$HOME\n{line}\n")).unwrap_err();
+            assert!(e.starts_with("line 2:") && e.contains("refers to"), "{e}");
+            assert!(!e.contains("HOME") && !e.contains("MORE"), "{e}");
+        }
+        // A value with spaces is quoted, as every dotenv loader reads it the same way then.
+        let e = parse_dotenv("VALID_INPUT_PATHS=/a; /b\n").unwrap_err();
+        assert!(e.starts_with("line 1:") && !e.contains("/b"), "{e}");
+        let m = parse_dotenv("VALID_INPUT_PATHS=\"/a; /b\"\n").unwrap();
+        assert_eq!(m[INPUT_PATHS], "/a; /b");
+    }
 }
