@@ -1,9 +1,7 @@
 //! `gateguard`: validate policies before they reach Envoy, and the small tools operators need
 //! around them.
 
-mod import_apim;
-mod import_env;
-mod output;
+mod import;
 mod render;
 mod thumbprint;
 mod token;
@@ -56,7 +54,7 @@ enum Command {
     /// or Key Vault reference) are errors, never skipped. Nothing is written on an error (an
     /// existing --out file is left as it was). Exit 1 on an error in the settings or flags, 2
     /// if a file cannot be read or written.
-    ImportEnv(import_env::Args),
+    ImportEnv(import::env::Args),
     /// Convert an Azure API Management policy document (XML) into a policy with one API.
     ///
     /// Fails closed: it never writes a policy less strict than its input. Converts <cors>,
@@ -72,7 +70,7 @@ enum Command {
     /// and an existing --out file is left as it was; 1 for invalid XML, flags or
     /// --named-values file, or a result the filter would refuse; 2 if a file cannot be read or
     /// written.
-    ImportApim(import_apim::Args),
+    ImportApim(import::apim::Args),
     /// Print the JSON Schema of policy documents (policies/gateguard.schema.json), generated
     /// from the filter's own configuration types.
     Schema,
@@ -111,8 +109,8 @@ fn main() -> ExitCode {
         Command::Thumbprint(args) => thumbprint::run(&args),
         Command::Token(args) => token::token(&args),
         Command::Jwks(args) => token::jwks(&args),
-        Command::ImportEnv(args) => import_env::run(&args),
-        Command::ImportApim(args) => import_apim::run(&args),
+        Command::ImportEnv(args) => import::env::run(&args),
+        Command::ImportApim(args) => import::apim::run(&args),
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k,

@@ -24,23 +24,39 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Editors' JSON Schema reference; ignored by the filter.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(rename = "$schema", default)]
     pub schema: Option<String>,
     pub apis: Vec<ApiConfig>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default")
+    )]
     #[serde(default)]
     pub client_ip: ClientIpConfig,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default")
+    )]
     #[serde(default)]
     pub replay_cache: ReplayCacheConfig,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default")
+    )]
     #[serde(default)]
     pub token_cache: TokenCacheConfig,
 }
 
 /// The verified-token cache: a fixed number of shared-data slots.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct TokenCacheConfig {
     #[serde(default = "default_token_cache_entries")]
@@ -61,22 +77,33 @@ fn default_token_cache_entries() -> u32 {
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub name: String,
     pub path_prefix: String,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub cors: Option<CorsConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub ip_filter: Option<IpFilterConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub client_certificate: Option<ClientCertConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub subscription_key: Option<SubscriptionKeyConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub replay: Option<ReplayConfig>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "BTreeMap::is_empty")
+    )]
     #[serde(default)]
     pub inject_headers: BTreeMap<String, ValueSource>,
 }

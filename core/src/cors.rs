@@ -1,5 +1,7 @@
 //! CORS (docs/policy.md, "CORS"): preflights answered by the gateway, origin allow-list with exact
 //! and wildcard-subdomain entries, and the response headers an allowed origin gets.
+//!
+//! Origins are parsed by hand: a URL parser accepts and normalises what an Origin must not hold.
 
 use serde::Deserialize;
 
@@ -8,6 +10,7 @@ use crate::headers::is_token;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
@@ -19,6 +22,8 @@ pub struct CorsConfig {
     pub expose_headers: Vec<String>,
     #[serde(default)]
     pub allow_credentials: bool,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub max_age_seconds: Option<u32>,
 }

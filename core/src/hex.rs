@@ -22,7 +22,8 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn nibble(c: u8) -> Option<u8> {
+/// The value of one hex digit of any case.
+pub fn nibble(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

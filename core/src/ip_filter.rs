@@ -9,17 +9,23 @@ use crate::error::{index, join, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct IpFilterConfig {
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub deny: Option<Vec<String>>,
 }
 
 /// Where the client address comes from (docs/policy.md, "Client IP").
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpConfig {
     /// How many proxies in front of the gateway append to X-Forwarded-For (0: the TCP peer is
@@ -29,6 +35,8 @@ pub struct ClientIpConfig {
     /// CIDRs of the proxies allowed to connect to the gateway and speak for the client in
     /// X-Forwarded-For. From any other peer, X-Forwarded-For is ignored. Trusting every peer
     /// takes `["0.0.0.0/0", "::/0"]`.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub trusted_proxies: Option<Vec<String>>,
 }

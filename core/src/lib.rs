@@ -19,6 +19,9 @@ pub mod shared_data;
 pub mod subscription_key;
 pub mod value;
 
+#[cfg(feature = "serialize")]
+mod serialize;
+
 pub use config::{parse_policy, CompiledPolicy};
 pub use decision::{Decision, Outcome, Refusal};
 pub use error::ConfigError;

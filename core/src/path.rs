@@ -7,6 +7,8 @@
 //! twice or fold Unicode letters to ASCII. Routing reads the most-decoded form, and anything
 //! that two common backends would still read differently is refused (400), never guessed.
 
+use crate::hex;
+
 /// A request target split and normalised for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestPath<'a> {
@@ -120,8 +122,8 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         let octet = if b == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_value);
-            let lo = bytes.get(i + 2).copied().and_then(hex_value);
+            let hi = bytes.get(i + 1).copied().and_then(hex::nibble);
+            let lo = bytes.get(i + 2).copied().and_then(hex::nibble);
             let (Some(hi), Some(lo)) = (hi, lo) else {
                 return Err(PathError::BadEscape);
             };
@@ -130,7 +132,7 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
             if octet == b'%' {
                 let next = (bytes.get(i).copied(), bytes.get(i + 1).copied());
                 if let (Some(a), Some(b)) = next {
-                    if hex_value(a).is_some() && hex_value(b).is_some() {
+                    if hex::nibble(a).is_some() && hex::nibble(b).is_some() {
                         return Err(PathError::DoubleEncoding);
                     }
                 }
@@ -149,15 +151,6 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
         out.push(octet);
     }
     Ok(out)
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Does `prefix` (validated at compile time: starts with `/`, no trailing `/` unless it is `/`)

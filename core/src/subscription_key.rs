@@ -12,6 +12,7 @@ use crate::query::query_values;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionKeyConfig {
     #[serde(default = "default_header")]

@@ -14,8 +14,9 @@ use crate::error::ConfigError;
 /// `{ "value": "..." }` or `{ "env": "NAME" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[cfg_attr(
-    feature = "schema",
+    any(feature = "schema", feature = "serialize"),
     serde(rename_all = "snake_case", deny_unknown_fields)
 )]
 pub enum ValueSource {

@@ -31,17 +31,32 @@ use xfcc::Extracted;
 /// `client_certificate` as written in a policy.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ClientCertConfig {
     pub thumbprints: Vec<String>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default_sources")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default = "default_sources")]
     pub sources: Vec<String>,
     #[serde(default = "default_true")]
     pub check_validity: bool,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub subject: Option<String>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub issuer: Option<String>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default_warn_expiry_days")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default = "default_warn_expiry_days")]
     pub warn_expiry_days: u32,
 }

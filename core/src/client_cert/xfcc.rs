@@ -2,6 +2,8 @@
 //! `By=...;Hash=<sha256 hex>;Cert="<url-encoded PEM>";Subject="...",<next element>`.
 //! Each proxy appends an element, so only the last one (added by the proxy nearest to us) is
 //! trusted; earlier ones could have been written by the client.
+//!
+//! Hand-written: the header's grammar is Envoy's own, and no maintained crate parses it.
 
 use super::decode::{check_size, xfcc_cert_to_der, Malformed};
 use super::thumbprint::Thumbprint;

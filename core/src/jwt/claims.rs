@@ -7,14 +7,21 @@ use crate::error::{index, join, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct RequiredClaimConfig {
     pub name: String,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub any_of: Option<Vec<Value>>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub all_of: Option<Vec<Value>>,
     /// Methods the rule applies to; all methods when absent.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub methods: Option<Vec<String>>,
 }

@@ -25,21 +25,35 @@ pub use token::extract_bearer;
 
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     pub algorithms: Vec<String>,
     /// Required for RS/PS/ES/EdDSA; not used (and refused) when only HS algorithms are allowed.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub jwks: Option<JwksConfig>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default_clock_skew")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default = "default_skew")]
     pub clock_skew_seconds: u64,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Vec::is_empty"))]
     #[serde(default)]
     pub required_claims: Vec<RequiredClaimConfig>,
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "BTreeMap::is_empty")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub claims_to_headers: BTreeMap<String, String>,
     /// Shared secret for HS256/384/512; only with an HS algorithm listed.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub hmac_secret: Option<ValueSource>,
 }
@@ -51,14 +65,23 @@ fn default_skew() -> u64 {
 /// Either `{"inline": <JWKS>}` or `{"cluster": ..., "uri": ..., "refresh_seconds": ...}`.
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct JwksConfig {
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub inline: Option<Value>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub cluster: Option<String>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub uri: Option<String>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub refresh_seconds: Option<u64>,
 }

@@ -10,6 +10,7 @@ use crate::error::{join, ConfigError};
 /// `replay.mode` of an API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(rename_all = "snake_case")]
 pub enum ReplayMode {
     WithIp,
@@ -19,6 +20,7 @@ pub enum ReplayMode {
 /// `apis[i].replay`; absent means no replay protection for that API.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ReplayConfig {
     pub mode: ReplayMode,
@@ -27,6 +29,7 @@ pub struct ReplayConfig {
 /// `replay_cache`, shared by every API of the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ReplayCacheConfig {
     #[serde(default = "default_max_entries")]

@@ -9,6 +9,8 @@ use std::path::Path;
 
 use roxmltree::{Document, Node};
 
+use crate::import::{read_text, Failure};
+
 /// The values `--named-values` supplies, by name (`{{name}}` and `${name}` look up the same).
 #[derive(Default)]
 pub struct NamedValues {
@@ -19,11 +21,9 @@ pub struct NamedValues {
 
 impl NamedValues {
     /// Reads a JSON object `{"name": "value", ...}`. Errors name the entry, never a value.
-    /// `Err((2, _))` when the file cannot be read, `Err((1, _))` when it is not such an object.
-    pub fn read(path: &Path) -> Result<Self, (u8, String)> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| (2, format!("{}: cannot read: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| (1, format!("{}: {e}", path.display())))
+    pub fn read(path: &Path) -> Result<Self, Failure> {
+        let text = read_text(path)?;
+        Self::parse(&text).map_err(|e| Failure::Invalid(format!("{}: {e}", path.display())))
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {

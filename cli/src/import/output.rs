@@ -1,21 +1,8 @@
-//! Writing generated policies (import-env, import-apim): one document shape, one file mode rule,
-//! and a file that is either the whole new policy or left as it was.
+//! Writing a generated policy: a file that is either the whole new policy or left as it was,
+//! owner-only from creation on when it holds secrets.
 
 use std::io::Write;
 use std::path::Path;
-
-use serde_json::{json, Map, Value};
-
-/// A policy document with the schema reference first, pretty-printed, newline-terminated.
-pub fn policy_text(apis: Vec<Value>) -> Result<String, String> {
-    let mut doc = Map::new();
-    doc.insert("$schema".into(), json!("./gateguard.schema.json"));
-    doc.insert("apis".into(), Value::Array(apis));
-    let mut text = serde_json::to_string_pretty(&Value::Object(doc))
-        .map_err(|e| format!("cannot serialise the policy: {e}"))?;
-    text.push('\n');
-    Ok(text)
-}
 
 /// Writes a policy atomically: a temporary file next to `path`, then a rename, so a reader (or
 /// Envoy watching the directory) never sees half a policy and a failed write leaves the old

@@ -1,0 +1,471 @@
+//! Conversions of whole documents: what each element becomes, and what makes a document fail
+//! closed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use clap::Parser as _;
+use serde_json::json;
+
+use super::jwt::HMAC_VAR;
+use super::report::Kind;
+use super::*;
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn args(flags: &[&str]) -> Args {
+    let mut argv = vec!["import-apim", "in.xml"];
+    argv.extend_from_slice(flags);
+    Cli::try_parse_from(argv).unwrap().args
+}
+
+/// The policy from what converted (written only when nothing was refused), and the report.
+fn convert_str(xml: &str, flags: &[&str]) -> (Value, Report) {
+    convert_with(xml, flags, &NamedValues::default())
+}
+
+fn convert_named(xml: &str, flags: &[&str], named: &str) -> (Value, Report) {
+    convert_with(xml, flags, &NamedValues::parse(named).unwrap())
+}
+
+fn convert_with(xml: &str, flags: &[&str], named: &NamedValues) -> (Value, Report) {
+    let a = args(flags);
+    let (api, report, _) = convert_text(xml, &a, named).unwrap();
+    let text = render(&api, &a).unwrap();
+    gateguard_core::parse_policy(text.as_bytes(), &import::placeholder_env).unwrap();
+    (serde_json::from_str(&text).unwrap(), report)
+}
+
+fn refused(report: &Report) -> Vec<&str> {
+    report
+        .items
+        .iter()
+        .filter(|i| i.kind == Kind::NotConverted)
+        .map(|i| i.element.as_str())
+        .collect()
+}
+
+fn inbound(body: &str) -> String {
+    format!("<policies>\n<inbound>\n{body}\n</inbound>\n<backend><base /></backend>\n<outbound><base /></outbound>\n<on-error><base /></on-error>\n</policies>")
+}
+
+#[test]
+fn documented_cert_choose_converts() {
+    let xml = inbound(
+        r#"<choose>
+<when condition="@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != "3A7F00000000000000000000000000000000009C")" >
+    <return-response>
+        <set-status code="403" reason="Invalid client certificate" />
+    </return-response>
+</when>
+</choose>"#,
+    );
+    let (policy, report) = convert_str(&xml, &[]);
+    assert_eq!(
+        policy["apis"][0]["client_certificate"],
+        json!({"thumbprints": ["3A7F00000000000000000000000000000000009C"], "check_validity": false})
+    );
+    assert!(!report.skipped(), "{:?}", report.items);
+}
+
+#[test]
+fn cors_ip_key_and_headers() {
+    let xml = inbound(
+        r#"<cors allow-credentials="true">
+  <allowed-origins><origin>https://portal.example.com/</origin><origin>*</origin></allowed-origins>
+  <allowed-methods preflight-result-max-age="300"><method>get</method><method>POST</method></allowed-methods>
+  <allowed-headers><header>content-type</header></allowed-headers>
+</cors>
+<ip-filter action="forbid"><address>203.0.113.7</address></ip-filter>
+<ip-filter action="allow"><address-range from="10.0.0.0" to="10.0.1.255" /></ip-filter>
+<check-header name="Ocp-Apim-Subscription-Key" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false"><value>s3cret-key</value></check-header>
+<set-header name="x-functions-key" exists-action="override"><value>{{functions-key}}</value></set-header>"#,
+    );
+    let (policy, report) = convert_str(&xml, &[]);
+    let api = &policy["apis"][0];
+    assert_eq!(
+        api["cors"]["allowed_origins"],
+        json!(["https://portal.example.com"])
+    );
+    assert_eq!(api["cors"]["allowed_methods"], json!(["GET", "POST"]));
+    assert_eq!(api["cors"]["max_age_seconds"], json!(300));
+    assert_eq!(api["cors"]["allow_credentials"], json!(true));
+    assert_eq!(
+        api["ip_filter"],
+        json!({"allow": ["10.0.0.0/23"], "deny": ["203.0.113.7"]})
+    );
+    assert_eq!(
+        api["subscription_key"],
+        json!({"header": "Ocp-Apim-Subscription-Key", "query": null,
+               "keys_sha256": [gateguard_core::subscription_key::hash_key("s3cret-key")]})
+    );
+    assert_eq!(
+        api["inject_headers"],
+        json!({"x-functions-key": {"env": "FUNCTIONS_KEY"}})
+    );
+    assert!(!policy.to_string().contains("s3cret-key"));
+    // The "*" origin with credentials is reported.
+    assert!(report.skipped());
+    assert!(report
+        .items
+        .iter()
+        .any(|i| i.kind == Kind::Env && i.text.starts_with("FUNCTIONS_KEY")));
+}
+
+#[test]
+fn validate_jwt_entra() {
+    let xml = inbound(
+        r#"<validate-jwt header-name="Authorization" failed-validation-httpcode="401" require-scheme="Bearer" clock-skew="30">
+  <openid-config url="https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0/.well-known/openid-configuration" />
+  <audiences><audience>api://processfactorial</audience></audiences>
+  <required-claims>
+<claim name="roles" match="any" separator=" "><value>Forms.Submit</value><value>Forms.Admin</value></claim>
+<claim name="scp" separator=" "><value>read</value></claim>
+  </required-claims>
+</validate-jwt>"#,
+    );
+    let (policy, report) = convert_str(&xml, &["--jwks-cluster", "entra"]);
+    assert_eq!(
+        policy["apis"][0]["jwt"],
+        json!({
+            "issuers": ["https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"],
+            "audiences": ["api://processfactorial"],
+            "algorithms": ["RS256"],
+            "jwks": {"cluster": "entra", "uri": "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0/.well-known/openid-configuration"},
+            "clock_skew_seconds": 30,
+            "required_claims": [
+                {"name": "roles", "any_of": ["Forms.Submit", "Forms.Admin"]},
+                {"name": "scp", "all_of": ["read"]}
+            ]
+        })
+    );
+    assert!(!report.skipped(), "{:?}", report.items);
+}
+
+#[test]
+fn validate_jwt_domain_tenant_needs_issuer() {
+    let xml = inbound(
+        r#"<validate-jwt header-name="Authorization" failed-validation-httpcode="401" failed-validation-error-message="Unauthorized. Access token is missing or invalid.">
+<openid-config url="https://login.microsoftonline.com/contoso.onmicrosoft.com/.well-known/openid-configuration" />
+<audiences><audience>25eef6e4-c905-4a07-8eb4-0d08d5df8b3f</audience></audiences>
+</validate-jwt>"#,
+    );
+    let (policy, report) = convert_str(&xml, &[]);
+    assert!(policy["apis"][0].get("jwt").is_none());
+    assert!(report.skipped());
+    let (policy, report) = convert_str(&xml, &["--issuer", "https://sts.windows.net/tid/"]);
+    assert_eq!(
+        policy["apis"][0]["jwt"]["issuers"],
+        json!(["https://sts.windows.net/tid/"])
+    );
+    assert_eq!(policy["apis"][0]["jwt"]["jwks"]["cluster"], json!("idp"));
+    assert!(!report.skipped(), "{:?}", report.items);
+}
+
+#[test]
+fn validate_jwt_token_location() {
+    for attrs in [
+        r#"query-parameter-name="token""#,
+        r#"header-name="X-Token""#,
+        r#"header-name="Authorization" require-scheme="Basic""#,
+    ] {
+        let xml = inbound(&format!(
+            r#"<validate-jwt {attrs}><openid-config url="https://idp.example.com/.well-known/openid-configuration"/><audiences><audience>a</audience></audiences></validate-jwt>"#
+        ));
+        let (policy, report) = convert_str(&xml, &[]);
+        assert!(policy["apis"][0].get("jwt").is_none(), "{attrs}");
+        assert!(report.skipped());
+    }
+}
+
+#[test]
+fn validate_client_certificate_and_hmac_only() {
+    let xml = inbound(
+        r#"<validate-client-certificate validate-revocation="false" validate-trust="false" validate-not-before="true" validate-not-after="true" ignore-error="false">
+  <identities><identity thumbprint="3A7F00000000000000000000000000000000009C" /></identities>
+</validate-client-certificate>
+<validate-jwt header-name="Authorization" require-scheme="Bearer">
+  <issuer-signing-keys><key>c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==</key></issuer-signing-keys>
+  <audiences><audience>a</audience></audiences><issuers><issuer>http://contoso.com/</issuer></issuers>
+</validate-jwt>"#,
+    );
+    let (policy, report) = convert_str(&xml, &[]);
+    assert!(!report.skipped(), "{:?}", report.items);
+    assert_eq!(
+        policy["apis"][0]["client_certificate"],
+        json!({"thumbprints": ["3A7F00000000000000000000000000000000009C"], "check_validity": true})
+    );
+    // HMAC alone is a key set of its own: no jwks, the secret from the environment.
+    assert_eq!(
+        policy["apis"][0]["jwt"],
+        json!({
+            "issuers": ["http://contoso.com/"], "audiences": ["a"], "algorithms": ["HS256"],
+            "clock_skew_seconds": 0, "hmac_secret": {"env": HMAC_VAR}
+        })
+    );
+    assert!(!policy.to_string().contains("c2VjcmV0"));
+    assert!(report
+        .items
+        .iter()
+        .all(|i| !i.text.contains("c2VjcmV0") && !i.text.contains("secret-secret")));
+}
+
+#[test]
+fn hmac_keys_gateguard_cannot_hold_are_refused() {
+    for (key, why) in [
+        ("c2hvcnQ=", "5 bytes"),
+        // 32 random bytes: not text, so no hmac_secret can hold them.
+        ("3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4=", "binary"),
+        ("not base64!", "not base64"),
+        ("@(context.Variables[\"k\"])", "expression"),
+    ] {
+        let xml = inbound(&format!(
+            r#"<validate-jwt header-name="Authorization"><issuer-signing-keys><key>{key}</key></issuer-signing-keys>
+  <audiences><audience>a</audience></audiences><issuers><issuer>i</issuer></issuers></validate-jwt>"#
+        ));
+        let (policy, report) = convert_str(&xml, &[]);
+        assert!(policy["apis"][0].get("jwt").is_none(), "{key}");
+        assert!(
+            report
+                .items
+                .iter()
+                .any(|i| i.kind == Kind::NotConverted && i.text.contains(why)),
+            "{key}: {:?}",
+            report.items
+        );
+    }
+}
+
+#[test]
+fn unknown_and_inherited_elements_are_reported() {
+    let xml = "<policies><inbound><base /><rate-limit calls=\"20\" renewal-period=\"90\" /><trace source=\"x\" /><set-query-parameter name=\"a\" exists-action=\"delete\" /></inbound><backend><forward-request /></backend><outbound><set-header name=\"x\" exists-action=\"delete\" /></outbound></policies>";
+    let (_, report) = convert_str(xml, &[]);
+    assert_eq!(
+        refused(&report),
+        ["base", "rate-limit", "set-query-parameter"]
+    );
+    let left_out: Vec<&str> = report
+        .items
+        .iter()
+        .filter(|i| i.kind == Kind::LeftOut)
+        .map(|i| i.element.as_str())
+        .collect();
+    assert_eq!(left_out, ["trace", "set-header"]);
+    // --skip accepts the loss, element by element.
+    let (_, report) = convert_str(xml, &["--skip", "base", "--skip", "rate-limit"]);
+    assert_eq!(refused(&report), ["set-query-parameter"]);
+    let none = NamedValues::default();
+    assert!(convert_text("<foo/>", &args(&[]), &none).is_err());
+    assert!(convert_text("<policies><inbound>", &args(&[]), &none).is_err());
+}
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+fn with_placeholders() -> String {
+    inbound(
+        r#"<validate-jwt header-name="Authorization" require-scheme="Bearer">
+  <openid-config url="https://login.microsoftonline.com/{{tenant-id}}/v2.0/.well-known/openid-configuration" />
+  <audiences><audience>${api_audience}</audience></audiences>
+</validate-jwt>
+<check-header name="Ocp-Apim-Subscription-Key"><value>{{sub-key}}</value></check-header>
+<set-header name="x-functions-key" exists-action="override"><value>{{functions-key}}</value></set-header>"#,
+    )
+}
+
+#[test]
+fn placeholders_without_values_are_refused_by_name() {
+    let (_, report) = convert_str(&with_placeholders(), &[]);
+    assert_eq!(refused(&report), ["validate-jwt", "check-header"]);
+    let text: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
+    let all = text.join("\n");
+    let want = "no value for named value {{tenant-id}} (line 4), template placeholder \
+                ${api_audience} (line 5): pass the values with --named-values FILE, or \
+                render the template first";
+    assert!(all.contains(want), "{all}");
+    assert!(
+        all.contains("no value for named value {{sub-key}} (line 7)"),
+        "{all}"
+    );
+    // A header's {{named value}} is a reference to Envoy's environment, not a gap.
+    assert!(report
+        .items
+        .iter()
+        .any(|i| i.kind == Kind::Converted && i.element == "set-header"));
+    // A value file that lacks one still names it.
+    let (_, report) = convert_named(&with_placeholders(), &[], r#"{"tenant-id": "t"}"#);
+    let all: Vec<&str> = report.items.iter().map(|i| i.text.as_str()).collect();
+    let all = all.join("\n");
+    assert!(
+        all.contains("{{sub-key}} (line 7): add the values to the --named-values file"),
+        "{all}"
+    );
+    assert!(!all.contains("{{tenant-id}}"), "{all}");
+}
+
+#[test]
+fn named_values_fill_in_and_never_show() {
+    let named = format!(
+        r#"{{"tenant-id": "{TENANT}", "api_audience": "api://aud-value", "sub-key": "sub-key-s3cret", "functions-key": "fk-s3cret"}}"#
+    );
+    let a = args(&[]);
+    let values = NamedValues::parse(&named).unwrap();
+    let (api, report, masker) = convert_text(&with_placeholders(), &a, &values).unwrap();
+    assert!(!report.skipped(), "{:?}", report.items);
+    let policy: Value = serde_json::from_str(&render(&api, &a).unwrap()).unwrap();
+    let api = &policy["apis"][0];
+    assert_eq!(
+        api["jwt"]["issuers"],
+        json!([format!("https://login.microsoftonline.com/{TENANT}/v2.0")])
+    );
+    assert_eq!(api["jwt"]["audiences"], json!(["api://aud-value"]));
+    assert_eq!(
+        api["subscription_key"]["keys_sha256"],
+        json!([gateguard_core::subscription_key::hash_key("sub-key-s3cret")])
+    );
+    // The header's value stays in Envoy's environment even when the file has it.
+    assert_eq!(
+        api["inject_headers"],
+        json!({"x-functions-key": {"env": "FUNCTIONS_KEY"}})
+    );
+    assert!(!policy.to_string().contains("s3cret"));
+    for item in &report.items {
+        let shown = masker.mask(&item.text);
+        assert!(
+            !shown.contains(TENANT) && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn checks_inside_choose_are_refused() {
+    let xml = inbound(
+        r#"<choose>
+  <when condition="@(context.Request.Method == &quot;POST&quot;)">
+<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>
+  </when>
+</choose>
+<choose>
+  <when condition="@(context.Request.Certificate == null || context.Request.Certificate.Thumbprint != &quot;3A7F00000000000000000000000000000000009C&quot;)">
+<return-response><set-status code="403" /></return-response>
+  </when>
+  <otherwise><ip-filter action="allow"><address>10.0.0.1</address></ip-filter></otherwise>
+</choose>"#,
+    );
+    let (policy, report) = convert_str(&xml, &[]);
+    assert_eq!(refused(&report), ["choose", "choose"]);
+    assert!(policy["apis"][0].get("jwt").is_none());
+    assert!(policy["apis"][0].get("client_certificate").is_none());
+}
+
+#[test]
+fn revocation_is_refused_unless_accepted() {
+    let thumb = "3A7F00000000000000000000000000000000009C";
+    for body in [
+        format!(
+            r#"<validate-client-certificate><identities><identity thumbprint="{thumb}" /></identities></validate-client-certificate>"#
+        ),
+        format!(
+            r#"<choose><when condition="@(context.Request.Certificate == null || !context.Request.Certificate.Verify() || context.Request.Certificate.Thumbprint != &quot;{thumb}&quot;)"><return-response><set-status code="403" /></return-response></when></choose>"#
+        ),
+    ] {
+        let xml = inbound(&body);
+        let (policy, report) = convert_str(&xml, &[]);
+        assert_eq!(refused(&report).len(), 1, "{body}");
+        assert!(policy["apis"][0].get("client_certificate").is_none());
+        let (policy, report) = convert_str(&xml, &["--no-revocation-check"]);
+        assert!(!report.skipped(), "{:?}", report.items);
+        assert_eq!(
+            policy["apis"][0]["client_certificate"]["thumbprints"],
+            json!([thumb])
+        );
+    }
+    // VerifyNoRevocation() checks no revocation: nothing to accept.
+    let xml = inbound(&format!(
+        r#"<choose><when condition="@(context.Request.Certificate == null || !context.Request.Certificate.VerifyNoRevocation() || context.Request.Certificate.Thumbprint != &quot;{thumb}&quot;)"><return-response><set-status code="403" /></return-response></when></choose>"#
+    ));
+    assert!(!convert_str(&xml, &[]).1.skipped());
+}
+
+#[test]
+fn what_a_conversion_would_drop_is_refused() {
+    for body in [
+        // A child element the conversion does not read.
+        r#"<cors><allowed-origins><origin>https://a.example</origin></allowed-origins><allowed-paths /></cors>"#,
+        // A claim without separator=" " (APIM compares a string claim whole), or another one.
+        r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="department"><value>Finance</value></claim></required-claims></validate-jwt>"#,
+        r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="groups" separator=","><value>a</value></claim></required-claims></validate-jwt>"#,
+        // An origin APIM takes literally, gateguard as every subdomain.
+        r#"<cors><allowed-origins><origin>https://*.contoso.com</origin></allowed-origins></cors>"#,
+        // A claim required by presence only.
+        r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><required-claims><claim name="roles" /></required-claims></validate-jwt>"#,
+        // A second key source APIM would accept.
+        r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><openid-config url="https://idp2.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#,
+        // An issuer that is an expression.
+        r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences><issuers><issuer>https://idp.example.com</issuer><issuer>@(context.Variables.GetValueOrDefault&lt;string&gt;("iss"))</issuer></issuers></validate-jwt>"#,
+        // A header the backend would have had removed.
+        r#"<set-header name="x-user" exists-action="delete" />"#,
+        // A subscription key checked for presence only.
+        r#"<check-header name="Ocp-Apim-Subscription-Key" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false" />"#,
+        // A wildcard origin APIM refuses with credentials.
+        r#"<cors allow-credentials="true"><allowed-origins><origin>*</origin><origin>https://a.example</origin></allowed-origins></cors>"#,
+    ] {
+        let (_, report) = convert_str(&inbound(body), &[]);
+        assert!(report.skipped(), "{body}: {:?}", report.items);
+    }
+}
+
+#[test]
+fn snippets_without_policies() {
+    let jwt = r#"<validate-jwt header-name="Authorization"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#;
+    let ip = r#"<ip-filter action="allow"><address>10.0.0.1</address></ip-filter>"#;
+    for xml in [
+        jwt.to_string(),
+        format!("<inbound>\n{jwt}\n{ip}\n</inbound>"),
+        format!("{jwt}\n{ip}"),
+        format!("<!-- two policies -->\n{jwt}\n{ip}"),
+    ] {
+        let (policy, report) = convert_str(&xml, &[]);
+        assert!(!report.skipped(), "{xml}: {:?}", report.items);
+        assert_eq!(policy["apis"][0]["jwt"]["audiences"], json!(["a"]));
+    }
+    let (_, report) = convert_str(&format!("{jwt}\n<base />\n{ip}"), &[]);
+    assert_eq!(refused(&report), ["base"]);
+    assert_eq!(
+        report
+            .items
+            .iter()
+            .find(|i| i.element == "base")
+            .unwrap()
+            .line,
+        2
+    );
+}
+
+#[test]
+fn the_clock_skew_is_stated_even_when_it_is_gateguards_default() {
+    // APIM's default is 0, gateguard's 60: a reader should not need to know either.
+    let xml = inbound(
+        r#"<validate-jwt header-name="Authorization" require-scheme="Bearer" clock-skew="60"><openid-config url="https://idp.example.com/.well-known/openid-configuration" /><audiences><audience>a</audience></audiences></validate-jwt>"#,
+    );
+    let a = args(&[]);
+    let (api, report, _) = convert_text(&xml, &a, &NamedValues::default()).unwrap();
+    assert!(!report.skipped(), "{:?}", report.items);
+    let policy: Value = serde_json::from_str(&render(&api, &a).unwrap()).unwrap();
+    let jwt = policy["apis"][0]["jwt"].as_object().unwrap();
+    let keys: Vec<&str> = jwt.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "issuers",
+            "audiences",
+            "algorithms",
+            "jwks",
+            "clock_skew_seconds"
+        ]
+    );
+    assert_eq!(jwt["clock_skew_seconds"], json!(60));
+}
