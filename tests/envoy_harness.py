@@ -272,3 +272,19 @@ def wait_for(predicate, timeout=30, interval=0.1):
             return True
         time.sleep(interval)
     return False
+
+
+def run_with_policy_text(policy, upstream, name):
+    """Starts Envoy with `policy` (a dict or raw text) put by hand into a rendered config, the way
+    a hand-edited file would bring a policy `render` refuses; waits for Envoy to exit and returns
+    (exit code or None if it kept running, log text)."""
+    config = compose([gateway("l", free_port(), {"apis": [{"name": "a", "path_prefix": "/a"}]}, upstream)],
+                     free_port())
+    text = policy if isinstance(policy, str) else json.dumps(policy)
+    filter_config(config, "l")["configuration"]["value"] = text
+    envoy = Envoy(config, concurrency=1, name=name)
+    envoy.start(wait=False)
+    try:
+        return envoy.wait_exit(30), envoy.log_text()
+    finally:
+        envoy.stop()

@@ -15,7 +15,7 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import CLI, ROOT, Envoy, compose, filter_config, free_port, gateway, request
+from envoy_harness import CLI, ROOT, compose, free_port, gateway, request, run_with_policy_text
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://processfactorial"
@@ -202,18 +202,9 @@ def test_validate_and_render_refuse(tmp_path, client_ip, path, reason):
 def test_envoy_refuses(echo_upstream, client_ip, path, reason):
     # Not as rendered: render refuses these policies (above), so each goes into a rendered
     # config by hand, as a hand-edited file would bring it.
-    config = compose([gateway("l", free_port(), {"apis": [{"name": "a", "path_prefix": "/a"}]}, echo_upstream)],
-                     free_port())
-    filter_config(config, "l")["configuration"]["value"] = json.dumps(refused_policy(client_ip))
-    envoy = Envoy(config, concurrency=1, name="client-ip-refused")
-    envoy.start(wait=False)
-    try:
-        code = envoy.wait_exit(30)
-        assert code not in (None, 0), "Envoy kept running with a policy that trusts any peer's X-Forwarded-For"
-        log = envoy.log_text()
-        assert "gateguard: policy refused" in log and f"{path}:" in log, log[-3000:]
-    finally:
-        envoy.stop()
+    code, log = run_with_policy_text(refused_policy(client_ip), echo_upstream, "client-ip-refused")
+    assert code not in (None, 0), "Envoy kept running with a policy that trusts any peer's X-Forwarded-For"
+    assert "gateguard: policy refused" in log and f"{path}:" in log, log[-3000:]
 
 
 def test_trusting_every_peer_is_explicit_and_accepted(tmp_path):

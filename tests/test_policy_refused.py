@@ -1,10 +1,8 @@
 """A bad policy is refused by Envoy at startup, with the field and the reason in its log."""
 
-import json
-
 import pytest
 
-from envoy_harness import Envoy, compose, filter_config, free_port, gateway
+from envoy_harness import run_with_policy_text
 
 BAD = [
     ({"apis": [{"name": "a", "path_prefix": "/a", "ip_filter": {"allow": ["10.0.0.0/33"]}}]}, "apis[0].ip_filter.allow[0]"),
@@ -21,16 +19,7 @@ BAD = [
 def test_envoy_refuses_bad_policy(echo_upstream, policy, expected):
     # Not as rendered: render refuses most of these policies itself (test_cli.py), so each goes
     # into a rendered config by hand, as a hand-edited file would bring it.
-    config = compose([gateway("l", free_port(), {"apis": [{"name": "a", "path_prefix": "/a"}]}, echo_upstream)],
-                     free_port())
-    filter_config(config, "l")["configuration"]["value"] = policy if isinstance(policy, str) else json.dumps(policy)
-    envoy = Envoy(config, concurrency=1, name="bad")
-    envoy.start(wait=False)
-    try:
-        code = envoy.wait_exit(30)
-        assert code not in (None, 0), "Envoy kept running with a bad policy"
-        log = envoy.log_text()
-        assert "gateguard: policy refused" in log, log[-3000:]
-        assert expected in log, log[-3000:]
-    finally:
-        envoy.stop()
+    code, log = run_with_policy_text(policy, echo_upstream, "bad")
+    assert code not in (None, 0), "Envoy kept running with a bad policy"
+    assert "gateguard: policy refused" in log, log[-3000:]
+    assert expected in log, log[-3000:]
