@@ -18,7 +18,9 @@ use crate::headers::{
 };
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
-use crate::jwt::{extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet};
+use crate::jwt::{
+    extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet, MAX_CLOCK_SKEW_SECONDS,
+};
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
 use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef};
@@ -368,7 +370,7 @@ impl Checks<'_, '_> {
         jwt.check_claims(&claims, &self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
         if let Some(mode) = self.api.replay {
-            self.replay(mode, token, exp, jwt.clock_skew())?;
+            self.replay(mode, token, exp)?;
         }
         for name in jwt.claim_header_names() {
             self.forward.remove_request_headers.push(name.to_string());
@@ -380,15 +382,11 @@ impl Checks<'_, '_> {
     }
 
     /// 6. Replay: the token's signed content, bound to the client IP or used once.
-    fn replay(
-        &mut self,
-        mode: ReplayMode,
-        token: &str,
-        exp: u64,
-        skew: u64,
-    ) -> Result<(), Refusal> {
+    fn replay(&mut self, mode: ReplayMode, token: &str, exp: u64) -> Result<(), Refusal> {
         let identity = signed_content_sha256(token);
-        let token = TokenRef::new(&identity, exp, skew);
+        // Kept for the largest skew any policy may allow, not this API's: one history for the
+        // whole gateway must not forget a token another API (or a later policy) still accepts.
+        let token = TokenRef::new(&identity, exp, MAX_CLOCK_SKEW_SECONDS);
         let owner = match mode {
             ReplayMode::WithIp => self.client_ip.ok(),
             ReplayMode::WithoutIp => None,
@@ -433,8 +431,8 @@ impl Checks<'_, '_> {
 
 impl CompiledPolicy {
     /// Claims and `exp` of a valid token: from the verified-token cache, or verified now and
-    /// cached. The cache key binds the policy version, the API, the key set that verified the
-    /// token (a key removed from the JWKS takes its tokens' entries with it) and the whole
+    /// cached. The cache key binds the policy version, the API, the key set and HMAC secret that
+    /// verified the token (a key removed from the JWKS takes its tokens' entries with it) and the whole
     /// token, signature included: a hit means these exact bytes verified before.
     fn verified_claims(
         &self,
@@ -449,6 +447,7 @@ impl CompiledPolicy {
         h.update(self.fingerprint);
         h.update((api_index as u64).to_be_bytes());
         h.update(keys.as_deref().map_or([0; 32], KeySet::fingerprint));
+        h.update(jwt.hmac_fingerprint());
         h.update(Sha256::digest(token.as_bytes()));
         let cache_key: [u8; 32] = h.finalize().into();
         if self.token_cache_slots > 0 {

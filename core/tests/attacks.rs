@@ -368,3 +368,58 @@ fn forwarded_certificates_count_only_from_the_trusted_proxies() {
     let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
     forward(&direct.run(&p, &h));
 }
+
+#[test]
+fn a_spent_token_stays_spent_for_every_api_whatever_its_clock_skew() {
+    let s = es256_signer("k1");
+    let api = |name: &str, skew: u64| {
+        json!({"name": name, "path_prefix": format!("/{name}"), "replay": {"mode": "without_ip"},
+               "jwt": {"issuers": [ISS], "audiences": ["api://once"], "algorithms": ["ES256"],
+                       "clock_skew_seconds": skew, "jwks": {"inline": {"keys": [s.jwk]}}}})
+    };
+    let doc = json!({"apis": [api("strict", 0), api("lenient", 600)]});
+    let p = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
+    let h = FakeHost::new(&p, jwks(&[&s]));
+    let t = es256_token(&s, "k1", "api://once"); // exp = NOW + 600
+    forward(&call("/strict/x").without_key().bearer(&t).run(&p, &h));
+    // Past exp, still inside the lenient API's skew: the token is still spent there.
+    let mut later = call("/lenient/x").without_key().bearer(&t);
+    later.now = NOW + 605;
+    assert_refused(&later.run(&p, &h), 401, "Token replay detected");
+    // The same after a reload that raises the strict API's skew.
+    let doc = json!({"apis": [api("strict", 600)]});
+    let raised = parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap();
+    let mut later = call("/strict/x").without_key().bearer(&t);
+    later.now = NOW + 605;
+    assert_refused(&later.run(&raised, &h), 401, "Token replay detected");
+}
+
+#[test]
+fn cached_tokens_die_with_the_hmac_secret_that_verified_them() {
+    let doc = json!({"apis": [{"name": "hs", "path_prefix": "/hs",
+        "jwt": {"issuers": [ISS], "audiences": ["api://hs"], "algorithms": ["HS256"],
+                "hmac_secret": {"env": "HS"}}}]});
+    let text = doc.to_string();
+    let old_secret = "an-old-secret-of-at-least-32-bytes!!";
+    let old = parse_policy(text.as_bytes(), &|_| Some(old_secret.to_string())).unwrap();
+    let rotated = parse_policy(text.as_bytes(), &|_| {
+        Some("a-new-secret-of-at-least-32-bytes!!!".to_string())
+    })
+    .unwrap();
+    let s = signer();
+    let h = FakeHost::new(&old, jwks(&[&s]));
+    let claims = json!({"iss": ISS, "aud": "api://hs", "exp": NOW + 600});
+    let t = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(old_secret.as_bytes()),
+    )
+    .unwrap();
+    forward(&call("/hs/x").without_key().bearer(&t).run(&old, &h));
+    // Same policy text, the secret rotated in the environment, the same shared cache.
+    assert_refused(
+        &call("/hs/x").without_key().bearer(&t).run(&rotated, &h),
+        401,
+        "Invalid or expired token",
+    );
+}

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::error::{index, join, ConfigError};
 use crate::value::{EnvLookup, ValueSource};
@@ -87,6 +88,8 @@ pub struct JwksConfig {
 }
 
 const DEFAULT_REFRESH_SECONDS: u64 = 3600;
+/// The largest `clock_skew_seconds` a policy may set.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 600;
 
 /// Where an API's keys come from, once compiled.
 #[derive(Debug, Clone)]
@@ -112,6 +115,9 @@ pub struct JwtPolicy {
     /// (claim, lower-case header)
     claims_to_headers: Vec<(String, String)>,
     hmac: Option<DecodingKey>,
+    /// SHA-256 of the resolved HMAC secret (zeros without one): verified-token cache entries are
+    /// bound to it, since a secret read from the environment is not in the policy text.
+    hmac_fingerprint: [u8; 32],
 }
 
 /// A token that passed: signature, time, issuer and audience.
@@ -214,6 +220,7 @@ impl JwtPolicy {
         }
 
         let wants_hmac = algorithms.iter().any(|a| is_hmac(*a));
+        let mut hmac_fingerprint = [0u8; 32];
         let hmac =
             match (&cfg.hmac_secret, wants_hmac) {
                 (Some(source), true) => {
@@ -226,6 +233,7 @@ impl JwtPolicy {
                             "an HMAC secret needs at least 32 bytes",
                         ));
                     }
+                    hmac_fingerprint = Sha256::digest(secret.as_bytes()).into();
                     Some(DecodingKey::from_secret(secret.as_bytes()))
                 }
                 (None, true) => return Err(ConfigError::new(
@@ -316,7 +324,7 @@ impl JwtPolicy {
             }
         }
 
-        if cfg.clock_skew_seconds > 600 {
+        if cfg.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
             return Err(ConfigError::new(
                 join(path, "clock_skew_seconds"),
                 "must be at most 600",
@@ -355,7 +363,12 @@ impl JwtPolicy {
             required_claims,
             claims_to_headers,
             hmac,
+            hmac_fingerprint,
         })
+    }
+
+    pub fn hmac_fingerprint(&self) -> [u8; 32] {
+        self.hmac_fingerprint
     }
 
     pub fn clock_skew(&self) -> u64 {

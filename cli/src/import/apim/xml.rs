@@ -19,10 +19,90 @@ pub fn parse_document(text: &str) -> Result<String, String> {
         candidates.push(format!("<inbound>{text}</inbound>"));
         candidates.push(format!("<inbound>{escaped}</inbound>"));
     }
-    candidates
+    let repaired = candidates
         .into_iter()
         .find(|c| Document::parse(c).is_ok())
-        .ok_or_else(|| format!("not well-formed XML: {first}"))
+        .ok_or_else(|| format!("not well-formed XML: {first}"))?;
+    keeps_every_policy_element(text, &repaired)?;
+    Ok(repaired)
+}
+
+/// Policy elements a repair must never swallow into an expression: were one lost, the import
+/// would be weaker than its input.
+const POLICY_ELEMENTS: &[&str] = &[
+    "validate-jwt",
+    "validate-azure-ad-token",
+    "check-header",
+    "ip-filter",
+    "cors",
+    "choose",
+    "when",
+    "otherwise",
+    "validate-client-certificate",
+    "authentication-certificate",
+    "base",
+    "include-fragment",
+    "return-response",
+    "rate-limit",
+    "rate-limit-by-key",
+    "quota",
+    "quota-by-key",
+    "set-header",
+    "set-query-parameter",
+    "rewrite-uri",
+    "set-backend-service",
+    "send-request",
+    "forward-request",
+    "set-variable",
+    "validate-content",
+    "validate-headers",
+    "validate-parameters",
+    "mock-response",
+];
+
+/// The repaired text must hold every policy element the raw text opens (outside comments): a
+/// repair that misread where an expression ends would hide the elements after it.
+fn keeps_every_policy_element(raw: &str, repaired: &str) -> Result<(), String> {
+    let raw = without_comments(raw);
+    let doc = Document::parse(repaired).map_err(|e| format!("not well-formed XML: {e}"))?;
+    for name in POLICY_ELEMENTS {
+        let opened = raw
+            .match_indices(&format!("<{name}"))
+            .filter(|(at, tag)| {
+                raw.get(at + tag.len()..)
+                    .and_then(|rest| rest.chars().next())
+                    .is_some_and(|c| c.is_whitespace() || c == '/' || c == '>')
+            })
+            .count();
+        let parsed = doc
+            .descendants()
+            .filter(|n| n.is_element() && n.tag_name().name() == *name)
+            .count();
+        if parsed < opened {
+            return Err(format!(
+                "the policy expressions could not be read safely: a <{name}> would be lost; \
+                 export the policy from API Management (expressions escaped) and import that"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn without_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<!--") {
+        out.push_str(rest.get(..start).unwrap_or_default());
+        rest = match rest
+            .get(start..)
+            .and_then(|r| r.find("-->").map(|e| start + e + 3))
+        {
+            Some(end) => rest.get(end..).unwrap_or_default(),
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A `<set-header>` value that is exactly `{{name}}`: it becomes `{"env": NAME}` (the value,
@@ -142,15 +222,26 @@ fn expression_end(chars: &[char], open_at: usize) -> Option<usize> {
     let mut depth = 0usize;
     let mut j = open_at;
     let mut in_string = false;
+    // A verbatim string (`@"..."`): no backslash escapes, `""` is a quote.
+    let mut verbatim = false;
     while let Some(&d) = chars.get(j) {
         if in_string {
-            if d == '\\' {
+            let escaped_quote = verbatim && d == '"' && chars.get(j + 1) == Some(&'"');
+            if (d == '\\' && !verbatim) || escaped_quote {
                 j += 1;
             } else if d == '"' {
                 in_string = false;
             }
         } else if d == '"' {
             in_string = true;
+            verbatim = j > 0 && chars.get(j - 1) == Some(&'@');
+        } else if d == '\'' {
+            // A character literal: `'x'` or `'\x'`.
+            j += if chars.get(j + 1) == Some(&'\\') {
+                3
+            } else {
+                2
+            };
         } else if d == open {
             depth += 1;
         } else if d == close {
@@ -168,6 +259,29 @@ fn expression_end(chars: &[char], open_at: usize) -> Option<usize> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repair_that_would_swallow_a_policy_element_is_refused() {
+        // C# character literals are not modelled by the bracket counter: `'('` opens nothing.
+        let text = r#"<policies><inbound>
+<set-variable name="v" value="@(context.Request.Url.Path.Split('(')[0] != "")" />
+<validate-jwt header-name="Authorization"><issuers><issuer>x</issuer></issuers></validate-jwt>
+<set-variable name="w" value="@(context.Request.Url.Path.TrimEnd(')'))" />
+</inbound></policies>"#;
+        let repaired = parse_document(text).unwrap();
+        let doc = Document::parse(&repaired).unwrap();
+        assert!(doc
+            .descendants()
+            .any(|n| n.tag_name().name() == "validate-jwt"));
+        // Whatever the bracket counter misreads, the element check refuses the repair.
+        let raw = "<a><b v=\"@(x\" /><validate-jwt/>)\" /></a>";
+        let swallowed = "<a><b v=\"@(x&quot; /&gt;&lt;validate-jwt/&gt;)\" /></a>";
+        let err = keeps_every_policy_element(raw, swallowed).unwrap_err();
+        assert!(err.contains("<validate-jwt> would be lost"), "{err}");
+        // A commented-out element is not an element.
+        let text = "<policies><inbound><!-- <validate-jwt/> --><set-variable name=\"v\" value=\"@(a < b)\" /></inbound></policies>";
+        assert!(parse_document(text).is_ok());
+    }
 
     #[test]
     fn raw_expressions_are_repaired() {
