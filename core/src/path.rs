@@ -69,6 +69,16 @@ const FOLDS_TO_ASCII: [char; 7] = [
     '\u{FF3C}', // full-width \
 ];
 
+/// Characters that NFKC (or Windows' best-fit mapping) turns into ASCII letters, dots or
+/// slashes: full- and half-width forms, small form variants, dot leaders, slash look-alikes.
+fn is_compatibility_form(c: char) -> bool {
+    matches!(c,
+        '\u{FF00}'..='\u{FFEF}'
+        | '\u{FE50}'..='\u{FE6F}'
+        | '\u{2024}'..='\u{2026}'
+        | '\u{2044}' | '\u{2215}' | '\u{2216}' | '\u{29F5}' | '\u{29F8}' | '\u{29F9}')
+}
+
 pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
     let (raw, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -83,7 +93,7 @@ pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
     }
     let decoded =
         String::from_utf8(percent_decode(raw)?).map_err(|_| PathError::AmbiguousUnicode)?;
-    if decoded.contains(FOLDS_TO_ASCII) {
+    if decoded.contains(FOLDS_TO_ASCII) || decoded.chars().any(is_compatibility_form) {
         return Err(PathError::AmbiguousUnicode);
     }
     let mut normalized = String::with_capacity(decoded.len());
@@ -313,6 +323,12 @@ mod tests {
             "/api/\u{212A}ey",
             "/api/\u{FF0E}\u{FF0E}/admin",
             "/api\u{FF0F}admin",
+            "/api/\u{FF41}dmin",
+            "/api/%EF%BD%81dmin",
+            "/api/x/\u{2025}/admin",
+            "/api/x/\u{FE52}\u{FE52}/admin",
+            "/api/x\u{FE68}admin",
+            "/api/x\u{2216}admin",
         ] {
             assert_eq!(norm(p), Err(PathError::AmbiguousUnicode), "{p}");
         }

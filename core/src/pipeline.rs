@@ -131,7 +131,9 @@ impl<'a> Request<'a> {
         for value in overrides.chain(in_query) {
             for method in String::from_utf8_lossy(&value).split(',') {
                 let method = method.trim();
-                if !method.is_empty() && !methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+                // Duplicates are kept: a rule applies if any entry names one of its methods,
+                // and a check for them would be quadratic in a 60 KB header.
+                if !method.is_empty() {
                     methods.push(method.to_string());
                 }
             }

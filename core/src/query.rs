@@ -9,12 +9,29 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
-/// Does a raw query parameter name spell `name`? Percent-decoded (`+` as space, as forms
-/// decode it), compared ignoring ASCII case: every spelling a backend may read as the key.
+/// Does a raw query parameter name spell `name`? Every spelling a backend may read as it:
+/// percent-decoded (`+` as space, as forms decode it), cut at a NUL, leading spaces dropped, a
+/// `[...]` suffix dropped (PHP, Express's qs and Rack read `key[]` as `key`), `.` and space read
+/// as `_` (PHP), compared ignoring ASCII case.
 fn spells(raw_name: &str, name: &str) -> bool {
     let decoded: Vec<u8> =
         percent_encoding::percent_decode_str(&raw_name.replace('+', " ")).collect();
-    decoded.eq_ignore_ascii_case(name.as_bytes())
+    let decoded = decoded.split(|&b| b == 0).next().unwrap_or_default();
+    let start = decoded.iter().take_while(|&&b| b == b' ').count();
+    let decoded = decoded.get(start..).unwrap_or_default();
+    let decoded = match decoded.iter().position(|&b| b == b'[') {
+        Some(open) if open > 0 => decoded.get(..open).unwrap_or_default(),
+        _ => decoded,
+    };
+    let fold = |b: u8| match b {
+        b'.' | b' ' => b'_',
+        _ => b.to_ascii_lowercase(),
+    };
+    decoded.len() == name.len()
+        && decoded
+            .iter()
+            .zip(name.bytes())
+            .all(|(&a, b)| fold(a) == fold(b))
 }
 
 /// Every value of `name` in a query string, in any spelling, percent-decoded.
@@ -86,6 +103,10 @@ mod tests {
             ("%73ubscription-key=x&c=%26", "c=%26"),
             ("subscription-keys=x", "subscription-keys=x"),
             ("a=subscription-key", "a=subscription-key"),
+            ("%20subscription-key=x&a=1", "a=1"),
+            ("subscription-key[]=x&a=1", "a=1"),
+            ("subscription-key%5B%5D=x&a=1", "a=1"),
+            ("subscription-key%00=x&a=1", "a=1"),
         ] {
             assert_eq!(strip_query_param(query, name), kept, "{query}");
         }
@@ -98,5 +119,19 @@ mod tests {
             vec![b"DELETE".to_vec(), b"put".to_vec()]
         );
         assert!(query_values("a=1", "_method").is_empty());
+        for spelling in [
+            ".method",
+            "%2Emethod",
+            "%20_method",
+            "+_method",
+            "_method%00",
+            "_method[]",
+        ] {
+            assert_eq!(
+                query_values(&format!("{spelling}=DELETE"), "_method"),
+                vec![b"DELETE".to_vec()],
+                "{spelling}"
+            );
+        }
     }
 }
