@@ -159,14 +159,22 @@ pub enum Record {
 
 /// Validates a record. An empty slice is a fresh live bucket.
 pub fn parse_bucket(bucket: &[u8]) -> Result<Bucket<'_>, CorruptBucket> {
-    if bucket.starts_with(&SEALED) {
-        if bucket.len() != SEALED_LEN {
-            return Err(CorruptBucket::Seal);
-        }
-        let target = bucket.get(3..).and_then(Layout::read);
-        return target.map(Bucket::Sealed).ok_or(CorruptBucket::Seal);
+    match seal_of(bucket) {
+        Some(target) => target.map(Bucket::Sealed),
+        None => live_entries(bucket).map(Bucket::Live),
     }
-    live_entries(bucket).map(Bucket::Live)
+}
+
+/// The layout a sealed record points to (`None`: not a seal), read from its header alone, so
+/// the request path can follow a seal without validating a live record twice.
+pub fn seal_of(bucket: &[u8]) -> Option<Result<Layout, CorruptBucket>> {
+    if !bucket.starts_with(&SEALED) {
+        return None;
+    }
+    let target = (bucket.len() == SEALED_LEN)
+        .then(|| bucket.get(3..).and_then(Layout::read))
+        .flatten();
+    Some(target.ok_or(CorruptBucket::Seal))
 }
 
 /// The raw entries of a live record; a sealed one is `Header` here.

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use super::admit::{admit, Verdict};
 use super::policy::{ReplayCachePolicy, ReplayMode, TokenRef};
-use super::record::{bucket_index, parse_bucket, Bucket, Layout, Pointer};
+use super::record::{bucket_index, seal_of, Layout, Pointer};
 use crate::shared_data::{SetError, SharedStore, StoreError};
 
 /// A failed CAS means another worker wrote the bucket, so retries are bounded by contention,
@@ -108,8 +108,9 @@ pub fn check_and_record(
         if cas == 0 {
             return done(out, Verdict::StoreUnavailable);
         }
-        match parse_bucket(&value) {
-            Ok(Bucket::Sealed(target)) => {
+        // A live record is validated once, by `admit`; a seal is read from its header.
+        match seal_of(&value) {
+            Some(Ok(target)) => {
                 // Seals only point to a later epoch, so a corrupt chain cannot loop; the bound
                 // is for a request that keeps losing to migrations.
                 if target.epoch <= layout.epoch {
@@ -122,8 +123,8 @@ pub fn check_and_record(
                 layout = target;
                 continue;
             }
-            Ok(Bucket::Live(_)) => {}
-            Err(_) => return done(out, Verdict::Corrupt),
+            Some(Err(_)) => return done(out, Verdict::Corrupt),
+            None => {}
         }
         let admission = admit(
             &value,
