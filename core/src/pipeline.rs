@@ -369,7 +369,7 @@ impl Checks<'_, '_> {
             .policy
             .verified_claims(api_index, jwt, token, self.req.now, self.host)
             .map_err(Refusal::Jwt)?;
-        jwt.check_claims(&claims, &self.req.effective_methods(self.path.query))
+        jwt.check_claims(&claims, || self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
         if let Some(mode) = self.api.replay {
             self.replay(mode, token, exp)?;

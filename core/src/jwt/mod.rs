@@ -468,12 +468,14 @@ impl JwtPolicy {
     pub fn check_claims(
         &self,
         claims: &Map<String, Value>,
-        methods: &[String],
+        methods: impl FnOnce() -> Vec<String>,
     ) -> Result<(), JwtError> {
+        // Worked out only when a rule is scoped to methods (it reads headers and the query).
+        let methods = std::cell::LazyCell::new(methods);
         let ok = self
             .required_claims
             .iter()
-            .filter(|r| methods.iter().any(|m| r.applies_to(m)))
+            .filter(|r| r.methods.is_none() || methods.iter().any(|m| r.applies_to(m)))
             .all(|r| r.satisfied_by(claims));
         if ok {
             Ok(())

@@ -548,34 +548,43 @@ fn required_claims_apply_per_method() {
     let mut c = claims();
     c["tier"] = json!(3);
     let c = c.as_object().unwrap().clone();
-    assert_eq!(p.check_claims(&c, &["GET".to_string()]), Ok(()));
+    assert_eq!(p.check_claims(&c, || vec!["GET".to_string()]), Ok(()));
     assert_eq!(
-        p.check_claims(&c, &["POST".to_string()]),
+        p.check_claims(&c, || vec!["POST".to_string()]),
         Err(JwtError::InsufficientClaims)
     );
     let mut with_roles = c.clone();
     with_roles.insert("roles".into(), json!(["Reader", "Forms.Submit"]));
-    assert_eq!(p.check_claims(&with_roles, &["POST".to_string()]), Ok(()));
     assert_eq!(
-        p.check_claims(&with_roles, &["DELETE".to_string()]),
+        p.check_claims(&with_roles, || vec!["POST".to_string()]),
+        Ok(())
+    );
+    assert_eq!(
+        p.check_claims(&with_roles, || vec!["DELETE".to_string()]),
         Err(JwtError::InsufficientClaims)
     );
     with_roles.insert("scp".into(), json!("read write profile"));
-    assert_eq!(p.check_claims(&with_roles, &["DELETE".to_string()]), Ok(()));
+    assert_eq!(
+        p.check_claims(&with_roles, || vec!["DELETE".to_string()]),
+        Ok(())
+    );
     with_roles.insert("scp".into(), json!("read"));
     assert_eq!(
-        p.check_claims(&with_roles, &["DELETE".to_string()]),
+        p.check_claims(&with_roles, || vec!["DELETE".to_string()]),
         Err(JwtError::InsufficientClaims)
     );
     // JSON types compare exactly: "3" is not 3.
     let mut wrong_type = c.clone();
     wrong_type.insert("tier".into(), json!("3"));
     assert_eq!(
-        p.check_claims(&wrong_type, &["GET".to_string()]),
+        p.check_claims(&wrong_type, || vec!["GET".to_string()]),
         Err(JwtError::InsufficientClaims)
     );
     wrong_type.insert("tier".into(), json!(true));
-    assert_eq!(p.check_claims(&wrong_type, &["GET".to_string()]), Ok(()));
+    assert_eq!(
+        p.check_claims(&wrong_type, || vec!["GET".to_string()]),
+        Ok(())
+    );
 }
 
 #[test]
