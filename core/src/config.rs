@@ -15,6 +15,7 @@ use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterP
 use crate::jwt::{JwtConfig, JwtPolicy};
 use crate::locate::locate;
 use crate::path::validate_prefix;
+use crate::replay::etcd::{ReplayStore, ReplayStoreConfig};
 use crate::replay::{ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode};
 use crate::subscription_key::{SubscriptionKeyConfig, SubscriptionKeyPolicy};
 use crate::value::{EnvLookup, ValueSource};
@@ -45,6 +46,13 @@ pub struct PolicyConfig {
     )]
     #[serde(default)]
     pub replay_cache: ReplayCacheConfig,
+    /// Where the replay history lives: this Envoy's shared data (default) or etcd.
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default")
+    )]
+    #[serde(default)]
+    pub replay_store: ReplayStoreConfig,
     #[cfg_attr(
         feature = "serialize",
         serde(skip_serializing_if = "crate::serialize::is_default")
@@ -114,6 +122,8 @@ pub struct CompiledPolicy {
     pub apis: Vec<ApiPolicy>,
     pub client_ip: ClientIpPolicy,
     pub replay_cache: ReplayCachePolicy,
+    /// Where the replay history lives; with etcd, `replay_cache` is this gateway's cache of it.
+    pub replay_store: ReplayStore,
     /// Slots of the verified-token cache; 0 disables it.
     pub token_cache_slots: u32,
     /// SHA-256 of the policy document: verified-token cache entries are bound to it, so a
@@ -214,6 +224,7 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         apis.push(compiled);
     }
     let replay_cache = ReplayCachePolicy::compile(&raw.replay_cache, "replay_cache")?;
+    let replay_store = ReplayStore::compile(&raw.replay_store, "replay_store")?;
     if raw.token_cache.max_entries > 1_000_000 {
         return Err(ConfigError::new(
             "token_cache.max_entries",
@@ -224,6 +235,7 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         apis,
         client_ip,
         replay_cache,
+        replay_store,
         token_cache_slots: raw.token_cache.max_entries,
         fingerprint: [0; 32],
     })

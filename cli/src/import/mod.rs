@@ -86,6 +86,7 @@ pub fn policy(apis: Vec<ApiConfig>) -> PolicyConfig {
         apis,
         client_ip: Default::default(),
         replay_cache: Default::default(),
+        replay_store: Default::default(),
         token_cache: Default::default(),
     }
 }

@@ -72,6 +72,7 @@
 //! matches an IP; an owned entry is a replay for `without_ip`): fail closed.
 
 mod admit;
+pub mod etcd;
 mod migrate;
 mod policy;
 mod record;
