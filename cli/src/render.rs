@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gateguard_core::replay::etcd::EtcdPolicy;
 use serde_json::{json, Value};
 
 use crate::validate::PLACEHOLDER;
@@ -56,6 +57,24 @@ pub struct Args {
     /// file's extension (.yaml, .json).
     #[arg(long, value_enum, default_value_t = Format::Yaml)]
     format: Format,
+    /// An etcd client endpoint, HOST:PORT (repeat for each member), for a policy with
+    /// `replay_store.etcd`: rendered as the HTTP/2 cluster the policy names. Required by such a
+    /// policy, refused for any other.
+    #[arg(long = "etcd", value_name = "HOST:PORT")]
+    etcd: Vec<String>,
+    /// Reach etcd over TLS and verify its certificate against this CA bundle (PEM). The
+    /// certificate must name --etcd-sni, or else one of the --etcd hosts.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<String>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`; needs --etcd-key.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<String>,
+    /// The private key of --etcd-cert.
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<String>,
+    /// Reach etcd over TLS with this server name (SNI), which its certificate must hold.
+    #[arg(long, value_name = "NAME")]
+    etcd_sni: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,9 +105,21 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
-    if let Err(e) = gateguard_core::parse_policy(text.as_bytes(), &lenient) {
-        eprintln!("{}: error: {e}", args.policy.display());
-        return ExitCode::from(1);
+    let compiled = match gateguard_core::parse_policy(text.as_bytes(), &lenient) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}: error: {e}", args.policy.display());
+            return ExitCode::from(1);
+        }
+    };
+    let etcd = compiled.replay_store.etcd();
+    // Before anything is written: --filter-only swaps the policy under a bootstrap that already
+    // holds its clusters, so only a full render needs --etcd.
+    if !args.filter_only {
+        if let Err(e) = check_etcd_args(args, etcd) {
+            eprintln!("gateguard render: {e}");
+            return ExitCode::from(2);
+        }
     }
     if let Ok(policy) = serde_json::from_str::<Value>(&text) {
         for (path, name) in underscore_client_headers(&policy) {
@@ -100,7 +131,7 @@ pub fn run(args: &Args) -> ExitCode {
         }
     }
     if let Some(dir) = &args.ecds_dir {
-        if let Err(e) = write_filter_file(args, dir, &text) {
+        if let Err(e) = write_filter_file(args, dir, &text, etcd.is_some()) {
             eprintln!("gateguard render: {e}");
             return ExitCode::from(2);
         }
@@ -108,7 +139,7 @@ pub fn run(args: &Args) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    let config = match render(args, &text) {
+    let config = match render(args, &text, etcd) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateguard render: {e}");
@@ -248,14 +279,212 @@ fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
     c
 }
 
+/// Variables the filter reads from Envoy's environment to log in to etcd (docs/policy.md, "Replay
+/// across gateway replicas"); a policy never holds them.
+const ETCD_CREDENTIAL_VARS: [&str; 2] = ["GATEGUARD_ETCD_USERNAME", "GATEGUARD_ETCD_PASSWORD"];
+
+/// The --etcd options agree with the policy: endpoints exactly when it keeps replay history in
+/// etcd, a client certificate with its key.
+fn check_etcd_args(args: &Args, etcd: Option<&EtcdPolicy>) -> Result<(), String> {
+    let tls_flags = [
+        ("--etcd-ca", &args.etcd_ca),
+        ("--etcd-cert", &args.etcd_cert),
+        ("--etcd-key", &args.etcd_key),
+        ("--etcd-sni", &args.etcd_sni),
+    ];
+    match etcd {
+        None => {
+            if !args.etcd.is_empty() {
+                return Err(
+                    "--etcd is for a policy with replay_store.etcd; this policy keeps its replay \
+                     history in the gateway (replay_store local)"
+                        .into(),
+                );
+            }
+            if let Some((flag, _)) = tls_flags.iter().find(|(_, v)| v.is_some()) {
+                return Err(format!(
+                    "{flag} is for a policy with replay_store.etcd; this policy has none"
+                ));
+            }
+        }
+        Some(e) => {
+            if args.etcd.is_empty() {
+                return Err(format!(
+                    "the policy keeps its replay history in etcd (replay_store.etcd, cluster {:?}): \
+                     give etcd's client endpoints with --etcd HOST:PORT (once per member)",
+                    e.cluster
+                ));
+            }
+        }
+    }
+    match (&args.etcd_cert, &args.etcd_key) {
+        (Some(_), None) => return Err("--etcd-cert needs --etcd-key (its private key)".into()),
+        (None, Some(_)) => return Err("--etcd-key needs --etcd-cert (its certificate)".into()),
+        _ => {}
+    }
+    for endpoint in &args.etcd {
+        etcd_endpoint(endpoint)?;
+    }
+    Ok(())
+}
+
+/// `--etcd HOST:PORT` as (host, port); a URL is refused rather than guessed at.
+fn etcd_endpoint(endpoint: &str) -> Result<(String, u16), String> {
+    if endpoint.contains("://") {
+        return Err(format!(
+            "--etcd {endpoint:?}: give HOST:PORT without a scheme (TLS is --etcd-ca)"
+        ));
+    }
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--etcd {endpoint:?} is not HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("--etcd {endpoint:?} has no valid port"))?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let valid = if bracketed {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.parse::<std::net::Ipv4Addr>().is_ok()
+            || (!host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+    };
+    if !valid {
+        return Err(format!(
+            "--etcd {endpoint:?}: {host:?} is not an IP address or host name (IPv6 goes in [brackets])"
+        ));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The cluster the policy's `replay_store.etcd.cluster` names: etcd's gRPC API over HTTP/2.
+fn etcd_cluster(args: &Args, etcd: &EtcdPolicy) -> Result<Value, String> {
+    let endpoints = args
+        .etcd
+        .iter()
+        .map(|e| etcd_endpoint(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let all_ips = endpoints
+        .iter()
+        .all(|(host, _)| host.parse::<std::net::IpAddr>().is_ok());
+    let lb_endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(host, port)| {
+            json!({ "endpoint": { "address": {
+                "socket_address": { "address": host, "port_value": port } } } })
+        })
+        .collect();
+    let mut c = json!({
+        "name": etcd.cluster,
+        // A member that does not accept quickly is skipped for another before the request's
+        // own timeout_ms runs out.
+        "connect_timeout": "0.5s",
+        "type": if all_ips { "STATIC" } else { "STRICT_DNS" },
+        "load_assignment": {
+            "cluster_name": etcd.cluster,
+            "endpoints": [{ "lb_endpoints": lb_endpoints }]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {
+                    // A member that vanished without closing the connection is noticed.
+                    "connection_keepalive": { "interval": "10s", "timeout": "3s" }
+                } }
+            }
+        },
+        // etcd serves every gateway: bound what one gateway may ask of it at once, and fail
+        // fast (on_unavailable) rather than queue behind a slow store.
+        "circuit_breakers": { "thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": 64,
+            "max_pending_requests": 128,
+            "max_requests": 1024,
+            "max_retries": 3
+        }] },
+        // A member that keeps failing (refused connections, gRPC UNAVAILABLE) is set aside for
+        // a while; at most half of them, so a quorum is always tried.
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50
+        }
+    });
+    if !all_ips {
+        c["dns_lookup_family"] = json!("V4_PREFERRED");
+    }
+    let tls = args.etcd_ca.is_some() || args.etcd_cert.is_some() || args.etcd_sni.is_some();
+    if tls {
+        // The certificate names the server asked for: the SNI, or else one of the endpoints.
+        let names: Vec<Value> = match &args.etcd_sni {
+            Some(sni) => vec![json!({ "san_type": "DNS", "matcher": { "exact": sni } })],
+            None => endpoints
+                .iter()
+                .map(|(host, _)| {
+                    let san_type = if host.parse::<std::net::IpAddr>().is_ok() {
+                        "IP_ADDRESS"
+                    } else {
+                        "DNS"
+                    };
+                    json!({ "san_type": san_type, "matcher": { "exact": host } })
+                })
+                .collect(),
+        };
+        let ca = args
+            .etcd_ca
+            .as_deref()
+            .unwrap_or("/etc/ssl/certs/ca-certificates.crt");
+        let mut context = json!({
+            // etcd serves gRPC over TLS only to clients that negotiate HTTP/2.
+            "alpn_protocols": ["h2"],
+            "tls_params": { "tls_minimum_protocol_version": "TLSv1_2" },
+            "validation_context": {
+                "trusted_ca": { "filename": ca },
+                "match_typed_subject_alt_names": names
+            }
+        });
+        if let (Some(cert), Some(key)) = (&args.etcd_cert, &args.etcd_key) {
+            context["tls_certificates"] = json!([{
+                "certificate_chain": { "filename": cert },
+                "private_key": { "filename": key }
+            }]);
+        }
+        let mut tls_context = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": context
+        });
+        if let Some(sni) = &args.etcd_sni {
+            tls_context["sni"] = json!(sni);
+        }
+        c["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": tls_context
+        });
+    }
+    Ok(c)
+}
+
 /// Writes DIR/gateguard-filter.yaml through a temporary file and a rename, so Envoy's watcher
 /// never reads half a file.
-fn write_filter_file(args: &Args, dir: &std::path::Path, policy_text: &str) -> Result<(), String> {
+fn write_filter_file(
+    args: &Args,
+    dir: &std::path::Path,
+    policy_text: &str,
+    uses_etcd: bool,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let doc = json!({ "resources": [{
         "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
         "name": "gateguard",
-        "typed_config": wasm_config(args, policy_text)?,
+        "typed_config": wasm_config(args, policy_text, uses_etcd)?,
     }]});
     // YAML whatever --format says: Envoy parses the file by its name, gateguard-filter.yaml.
     let text = document(
@@ -269,10 +498,17 @@ fn write_filter_file(args: &Args, dir: &std::path::Path, policy_text: &str) -> R
 }
 
 /// The Wasm filter's typed config with the policy embedded.
-fn wasm_config(args: &Args, policy_text: &str) -> Result<Value, String> {
+fn wasm_config(args: &Args, policy_text: &str, uses_etcd: bool) -> Result<Value, String> {
     let policy: Value = serde_json::from_str(policy_text).map_err(|e| e.to_string())?;
     let mut env = Vec::new();
     env_names(&policy, &mut env);
+    if uses_etcd {
+        for name in ETCD_CREDENTIAL_VARS {
+            if !env.iter().any(|n| n == name) {
+                env.push(name.to_string());
+            }
+        }
+    }
     Ok(json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
@@ -294,7 +530,8 @@ fn wasm_config(args: &Args, policy_text: &str) -> Result<Value, String> {
     }))
 }
 
-fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
+fn render(args: &Args, policy_text: &str, etcd: Option<&EtcdPolicy>) -> Result<Value, String> {
+    check_etcd_args(args, etcd)?;
     let wasm = if args.ecds_dir.is_some() {
         let dir = args
             .ecds_dir
@@ -315,7 +552,7 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
             }
         })
     } else {
-        json!({ "name": "envoy.filters.http.wasm", "typed_config": wasm_config(args, policy_text)? })
+        json!({ "name": "envoy.filters.http.wasm", "typed_config": wasm_config(args, policy_text, etcd.is_some())? })
     };
     let policy: Value = serde_json::from_str(policy_text).map_err(|e| e.to_string())?;
 
@@ -422,6 +659,16 @@ fn render(args: &Args, policy_text: &str) -> Result<Value, String> {
         let sni = (scheme == "https").then_some(host.as_str());
         clusters.push(cluster(&name, &host, port, sni));
     }
+    if let Some(etcd) = etcd {
+        if clusters.iter().any(|c| c["name"] == etcd.cluster.as_str()) {
+            return Err(format!(
+                "replay_store.etcd.cluster {:?} is also the name of another cluster this \
+                 configuration needs (the function app's or a JWKS one): give etcd its own",
+                etcd.cluster
+            ));
+        }
+        clusters.push(etcd_cluster(args, etcd)?);
+    }
 
     let mut bootstrap = json!({
         "static_resources": { "listeners": listeners, "clusters": clusters },
@@ -457,6 +704,11 @@ mod tests {
             filter_only: false,
             access_log: None,
             format: Format::Yaml,
+            etcd: Vec::new(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_sni: None,
         }
     }
 
@@ -480,7 +732,7 @@ mod tests {
         let mut a = args(true, None);
         a.access_log = Some("/dev/stdout".into());
         let policy = "{\n  \"apis\": [{\"name\": \"on\", \"path_prefix\": \"/a: b # c\"}]\n}\n";
-        let config = render(&a, policy).unwrap();
+        let config = render(&a, policy, None).unwrap();
         let yaml = document(&config, Format::Yaml, "header").unwrap();
         let json = document(&config, Format::Json, "header").unwrap();
         assert!(yaml.starts_with("# header\n"));
@@ -497,11 +749,11 @@ mod tests {
     fn access_log_goes_on_every_listener_only_when_asked() {
         let mut a = args(true, None);
         let mut hcms = Vec::new();
-        connection_managers(&render(&a, POLICY).unwrap(), &mut hcms);
+        connection_managers(&render(&a, POLICY, None).unwrap(), &mut hcms);
         assert!(hcms.iter().all(|hcm| hcm.get("access_log").is_none()));
         a.access_log = Some("/var/log/envoy/access.log".into());
         hcms.clear();
-        connection_managers(&render(&a, POLICY).unwrap(), &mut hcms);
+        connection_managers(&render(&a, POLICY, None).unwrap(), &mut hcms);
         assert_eq!(hcms.len(), 2);
         for hcm in hcms {
             let log = &hcm["access_log"][0]["typed_config"];
@@ -538,7 +790,7 @@ mod tests {
             (true, None, 2),
             (true, Some(PathBuf::from("/nonexistent/filter")), 2),
         ] {
-            let config = render(&args(tls, ecds), POLICY).unwrap();
+            let config = render(&args(tls, ecds), POLICY, None).unwrap();
             let mut hcms = Vec::new();
             connection_managers(&config, &mut hcms);
             assert_eq!(hcms.len(), listeners);
@@ -552,5 +804,286 @@ mod tests {
                 assert_eq!(hcm["skip_xff_append"], true);
             }
         }
+    }
+
+    const ETCD_POLICY: &str = r#"{"apis":[{"name":"a","path_prefix":"/a"}],
+        "replay_store":{"etcd":{"cluster":"replay_etcd","timeout_ms":300}}}"#;
+
+    /// `render` as `run` calls it: with the store the compiled policy names.
+    fn render_policy(a: &Args, text: &str) -> Result<Value, String> {
+        let placeholder = |_: &str| Some(PLACEHOLDER.to_string());
+        let policy = gateguard_core::parse_policy(text.as_bytes(), &placeholder).unwrap();
+        render(a, text, policy.replay_store.etcd())
+    }
+
+    fn etcd_args(endpoints: &[&str]) -> Args {
+        let mut a = args(false, None);
+        a.etcd = endpoints.iter().map(|e| e.to_string()).collect();
+        a
+    }
+
+    fn named_cluster(config: &Value, name: &str) -> Option<Value> {
+        config["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+    }
+
+    fn env_keys(config: &Value) -> Vec<String> {
+        let l = &config["static_resources"]["listeners"][0];
+        let filter = &l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+        filter["typed_config"]["config"]["vm_config"]["environment_variables"]["host_env_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn etcd_policy_gets_an_http2_cluster_with_every_endpoint() {
+        let config = render_policy(
+            &etcd_args(&["10.0.0.1:2379", "10.0.0.2:2379", "[fd00::3]:2379"]),
+            ETCD_POLICY,
+        )
+        .unwrap();
+        let c = named_cluster(&config, "replay_etcd").unwrap();
+        assert_eq!(c["type"], "STATIC");
+        assert!(c.get("dns_lookup_family").is_none());
+        let addresses: Vec<(String, u64)> = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = &e["endpoint"]["address"]["socket_address"];
+                (
+                    s["address"].as_str().unwrap().to_string(),
+                    s["port_value"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                ("10.0.0.1".to_string(), 2379),
+                ("10.0.0.2".to_string(), 2379),
+                ("fd00::3".to_string(), 2379)
+            ]
+        );
+        assert_eq!(c["load_assignment"]["cluster_name"], "replay_etcd");
+        let options = &c["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert_eq!(
+            options["@type"],
+            "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        );
+        assert!(options["explicit_http_config"]["http2_protocol_options"].is_object());
+        assert_eq!(c["connect_timeout"], "0.5s");
+        assert!(c["circuit_breakers"]["thresholds"][0]["max_requests"].is_u64());
+        assert_eq!(c["outlier_detection"]["max_ejection_percent"], 50);
+        // Plain HTTP/2 unless a TLS option is given.
+        assert!(c.get("transport_socket").is_none());
+    }
+
+    #[test]
+    fn an_etcd_host_name_makes_the_cluster_resolve_names() {
+        let config = render_policy(
+            &etcd_args(&["10.0.0.1:2379", "etcd-1.internal:2379"]),
+            ETCD_POLICY,
+        )
+        .unwrap();
+        let c = named_cluster(&config, "replay_etcd").unwrap();
+        assert_eq!(c["type"], "STRICT_DNS");
+        assert_eq!(c["dns_lookup_family"], "V4_PREFERRED");
+        assert_eq!(
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn the_default_cluster_name_is_etcd() {
+        let policy = r#"{"apis":[{"name":"a","path_prefix":"/a"}],"replay_store":{"etcd":{}}}"#;
+        let config = render_policy(&etcd_args(&["127.0.0.1:2379"]), policy).unwrap();
+        assert!(named_cluster(&config, "etcd").is_some());
+    }
+
+    #[test]
+    fn etcd_credentials_are_passed_into_the_vm_only_for_an_etcd_policy() {
+        let vars = ["GATEGUARD_ETCD_USERNAME", "GATEGUARD_ETCD_PASSWORD"];
+        let policy = r#"{"apis":[{"name":"a","path_prefix":"/a",
+            "inject_headers":{"x-functions-key":{"env":"FUNCTION_KEY"}}}],
+            "replay_store":{"etcd":{}}}"#;
+        let keys = env_keys(&render_policy(&etcd_args(&["127.0.0.1:2379"]), policy).unwrap());
+        assert_eq!(keys, ["FUNCTION_KEY", vars[0], vars[1]]);
+        let keys = env_keys(&render_policy(&args(false, None), POLICY).unwrap());
+        assert!(keys.iter().all(|k| !vars.contains(&k.as_str())), "{keys:?}");
+    }
+
+    #[test]
+    fn the_ecds_filter_file_passes_the_etcd_credentials_too() {
+        let dir =
+            std::env::temp_dir().join(format!("gateguard-render-etcd-{}", std::process::id()));
+        write_filter_file(&args(false, Some(dir.clone())), &dir, ETCD_POLICY, true).unwrap();
+        let text = std::fs::read_to_string(dir.join(FILTER_FILE)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.contains("- GATEGUARD_ETCD_USERNAME\n"), "{text}");
+        assert!(text.contains("- GATEGUARD_ETCD_PASSWORD\n"), "{text}");
+    }
+
+    #[test]
+    fn etcd_adds_its_cluster_and_changes_nothing_else() {
+        let local = r#"{"apis":[{"name":"a","path_prefix":"/a"}]}"#;
+        let mut with_etcd = render_policy(&etcd_args(&["127.0.0.1:2379"]), ETCD_POLICY).unwrap();
+        let without = render_policy(&args(false, None), local).unwrap();
+        let clusters = with_etcd["static_resources"]["clusters"]
+            .as_array_mut()
+            .unwrap();
+        assert_eq!(clusters.pop().unwrap()["name"], "replay_etcd");
+        let l = &mut with_etcd["static_resources"]["listeners"][0];
+        let filter = &mut l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+        let config = &mut filter["typed_config"]["config"];
+        config["configuration"]["value"] = json!(format!("{local}\n"));
+        config["vm_config"]["environment_variables"]["host_env_keys"] = json!([]);
+        assert_eq!(with_etcd, without);
+    }
+
+    #[test]
+    fn etcd_tls_verifies_the_server_and_speaks_h2() {
+        let mut a = etcd_args(&["127.0.0.1:2379", "etcd.internal:2379"]);
+        a.etcd_ca = Some("/etc/gateguard/etcd-ca.pem".into());
+        let c = named_cluster(&render_policy(&a, ETCD_POLICY).unwrap(), "replay_etcd").unwrap();
+        let tls = &c["transport_socket"]["typed_config"];
+        assert_eq!(
+            tls["@type"],
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        );
+        assert!(tls.get("sni").is_none());
+        let context = &tls["common_tls_context"];
+        assert_eq!(context["alpn_protocols"], json!(["h2"]));
+        assert_eq!(
+            context["validation_context"]["trusted_ca"]["filename"],
+            "/etc/gateguard/etcd-ca.pem"
+        );
+        // Without --etcd-sni the certificate must name one of the endpoints.
+        assert_eq!(
+            context["validation_context"]["match_typed_subject_alt_names"],
+            json!([
+                { "san_type": "IP_ADDRESS", "matcher": { "exact": "127.0.0.1" } },
+                { "san_type": "DNS", "matcher": { "exact": "etcd.internal" } }
+            ])
+        );
+        assert!(context.get("tls_certificates").is_none());
+
+        a.etcd_cert = Some("client.pem".into());
+        a.etcd_key = Some("client.key".into());
+        a.etcd_sni = Some("etcd.example".into());
+        let c = named_cluster(&render_policy(&a, ETCD_POLICY).unwrap(), "replay_etcd").unwrap();
+        let tls = &c["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "etcd.example");
+        let context = &tls["common_tls_context"];
+        assert_eq!(
+            context["tls_certificates"],
+            json!([{ "certificate_chain": { "filename": "client.pem" },
+                     "private_key": { "filename": "client.key" } }])
+        );
+        assert_eq!(
+            context["validation_context"]["match_typed_subject_alt_names"],
+            json!([{ "san_type": "DNS", "matcher": { "exact": "etcd.example" } }])
+        );
+    }
+
+    #[test]
+    fn etcd_sni_alone_means_tls_against_the_system_cas() {
+        let mut a = etcd_args(&["etcd.example:2379"]);
+        a.etcd_sni = Some("etcd.example".into());
+        let c = named_cluster(&render_policy(&a, ETCD_POLICY).unwrap(), "replay_etcd").unwrap();
+        let context = &c["transport_socket"]["typed_config"]["common_tls_context"];
+        assert_eq!(
+            context["validation_context"]["trusted_ca"]["filename"],
+            "/etc/ssl/certs/ca-certificates.crt"
+        );
+    }
+
+    fn refusal(a: &Args, policy: &str) -> String {
+        render_policy(a, policy).unwrap_err()
+    }
+
+    #[test]
+    fn an_etcd_policy_without_endpoints_is_refused() {
+        let e = refusal(&args(false, None), ETCD_POLICY);
+        assert!(
+            e.contains("--etcd HOST:PORT") && e.contains("replay_etcd"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn etcd_options_for_a_policy_without_etcd_are_refused() {
+        let e = refusal(&etcd_args(&["127.0.0.1:2379"]), POLICY);
+        assert!(
+            e.starts_with("--etcd is for a policy with replay_store.etcd"),
+            "{e}"
+        );
+        let local = r#"{"apis":[{"name":"a","path_prefix":"/a"}],"replay_store":"local"}"#;
+        assert!(refusal(&etcd_args(&["127.0.0.1:2379"]), local).starts_with("--etcd is for"));
+        let mut a = args(false, None);
+        a.etcd_ca = Some("ca.pem".into());
+        assert!(refusal(&a, POLICY).starts_with("--etcd-ca is for a policy"));
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_the_key_its_certificate() {
+        let mut a = etcd_args(&["127.0.0.1:2379"]);
+        a.etcd_cert = Some("client.pem".into());
+        assert_eq!(
+            refusal(&a, ETCD_POLICY),
+            "--etcd-cert needs --etcd-key (its private key)"
+        );
+        a.etcd_cert = None;
+        a.etcd_key = Some("client.key".into());
+        assert_eq!(
+            refusal(&a, ETCD_POLICY),
+            "--etcd-key needs --etcd-cert (its certificate)"
+        );
+    }
+
+    #[test]
+    fn etcd_endpoints_are_host_and_port() {
+        assert_eq!(etcd_endpoint("[::1]:2379").unwrap(), ("::1".into(), 2379));
+        assert_eq!(
+            etcd_endpoint("etcd-0.etcd:2379").unwrap(),
+            ("etcd-0.etcd".into(), 2379)
+        );
+        for bad in [
+            "https://etcd:2379",
+            "etcd",
+            "etcd:",
+            "etcd:0",
+            "etcd:99999",
+            ":2379",
+            "::1:2379",
+            "[etcd]:2379",
+            "et cd:2379",
+        ] {
+            let e = refusal(&etcd_args(&[bad]), ETCD_POLICY);
+            assert!(e.starts_with(&format!("--etcd {bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_etcd_cluster_may_not_take_another_clusters_name() {
+        let policy = r#"{"apis":[{"name":"a","path_prefix":"/a"}],
+            "replay_store":{"etcd":{"cluster":"function_app"}}}"#;
+        let e = refusal(&etcd_args(&["127.0.0.1:2379"]), policy);
+        assert!(
+            e.contains("\"function_app\" is also the name of another cluster"),
+            "{e}"
+        );
     }
 }
