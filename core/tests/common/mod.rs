@@ -106,7 +106,7 @@ impl Host for FakeHost {
         match event {
             Event::JwtCacheHit => self.hits.set(self.hits.get() + 1),
             Event::JwtCacheMiss => self.misses.set(self.misses.get() + 1),
-            Event::Replay(_) => {}
+            Event::Replay(_) | Event::ReplayCacheHit => {}
         }
     }
 }
@@ -199,7 +199,7 @@ impl<'a> Call<'a> {
 pub fn reply(d: &Decision) -> &LocalReply {
     match d {
         Decision::Reply { reply, .. } => reply,
-        Decision::Forward(_) => panic!("expected a refusal, got {d:?}"),
+        Decision::Forward(_) | Decision::Ask(_) => panic!("expected a refusal, got {d:?}"),
     }
 }
 
@@ -209,6 +209,7 @@ pub fn forward(d: &Decision) -> &Forward {
         Decision::Reply { reply, .. } => {
             panic!("expected forward, got {} {}", reply.status, reply.body)
         }
+        Decision::Ask(_) => panic!("expected forward, got a question for etcd: {d:?}"),
     }
 }
 
