@@ -112,7 +112,16 @@ impl Host for FakeHost {
 }
 
 pub fn policy(s: &Signer, max_entries: u64) -> CompiledPolicy {
-    let doc = json!({
+    compile(&policy_doc(s, max_entries))
+}
+
+pub fn compile(doc: &Value) -> CompiledPolicy {
+    parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+/// Three APIs: `a` with every check and replay `with_ip`, `b` replay `without_ip`, `c` JWT only.
+pub fn policy_doc(s: &Signer, max_entries: u64) -> Value {
+    json!({
         "apis": [
             {
                 "name": "a", "path_prefix": "/a",
@@ -138,8 +147,7 @@ pub fn policy(s: &Signer, max_entries: u64) -> CompiledPolicy {
             }
         ],
         "replay_cache": {"max_entries": max_entries}
-    });
-    parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap()
+    })
 }
 
 pub struct Call<'a> {

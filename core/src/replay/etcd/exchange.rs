@@ -148,7 +148,7 @@ pub struct Session {
     /// `(user, password)` from the environment; `None` when etcd runs without auth.
     pub credentials: Option<(String, String)>,
     token: Option<String>,
-    granted: BTreeSet<Lease>,
+    pub(super) granted: BTreeSet<Lease>,
 }
 
 impl Session {

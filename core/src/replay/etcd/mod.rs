@@ -15,3 +15,6 @@ pub use exchange::{
     status, Answer, Call, Exchange, Failure, Holder, Lease, Outgoing, RemoteCheck, Session, Step,
     LEASE_WINDOW_SECONDS, MAX_LEASE_TTL, ONCE,
 };
+
+#[cfg(test)]
+mod tests;
