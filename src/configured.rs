@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use gateguard_core::jwt::{cache, KeySet};
 use gateguard_core::pipeline::{Event, Host};
+use gateguard_core::replay::etcd::Session;
 use gateguard_core::replay::Verdict;
 use gateguard_core::shared_data::SharedStore;
 use gateguard_core::CompiledPolicy;
@@ -16,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::host::{self, HostStore, LogLevel, KEY_PREFIX};
 use crate::metrics::{
-    Metrics, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
+    Metrics, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CACHE_HITS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
 };
 
 /// One configuration's compiled policy and this worker's state around it.
@@ -28,6 +29,10 @@ pub struct ConfiguredGateway {
     pub reads_peer_certificate: bool,
     /// New tokens refused because the replay store was full (logged from on_tick).
     pub store_full: Cell<u64>,
+    /// This worker's etcd session (auth token, leases known granted), with the etcd store.
+    pub etcd: RefCell<Session>,
+    /// When this worker last logged an etcd failure (unix seconds): one line per 10 s.
+    pub etcd_failure_logged: Cell<u64>,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
     kid_requests: RefCell<Vec<bool>>,
 }
@@ -38,6 +43,7 @@ impl ConfiguredGateway {
         metrics: Metrics,
         keys: Vec<Option<Rc<KeySet>>>,
         replay_prefix: String,
+        etcd: Session,
     ) -> Self {
         let n = keys.len();
         Self {
@@ -46,6 +52,8 @@ impl ConfiguredGateway {
             metrics,
             replay_prefix,
             store_full: Cell::new(0),
+            etcd: RefCell::new(etcd),
+            etcd_failure_logged: Cell::new(0),
             keys: RefCell::new(keys),
             kid_requests: RefCell::new(vec![false; n]),
         }
@@ -114,6 +122,7 @@ impl Host for ConfiguredGateway {
         match event {
             Event::JwtCacheHit => self.metrics.add(Some(api), JWT_CACHE_HIT, 1),
             Event::JwtCacheMiss => self.metrics.add(Some(api), JWT_CACHE_MISS, 1),
+            Event::ReplayCacheHit => self.metrics.add(Some(api), REPLAY_CACHE_HITS, 1),
             Event::Replay(outcome) => {
                 self.metrics.add(
                     Some(api),

@@ -4,19 +4,23 @@ use std::rc::Rc;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
+use gateguard_core::replay::etcd::{Call, Failure, OnUnavailable};
 use gateguard_core::shared_data::SharedStore;
 use gateguard_core::{Outcome, Refusal, Request};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::configured::ConfiguredGateway;
+use crate::etcd;
 use crate::host::{self, log, HostStore, LogLevel, MapType, KEY_PREFIX};
-use crate::metrics::CERT_EXPIRING;
+use crate::metrics::{CERT_EXPIRING, REPLAY_UNCHECKED};
 
 pub struct RequestFilter {
     gateway: Option<Rc<ConfiguredGateway>>,
     /// CORS headers to put on the upstream's response.
     response_headers: Vec<(String, String)>,
+    /// The request is paused while etcd decides its token (the etcd replay store).
+    waiting: Option<(etcd::Waiting, AuditFacts)>,
 }
 
 impl RequestFilter {
@@ -24,11 +28,116 @@ impl RequestFilter {
         Self {
             gateway,
             response_headers: Vec::new(),
+            waiting: None,
+        }
+    }
+
+    /// Acts on a decision: a reply now, or the request on its way upstream (`resumes`: it was
+    /// paused for etcd and must be resumed).
+    fn conclude(
+        &mut self,
+        gateway: &ConfiguredGateway,
+        decision: Decision,
+        audit: impl FnOnce() -> AuditFacts,
+        now: u64,
+    ) -> Action {
+        let decision_outcome = decision.outcome();
+        match decision {
+            Decision::Reply {
+                api,
+                refusal,
+                reply,
+                ..
+            } => {
+                gateway.metrics.count(api, decision_outcome);
+                let facts = audit();
+                let audit = Audit {
+                    api: api.map_or("-", |i| gateway.api_name(i)),
+                    client_ip: facts.client_ip,
+                    request_id: facts.request_id.as_deref(),
+                };
+                answer(&audit, decision_outcome, refusal.as_ref(), &reply);
+                Action::Pause
+            }
+            Decision::Forward(forward) => {
+                gateway.metrics.count(Some(forward.api), decision_outcome);
+                if let Some(cert) = &forward.expiring_certificate {
+                    warn_expiring_certificate(gateway, forward.api, cert, now);
+                }
+                if let Some(failure) = &forward.replay_unchecked {
+                    gateway.metrics.add(Some(forward.api), REPLAY_UNCHECKED, 1);
+                    let facts = audit();
+                    log(
+                        LogLevel::Warn,
+                        &serde_json::json!({
+                            "gateguard": "replay_unchecked",
+                            "api": gateway.api_name(forward.api),
+                            "reason": failure.describe(),
+                            "client_ip": facts.client_ip,
+                            "request_id": facts.request_id,
+                        })
+                        .to_string(),
+                    );
+                }
+                apply(&forward);
+                record_decision(gateway.api_name(forward.api), decision_outcome, None);
+                self.response_headers = forward.response_headers;
+                Action::Continue
+            }
+            Decision::Ask(pending) => {
+                let Some(etcd_policy) = gateway.policy.replay_store.etcd() else {
+                    // The core asks only with the etcd store; never forward on a doubt.
+                    let decision = pending.resolve(
+                        Err(Failure::NotSent { call: Call::Txn }),
+                        OnUnavailable::Deny,
+                    );
+                    return self.conclude(gateway, decision, audit, now);
+                };
+                match etcd::start(gateway, etcd_policy, pending) {
+                    etcd::Progress::Waiting(waiting) => {
+                        self.waiting = Some((waiting, audit()));
+                        Action::Pause
+                    }
+                    etcd::Progress::Done(pending, result) => {
+                        let decision = pending.resolve(result, etcd_policy.on_unavailable);
+                        self.conclude(gateway, decision, audit, now)
+                    }
+                }
+            }
         }
     }
 }
 
-impl Context for RequestFilter {}
+impl Context for RequestFilter {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(gateway) = self.gateway.clone() else {
+            return;
+        };
+        let Some(etcd_policy) = gateway.policy.replay_store.etcd() else {
+            return;
+        };
+        match self.waiting.take() {
+            Some((waiting, facts)) if waiting.call() == token_id => {
+                let progress =
+                    etcd::on_response(&gateway, etcd_policy, waiting, status_code, response_size);
+                let action = match progress {
+                    etcd::Progress::Waiting(waiting) => {
+                        self.waiting = Some((waiting, facts));
+                        return;
+                    }
+                    etcd::Progress::Done(pending, result) => {
+                        let decision = pending.resolve(result, etcd_policy.on_unavailable);
+                        self.conclude(&gateway, decision, || facts, host::now())
+                    }
+                };
+                if action == Action::Continue {
+                    host::resume_request();
+                }
+            }
+            other => self.waiting = other,
+        }
+    }
+}
 
 impl HttpContext for RequestFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -56,39 +165,11 @@ impl HttpContext for RequestFilter {
             now,
         };
         let decision = gateway.policy.evaluate(&request, gateway.as_ref());
-        let decision_outcome = decision.outcome();
-        gateway.metrics.count(
-            match &decision {
-                Decision::Reply { api, .. } => *api,
-                Decision::Forward(f) => Some(f.api),
-            },
-            decision.outcome(),
-        );
-        match decision {
-            Decision::Reply {
-                api,
-                refusal,
-                reply,
-                ..
-            } => {
-                let audit = Audit {
-                    api: api.map_or("-", |i| gateway.api_name(i)),
-                    client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
-                    request_id: header(&headers, "x-request-id"),
-                };
-                answer(&audit, decision_outcome, refusal.as_ref(), &reply);
-                Action::Pause
-            }
-            Decision::Forward(forward) => {
-                if let Some(cert) = &forward.expiring_certificate {
-                    warn_expiring_certificate(&gateway, forward.api, cert, now);
-                }
-                apply(&forward);
-                record_decision(gateway.api_name(forward.api), decision_outcome, None);
-                self.response_headers = forward.response_headers;
-                Action::Continue
-            }
-        }
+        let audit = || AuditFacts {
+            client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+            request_id: header(&headers, "x-request-id").map(str::to_string),
+        };
+        self.conclude(&gateway, decision, audit, now)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -102,6 +183,13 @@ impl HttpContext for RequestFilter {
         }
         Action::Continue
     }
+}
+
+/// What the audit line of a request says about its client, collected while its headers are at
+/// hand (a request that waits for etcd is answered after they are gone).
+struct AuditFacts {
+    client_ip: Option<String>,
+    request_id: Option<String>,
 }
 
 /// Counts every request with a soon-expiring certificate; logs once per certificate per day

@@ -182,6 +182,12 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_get_status(
+        return_code: *mut u32,
+        return_message_data: *mut *mut u8,
+        return_message_size: *mut usize,
+    ) -> u32;
 }
 
 /// Takes ownership of a host-allocated buffer (allocated through our exported allocator).
@@ -208,13 +214,36 @@ pub fn log(level: LogLevel, message: &str) {
 
 /// Host clock, unix seconds (0 if the host will not say: every time check then fails closed).
 pub fn now() -> u64 {
+    now_ms() / 1000
+}
+
+/// Host clock, unix milliseconds (0 if the host will not say).
+pub fn now_ms() -> u64 {
     let mut nanos: u64 = 0;
     // SAFETY: writes one u64 we own.
     let status = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
     if status == OK {
-        nanos / 1_000_000_000
+        nanos / 1_000_000
     } else {
         0
+    }
+}
+
+/// The gRPC status (code, message) of the call being answered. The SDK's wrapper panics on a
+/// message that is not UTF-8; this one reads it lossily. Unknown (2) if the host will not say.
+pub fn grpc_status() -> (u32, String) {
+    let mut code: u32 = 2;
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: writes one u32 we own and hands us a buffer as in `owned`.
+    let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+    let message = owned(status, data, size)
+        .map(|m| String::from_utf8_lossy(&m).into_owned())
+        .unwrap_or_default();
+    if status == OK {
+        (code, message)
+    } else {
+        (2, message)
     }
 }
 
@@ -285,6 +314,13 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &str) {
             -1,
         )
     };
+}
+
+/// Lets a paused request go on (after the etcd replay store accepted its token). A stream the
+/// host no longer has is not an error worth a trap.
+pub fn resume_request() {
+    // SAFETY: a plain value (0: the request stream).
+    let _ = unsafe { proxy_continue_stream(0) };
 }
 
 pub fn buffer(kind: BufferType, start: usize, max: usize) -> Option<Vec<u8>> {

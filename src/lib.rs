@@ -2,6 +2,7 @@
 //! applies it. Everything that decides lives in `gateguard-core`.
 
 mod configured;
+mod etcd;
 mod filter;
 mod host;
 mod metrics;

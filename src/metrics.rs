@@ -14,7 +14,14 @@ pub const JWKS_FETCH: &str = "jwks_fetch";
 pub const JWKS_FETCH_FAILED: &str = "jwks_fetch_failed";
 pub const REPLAY_CAS_RETRIES: &str = "replay_cas_retries";
 pub const REPLAY_RECLAIMED: &str = "replay_reclaimed";
-const EXTRA_PER_API: [&str; 7] = [
+/// The etcd replay store: gRPC calls sent, conversations that ended in an error or a timeout,
+/// decisions the local cache made without a call, requests let through unchecked (`allow`).
+pub const ETCD_CALLS: &str = "etcd_calls";
+pub const ETCD_ERRORS: &str = "etcd_errors";
+pub const ETCD_TIMEOUTS: &str = "etcd_timeouts";
+pub const REPLAY_CACHE_HITS: &str = "replay_cache_hits";
+pub const REPLAY_UNCHECKED: &str = "replay_unchecked";
+const EXTRA_PER_API: [&str; 12] = [
     CERT_EXPIRING,
     JWT_CACHE_HIT,
     JWT_CACHE_MISS,
@@ -22,6 +29,11 @@ const EXTRA_PER_API: [&str; 7] = [
     JWKS_FETCH_FAILED,
     REPLAY_CAS_RETRIES,
     REPLAY_RECLAIMED,
+    ETCD_CALLS,
+    ETCD_ERRORS,
+    ETCD_TIMEOUTS,
+    REPLAY_CACHE_HITS,
+    REPLAY_UNCHECKED,
 ];
 
 #[derive(Debug, Default)]

@@ -13,8 +13,9 @@ use std::time::Duration;
 use gateguard_core::jwt::fetch::FetchResult;
 use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
 use gateguard_core::jwt::JwksSource;
-use gateguard_core::parse_policy;
+use gateguard_core::replay::etcd::Session;
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
+use gateguard_core::{parse_policy, CompiledPolicy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -158,12 +159,23 @@ impl RootContext for GatewayRoot {
                 Some(JwksSource::None) | None => keys.push(None),
             }
         }
+        let etcd = match etcd_credentials(&policy) {
+            Ok(credentials) => Session::new(credentials),
+            Err(why) => {
+                log(
+                    LogLevel::Error,
+                    &format!("gateguard: {why}; refusing the policy"),
+                );
+                return false;
+            }
+        };
         let metrics = Metrics::define(&policy);
         self.gateway = Some(Rc::new(ConfiguredGateway::new(
             policy,
             metrics,
             keys,
             replay_prefix,
+            etcd,
         )));
         // Fetching starts on the first tick, on the workers. Not from here: Envoy also
         // configures a root context on the main thread, whose HTTP calls never answer, and a
@@ -287,6 +299,30 @@ impl GatewayRoot {
 
 /// One line per migration this root context worked on, and a warning when the store could not
 /// be moved to the policy's size or lost a corrupt bucket on the way.
+/// etcd credentials come from Envoy's environment (the Wasm VM's `host_env_keys`), never the
+/// policy: both names set, or neither (etcd without auth, or client-certificate auth on the
+/// cluster's TLS).
+fn etcd_credentials(policy: &CompiledPolicy) -> Result<Option<(String, String)>, String> {
+    if policy.replay_store.etcd().is_none() {
+        return Ok(None);
+    }
+    let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    match (var(ETCD_USERNAME_ENV), var(ETCD_PASSWORD_ENV)) {
+        (Some(user), Some(password)) => Ok(Some((user, password))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(format!(
+            "{ETCD_USERNAME_ENV} is set but {ETCD_PASSWORD_ENV} is not"
+        )),
+        (None, Some(_)) => Err(format!(
+            "{ETCD_PASSWORD_ENV} is set but {ETCD_USERNAME_ENV} is not"
+        )),
+    }
+}
+
+/// Environment variables (listed in the VM's `host_env_keys`) with etcd's user and password.
+pub const ETCD_USERNAME_ENV: &str = "GATEGUARD_ETCD_USERNAME";
+pub const ETCD_PASSWORD_ENV: &str = "GATEGUARD_ETCD_PASSWORD";
+
 fn log_prepared(prepared: &Prepared, wanted: u32) {
     for m in prepared.migrations.iter().filter(|m| m.sealed > 0) {
         log(

@@ -5,6 +5,7 @@ use crate::client_cert::{AcceptedCertificate, CertError};
 use crate::ip_filter::ClientIpError;
 use crate::jwt::JwtError;
 use crate::path::PathError;
+use crate::replay::etcd::{Answer, Failure, OnUnavailable, RemoteCheck};
 use crate::replay::Verdict;
 use crate::subscription_key::KeyError;
 
@@ -97,6 +98,8 @@ pub const MSG_CLAIMS: &str = "Insufficient claims";
 pub const MSG_REPLAY: &str = "Token replay detected";
 pub const MSG_REPLAY_FULL: &str = "Replay protection unavailable: token store is full";
 pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
+pub const MSG_REPLAY_ETCD_UNAVAILABLE: &str =
+    "Replay protection unavailable: the shared replay store did not answer";
 
 impl Refusal {
     pub fn status(&self) -> u16 {
@@ -130,6 +133,7 @@ impl Refusal {
             Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => MSG_REPLAY,
             Refusal::Replay(Verdict::Expired) => MSG_JWT_INVALID,
             Refusal::Replay(Verdict::StoreFull) => MSG_REPLAY_FULL,
+            Refusal::Replay(Verdict::EtcdUnavailable) => MSG_REPLAY_ETCD_UNAVAILABLE,
             Refusal::Replay(_) => MSG_REPLAY_UNAVAILABLE,
         }
     }
@@ -225,6 +229,9 @@ pub struct Forward {
     pub response_headers: Vec<(String, String)>,
     /// An accepted client certificate close to expiry: worth a gauge and a daily log line.
     pub expiring_certificate: Option<AcceptedCertificate>,
+    /// etcd could not decide and `on_unavailable` is `allow`: forwarded unchecked (counted
+    /// and logged by the adapter).
+    pub replay_unchecked: Option<Failure>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,13 +244,56 @@ pub enum Decision {
         reply: LocalReply,
     },
     Forward(Forward),
+    /// Every check passed but replay, which only etcd can decide: ask it, then
+    /// [`Pending::resolve`].
+    Ask(Box<Pending>),
+}
+
+/// A request waiting for etcd: what it becomes upstream if etcd accepts the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub forward: Forward,
+    pub check: RemoteCheck,
+}
+
+impl Pending {
+    /// The decision once etcd answered (or could not): its verdict, or `on_unavailable`.
+    pub fn resolve(
+        self,
+        answer: Result<Answer, Failure>,
+        on_unavailable: OnUnavailable,
+    ) -> Decision {
+        let mut forward = self.forward;
+        let api = Some(forward.api);
+        match answer {
+            Ok(answer) if answer.verdict.is_accepted() => Decision::Forward(forward),
+            Ok(answer) => Decision::refuse(
+                api,
+                Refusal::Replay(answer.verdict),
+                &forward.response_headers,
+            ),
+            Err(failure) => match on_unavailable {
+                OnUnavailable::Allow => {
+                    forward.replay_unchecked = Some(failure);
+                    Decision::Forward(forward)
+                }
+                OnUnavailable::Deny => Decision::refuse(
+                    api,
+                    Refusal::Replay(Verdict::EtcdUnavailable),
+                    &forward.response_headers,
+                ),
+            },
+        }
+    }
 }
 
 impl Decision {
+    /// The outcome counted for this decision (`Allowed` for a request still waiting for etcd,
+    /// which the adapter counts once resolved).
     pub fn outcome(&self) -> Outcome {
         match self {
             Decision::Reply { outcome, .. } => *outcome,
-            Decision::Forward(_) => Outcome::Allowed,
+            Decision::Forward(_) | Decision::Ask(_) => Outcome::Allowed,
         }
     }
 

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ApiPolicy, CompiledPolicy};
 use crate::cors::CorsVerdict;
-use crate::decision::{Decision, Forward, LocalReply, Outcome, Refusal};
+use crate::decision::{Decision, Forward, LocalReply, Outcome, Pending, Refusal};
 use crate::headers::{
     every_spelling, same_header_name, METHOD_OVERRIDE_HEADERS, METHOD_OVERRIDE_QUERY,
     PATH_OVERRIDE_HEADERS,
@@ -23,7 +23,8 @@ use crate::jwt::{
 };
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
-use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef};
+use crate::replay::etcd::{lookup_cached, RemoteCheck};
+use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef, Verdict};
 use crate::shared_data::{SetError, SharedStore, StoreError};
 
 /// Facts about one request, collected by the adapter.
@@ -65,6 +66,8 @@ pub enum Event {
     JwtCacheHit,
     JwtCacheMiss,
     Replay(ReplayOutcome),
+    /// With the etcd store: the local cache decided, no round trip.
+    ReplayCacheHit,
 }
 
 /// A host with no JWT or replay configured: for policies that use neither, and for tests.
@@ -194,9 +197,16 @@ impl CompiledPolicy {
                 ..Forward::default()
             },
             client_ip: Err(ClientIpError::NoPeer),
+            ask_etcd: None,
         };
         match checks.run() {
-            Ok(Passed::Forward) => Decision::Forward(checks.forward),
+            Ok(Passed::Forward) => match checks.ask_etcd {
+                Some(check) => Decision::Ask(Box::new(Pending {
+                    forward: checks.forward,
+                    check,
+                })),
+                None => Decision::Forward(checks.forward),
+            },
             Ok(Passed::Preflight(headers)) => Decision::Reply {
                 api: Some(api_index),
                 outcome: Outcome::Preflight,
@@ -233,6 +243,9 @@ struct Checks<'p, 'r> {
     forward: Forward,
     /// The client IP the IP filter judged, for replay's `with_ip`.
     client_ip: Result<IpAddr, ClientIpError>,
+    /// A replay check only etcd can decide (the etcd store, and a token its cache does not
+    /// know): the request waits for it once every other check passed.
+    ask_etcd: Option<RemoteCheck>,
 }
 
 impl Checks<'_, '_> {
@@ -394,15 +407,39 @@ impl Checks<'_, '_> {
             ReplayMode::WithoutIp => None,
         };
         let host = self.host;
-        let outcome = check_and_record(
-            host.replay_store(),
-            &self.policy.replay_cache,
-            host.replay_prefix(),
-            token,
-            owner,
-            mode,
-            self.req.now,
-        );
+        let outcome = if self.policy.replay_store.etcd().is_some() {
+            let outcome = lookup_cached(
+                host.replay_store(),
+                host.replay_prefix(),
+                token,
+                owner,
+                mode,
+                self.req.now,
+            );
+            if outcome.verdict == Verdict::NotKnownHere {
+                host.note(self.forward.api, Event::Replay(outcome));
+                self.ask_etcd = Some(RemoteCheck {
+                    token,
+                    mode,
+                    ip: owner,
+                });
+                return Ok(());
+            }
+            if matches!(outcome.verdict, Verdict::SameOwner | Verdict::Replay) {
+                host.note(self.forward.api, Event::ReplayCacheHit);
+            }
+            outcome
+        } else {
+            check_and_record(
+                host.replay_store(),
+                &self.policy.replay_cache,
+                host.replay_prefix(),
+                token,
+                owner,
+                mode,
+                self.req.now,
+            )
+        };
         host.note(self.forward.api, Event::Replay(outcome));
         if outcome.verdict.is_accepted() {
             Ok(())

@@ -34,6 +34,10 @@ pub enum Verdict {
     Contention,
     /// The host refused a shared-data call. Fail closed.
     StoreUnavailable,
+    /// The etcd store's local cache cannot decide: ask etcd (never a refusal by itself).
+    NotKnownHere,
+    /// etcd did not decide in time (down, slow, refusing): `on_unavailable` applies.
+    EtcdUnavailable,
 }
 
 impl Verdict {
@@ -54,6 +58,8 @@ impl Verdict {
             Verdict::MissingBucket => "replay bucket missing",
             Verdict::Contention => "replay bucket contended",
             Verdict::StoreUnavailable => "shared data unavailable",
+            Verdict::NotKnownHere => "not in the local cache of the etcd store",
+            Verdict::EtcdUnavailable => "etcd unavailable",
         }
     }
 }
@@ -146,6 +152,7 @@ pub fn admit(
             digest,
             expiry: token.exp,
             owner,
+            confirmed: false,
         },
     );
     Admission {

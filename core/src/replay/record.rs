@@ -1,7 +1,9 @@
 //! What the store holds, byte for byte (big-endian, format version 2):
 //!
 //! - live bucket: `"GR" | 2 | 41` then entries of 41 bytes:
-//!   `digest[0..16] | expiry u64 | owner flag u8 (0 none, 1 IP) | owner IPv6 [16] (zero if none)`.
+//!   `digest[0..16] | expiry u64 | flags u8 | owner IPv6 [16] (zero if none)`; flags bit 0: the
+//!   entry has an owner IP; bit 1: etcd confirmed it (an entry of the etcd store's local cache,
+//!   [`super::etcd`]); other bits zero.
 //!   IPv4 owners are stored as IPv4-mapped IPv6, after `to_canonical()`, so both spellings match.
 //!   An empty value reads as an empty live bucket.
 //! - sealed bucket: `"GS" | 2 | epoch u32 | buckets u32`: its entries moved to that layout.
@@ -128,7 +130,13 @@ pub struct Entry {
     pub digest: [u8; STORED_DIGEST_LEN],
     pub expiry: u64,
     pub owner: Option<Ipv6Addr>,
+    /// etcd holds this token with this owner: with the etcd store, only such an entry lets the
+    /// cache accept without asking (one recorded by the local store may refuse, never accept).
+    pub confirmed: bool,
 }
+
+const HAS_OWNER: u8 = 1;
+const CONFIRMED: u8 = 2;
 
 /// Why a bucket record does not parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,11 +200,9 @@ pub(crate) fn live_entries(bucket: &[u8]) -> Result<ChunksExact<'_, u8>, Corrupt
         return Err(CorruptBucket::Length);
     }
     for (index, raw) in body.chunks_exact(ENTRY_LEN).enumerate() {
-        let valid = match raw[24] {
-            0 => raw[25..].iter().all(|&b| b == 0),
-            1 => true,
-            _ => false,
-        };
+        let flags = raw[24];
+        let valid = flags & !(HAS_OWNER | CONFIRMED) == 0
+            && (flags & HAS_OWNER != 0 || raw[25..].iter().all(|&b| b == 0));
         if !valid {
             return Err(CorruptBucket::Entry { index });
         }
@@ -215,7 +221,8 @@ pub(crate) fn parse_entry(raw: &[u8]) -> Entry {
     Entry {
         digest,
         expiry: u64::from_be_bytes(expiry),
-        owner: (raw[24] == 1).then(|| Ipv6Addr::from(owner)),
+        owner: (raw[24] & HAS_OWNER != 0).then(|| Ipv6Addr::from(owner)),
+        confirmed: raw[24] & CONFIRMED != 0,
     }
 }
 
@@ -229,13 +236,14 @@ pub(crate) fn raw_expiry(raw: &[u8]) -> u64 {
 pub(crate) fn push_entry(out: &mut Vec<u8>, entry: &Entry) {
     out.extend_from_slice(&entry.digest);
     out.extend_from_slice(&entry.expiry.to_be_bytes());
+    let confirmed = if entry.confirmed { CONFIRMED } else { 0 };
     match entry.owner {
         Some(ip) => {
-            out.push(1);
+            out.push(HAS_OWNER | confirmed);
             out.extend_from_slice(&ip.octets());
         }
         None => {
-            out.push(0);
+            out.push(confirmed);
             out.extend_from_slice(&[0u8; 16]);
         }
     }

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::admit::{admit, Verdict};
+use super::admit::{admit, Admission, Verdict};
 use super::policy::{ReplayCachePolicy, ReplayMode, TokenRef};
 use super::record::{bucket_index, seal_of, Layout, Pointer};
 use crate::shared_data::{SetError, SharedStore, StoreError};
@@ -64,6 +64,19 @@ pub struct ReplayOutcome {
     pub hops: u32,
 }
 
+impl ReplayOutcome {
+    /// An outcome decided before any bucket was read.
+    pub fn none(verdict: Verdict) -> Self {
+        Self {
+            verdict,
+            cas_retries: 0,
+            reclaimed: 0,
+            bucket: 0,
+            hops: 0,
+        }
+    }
+}
+
 /// The request path: read the pointer; read the token's bucket in the current layout; if it is
 /// sealed, go to the layout its marker names and read the token's bucket there; decide on the
 /// live bucket and write it back with the CAS read, retrying on mismatch (the retry may find it
@@ -79,13 +92,22 @@ pub fn check_and_record(
     mode: ReplayMode,
     now: u64,
 ) -> ReplayOutcome {
-    let mut out = ReplayOutcome {
-        verdict: Verdict::StoreUnavailable,
-        cas_retries: 0,
-        reclaimed: 0,
-        bucket: 0,
-        hops: 0,
-    };
+    on_live_bucket(store, prefix, &token, |value, buckets| {
+        admit(value, &token, ip, mode, now, policy.capacity_in(buckets))
+    })
+}
+
+/// Finds the token's live bucket (from the pointer's current layout, following seals), lets
+/// `decide` judge it (`value`, the layout's bucket count) and writes what it returns with the
+/// CAS read, deciding again on a mismatch. The one walk every use of the store shares: the
+/// local store's decision, and the etcd store's cache lookups and writes.
+pub(crate) fn on_live_bucket(
+    store: &dyn SharedStore,
+    prefix: &str,
+    token: &TokenRef,
+    mut decide: impl FnMut(&[u8], u32) -> Admission,
+) -> ReplayOutcome {
+    let mut out = ReplayOutcome::none(Verdict::StoreUnavailable);
     let done = |mut out: ReplayOutcome, verdict| {
         out.verdict = verdict;
         out
@@ -126,14 +148,7 @@ pub fn check_and_record(
             Some(Err(_)) => return done(out, Verdict::Corrupt),
             None => {}
         }
-        let admission = admit(
-            &value,
-            &token,
-            ip,
-            mode,
-            now,
-            policy.capacity_in(layout.buckets),
-        );
+        let admission = decide(&value, layout.buckets);
         let Some(new_value) = admission.new_value else {
             return done(out, admission.verdict);
         };

@@ -106,13 +106,22 @@ impl Host for FakeHost {
         match event {
             Event::JwtCacheHit => self.hits.set(self.hits.get() + 1),
             Event::JwtCacheMiss => self.misses.set(self.misses.get() + 1),
-            Event::Replay(_) => {}
+            Event::Replay(_) | Event::ReplayCacheHit => {}
         }
     }
 }
 
 pub fn policy(s: &Signer, max_entries: u64) -> CompiledPolicy {
-    let doc = json!({
+    compile(&policy_doc(s, max_entries))
+}
+
+pub fn compile(doc: &Value) -> CompiledPolicy {
+    parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+/// Three APIs: `a` with every check and replay `with_ip`, `b` replay `without_ip`, `c` JWT only.
+pub fn policy_doc(s: &Signer, max_entries: u64) -> Value {
+    json!({
         "apis": [
             {
                 "name": "a", "path_prefix": "/a",
@@ -138,8 +147,7 @@ pub fn policy(s: &Signer, max_entries: u64) -> CompiledPolicy {
             }
         ],
         "replay_cache": {"max_entries": max_entries}
-    });
-    parse_policy(doc.to_string().as_bytes(), &|_| None).unwrap()
+    })
 }
 
 pub struct Call<'a> {
@@ -199,7 +207,7 @@ impl<'a> Call<'a> {
 pub fn reply(d: &Decision) -> &LocalReply {
     match d {
         Decision::Reply { reply, .. } => reply,
-        Decision::Forward(_) => panic!("expected a refusal, got {d:?}"),
+        Decision::Forward(_) | Decision::Ask(_) => panic!("expected a refusal, got {d:?}"),
     }
 }
 
@@ -209,6 +217,7 @@ pub fn forward(d: &Decision) -> &Forward {
         Decision::Reply { reply, .. } => {
             panic!("expected forward, got {} {}", reply.status, reply.body)
         }
+        Decision::Ask(_) => panic!("expected forward, got a question for etcd: {d:?}"),
     }
 }
 

@@ -689,6 +689,7 @@ fn merging_keeps_the_later_record_of_a_token_and_is_idempotent() {
         digest,
         expiry,
         owner: owner(who).map(normalise_ip),
+        confirmed: false,
     };
     let (first, again) = (entry(NOW + 1, 1), entry(NOW + 301, 2));
     let merge = |incoming: &[Entry]| merge_into(&vm, &vm.prefix, layout, index, incoming).unwrap();
@@ -778,6 +779,7 @@ fn measure_migration_of_a_full_million_entry_store() {
                     digest,
                     expiry: NOW + 3600,
                     owner: (k % 2 == 0).then(|| normalise_ip("192.0.2.1".parse().unwrap())),
+                    confirmed: k % 3 == 0,
                 }
             })
             .collect();

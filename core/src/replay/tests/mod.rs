@@ -421,15 +421,29 @@ fn record_round_trips_and_a_fresh_bucket_is_the_header_alone() {
             digest: [7; 16],
             expiry: 42,
             owner: None,
+            confirmed: false,
         },
         Entry {
             digest: [9; 16],
             expiry: u64::MAX,
             owner: Some(normalise_ip("192.0.2.1".parse().unwrap())),
+            confirmed: false,
+        },
+        Entry {
+            digest: [3; 16],
+            expiry: 43,
+            owner: None,
+            confirmed: true,
+        },
+        Entry {
+            digest: [4; 16],
+            expiry: 44,
+            owner: Some(normalise_ip("2001:db8::1".parse().unwrap())),
+            confirmed: true,
         },
     ];
     let bytes = encode(&entries);
-    assert_eq!(bytes.len(), HEADER_LEN + 2 * ENTRY_LEN);
+    assert_eq!(bytes.len(), HEADER_LEN + 4 * ENTRY_LEN);
     assert_eq!(decode(&bytes).unwrap(), Record::Live(entries));
     // The marker a migration leaves, and the pointer.
     let to = Layout {
@@ -475,6 +489,7 @@ fn corrupt_buckets_fail_closed_without_writing() {
         digest: [1; 16],
         expiry: NOW + 9,
         owner: None,
+        confirmed: true,
     }]);
     owner_without_flag[HEADER_LEN + 30] = 1;
     let cases: Vec<(Vec<u8>, CorruptBucket)> = vec![
