@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gateguard_core::locate::secret_spans;
-use gateguard_core::parse_policy;
+use gateguard_core::{parse_policy, CompiledPolicy};
 
 /// Stands in for environment variables that are not set where the CLI runs: long enough for any
 /// length rule (HMAC secrets need 32+ bytes), so only `--check-env` reports missing variables.
@@ -43,13 +43,9 @@ pub fn run(args: &Args) -> ExitCode {
         match parse_policy(&text, env) {
             Ok(policy) => {
                 if !args.quiet {
-                    let names: Vec<&str> = policy.apis.iter().map(|a| a.name.as_str()).collect();
-                    println!(
-                        "{}: ok ({} APIs: {})",
-                        file.display(),
-                        names.len(),
-                        names.join(", ")
-                    );
+                    for line in summary(&file.display().to_string(), &policy) {
+                        println!("{line}");
+                    }
                 }
             }
             Err(e) => {
@@ -74,6 +70,26 @@ pub fn run(args: &Args) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// What `validate` prints for a valid policy: the APIs it serves, then what the policy needs from
+/// Envoy that the policy alone cannot provide.
+fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
+    let names: Vec<&str> = policy.apis.iter().map(|a| a.name.as_str()).collect();
+    let mut lines = vec![format!(
+        "{file}: ok ({} APIs: {})",
+        names.len(),
+        names.join(", ")
+    )];
+    if let Some(etcd) = policy.replay_store.etcd() {
+        // Envoy loads the policy without that cluster: the first request that needs etcd finds
+        // it missing and gets `on_unavailable` (docs/policy.md, "Replay across gateway replicas").
+        lines.push(format!(
+            "{file}: note: replay_store.etcd needs an Envoy cluster named {:?} (HTTP/2 to etcd's client endpoints); `gateguard render --etcd HOST:PORT` emits it",
+            etcd.cluster
+        ));
+    }
+    lines
 }
 
 /// The offending line with its neighbours and a caret, as 3scale's filter shows config errors;
@@ -143,6 +159,42 @@ mod tests {
         let mut shown = format!("{}: {}\n", e.path, e.reason);
         shown += &context(text, e.line.unwrap(), e.column.unwrap()).join("\n");
         shown
+    }
+
+    fn summary_of(text: &str) -> Vec<String> {
+        let policy = parse_policy(text.as_bytes(), &|_| Some(PLACEHOLDER.into())).unwrap();
+        summary("p.json", &policy)
+    }
+
+    #[test]
+    fn summary_names_the_etcd_cluster_render_must_emit() {
+        let apis =
+            r#""apis": [{"name": "a", "path_prefix": "/a"}, {"name": "b", "path_prefix": "/b"}]"#;
+        assert_eq!(
+            summary_of(&format!(r#"{{{apis}, "replay_store": {{"etcd": {{}}}}}}"#)),
+            [
+                "p.json: ok (2 APIs: a, b)",
+                "p.json: note: replay_store.etcd needs an Envoy cluster named \"etcd\" (HTTP/2 to etcd's client endpoints); `gateguard render --etcd HOST:PORT` emits it",
+            ]
+        );
+        let named = summary_of(&format!(
+            r#"{{{apis}, "replay_store": {{"etcd": {{"cluster": "replay-etcd", "on_unavailable": "allow"}}}}}}"#
+        ));
+        assert!(
+            named[1].contains(r#"an Envoy cluster named "replay-etcd""#),
+            "{named:?}"
+        );
+    }
+
+    #[test]
+    fn summary_is_one_line_without_etcd() {
+        let apis = r#""apis": [{"name": "a", "path_prefix": "/a"}]"#;
+        for store in ["", r#", "replay_store": "local""#] {
+            assert_eq!(
+                summary_of(&format!("{{{apis}{store}}}")),
+                ["p.json: ok (1 APIs: a)"]
+            );
+        }
     }
 
     #[test]

@@ -29,9 +29,11 @@ pub struct EtcdConfig {
     #[serde(default = "default_cluster")]
     pub cluster: String,
     /// Key prefix of every entry gateguard writes.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^[!-~]{0,255}/$")))]
     #[serde(default = "default_prefix")]
     pub prefix: String,
     /// How long a request waits for etcd, in all, before `on_unavailable` applies.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 10000)))]
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u32,
     #[serde(default)]

@@ -8,8 +8,15 @@
 //! one reads the owner it recorded. Before that, once per worker, the worker may need to
 //! authenticate (credentials from the environment) and to grant the lease of the token's
 //! expiry window; both are remembered in the worker's [`Session`].
+//!
+//! Leases: every replica asks for the same lease ID for a window, so a busy deployment holds
+//! one lease per window, not one per worker. A lease that already exists is used only after
+//! `LeaseTimeToLive` shows it lives long enough: anyone who may grant leases on that etcd can
+//! predict the ID and create it first with a short life, which would make keys, and so spent
+//! tokens, disappear early. Such a lease is not used; the worker gets a lease with an ID etcd
+//! picks instead.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 
 use prost::Message;
@@ -17,15 +24,19 @@ use sha2::{Digest, Sha256};
 
 use super::proto::{
     compare, request_op, response_op, AuthenticateRequest, AuthenticateResponse, Compare,
-    CompareResult, CompareTarget, LeaseGrantRequest, LeaseGrantResponse, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, TxnResponse,
+    CompareResult, CompareTarget, LeaseGrantRequest, LeaseGrantResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use crate::hex;
 use crate::replay::admit::normalise_ip;
 use crate::replay::{ReplayMode, TokenRef, Verdict};
 
-/// Tokens whose entries end in the same window of this many seconds share one lease.
-pub const LEASE_WINDOW_SECONDS: u64 = 60;
+/// Tokens whose entries end in the same window of this many seconds share one lease. Short, so
+/// that etcd deletes few keys at once when a lease ends (it applies nothing else meanwhile).
+pub const LEASE_WINDOW_SECONDS: u64 = 10;
+/// Added to every lease's TTL: a gateway whose clock runs ahead still grants a lease that ends
+/// after the window (the clock skew allowed on `exp` already covers clocks behind).
+pub const LEASE_SLACK_SECONDS: u64 = 60;
 /// etcd's largest lease TTL (`lease.MaxLeaseTTL`).
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// What the key of a `without_ip` token holds.
@@ -103,7 +114,7 @@ pub struct Answer {
     pub holder: Holder,
 }
 
-/// The lease of an expiry window: every token whose entry ends in `(end - 60, end]` is put
+/// The lease of an expiry window: every token whose entry ends in `(end - 10, end]` is put
 /// with it, on every replica, because the ID is derived from the prefix and the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Lease {
@@ -113,8 +124,8 @@ pub struct Lease {
 
 impl Lease {
     /// The lease for a token: its window ends at the entry's expiry (`exp` + skew + 1)
-    /// rounded up to a multiple of 60 s, so a key lives at least as long as its token can be
-    /// accepted, and at most a minute longer.
+    /// rounded up to a multiple of 10 s, so a key lives at least as long as its token can be
+    /// accepted (and the lease [`LEASE_SLACK_SECONDS`] longer).
     pub fn for_token(prefix: &str, token: &TokenRef) -> Self {
         let window_end = token
             .exp
@@ -133,22 +144,31 @@ impl Lease {
         Self { window_end, id }
     }
 
-    /// Seconds from `now` to the window's end (etcd counts a TTL from the grant).
+    /// The TTL to grant at `now`: to the window's end, plus the slack (etcd counts a TTL from
+    /// the grant).
     pub fn ttl(&self, now: u64) -> i64 {
+        self.needed(now)
+            .saturating_add(LEASE_SLACK_SECONDS as i64)
+            .min(MAX_LEASE_TTL)
+    }
+
+    /// What an existing lease must still have at `now` to carry this window's keys.
+    pub fn needed(&self, now: u64) -> i64 {
         i64::try_from(self.window_end.saturating_sub(now))
             .unwrap_or(MAX_LEASE_TTL)
             .clamp(1, MAX_LEASE_TTL)
     }
 }
 
-/// What one worker remembers between requests: its etcd auth token and the leases it knows
-/// exist.
+/// What one worker remembers between requests: its etcd auth token and, per expiry window,
+/// the lease it knows exists and lives long enough.
 #[derive(Debug, Default)]
 pub struct Session {
     /// `(user, password)` from the environment; `None` when etcd runs without auth.
     pub credentials: Option<(String, String)>,
     token: Option<String>,
-    pub(super) granted: BTreeSet<Lease>,
+    /// Window end → lease ID.
+    pub(super) leases: BTreeMap<u64, i64>,
 }
 
 impl Session {
@@ -156,7 +176,7 @@ impl Session {
         Self {
             credentials,
             token: None,
-            granted: BTreeSet::new(),
+            leases: BTreeMap::new(),
         }
     }
 
@@ -167,10 +187,7 @@ impl Session {
 
     /// Forgets leases whose window has ended (their tokens can no longer be accepted).
     fn prune(&mut self, now: u64) {
-        self.granted = self.granted.split_off(&Lease {
-            window_end: now.saturating_add(1),
-            id: 0,
-        });
+        self.leases = self.leases.split_off(&now.saturating_add(1));
     }
 }
 
@@ -189,6 +206,7 @@ pub struct Outgoing {
 pub enum Call {
     Authenticate,
     LeaseGrant,
+    LeaseTimeToLive,
     Txn,
 }
 
@@ -197,6 +215,7 @@ impl Call {
         match self {
             Call::Authenticate => "Auth/Authenticate",
             Call::LeaseGrant => "Lease/LeaseGrant",
+            Call::LeaseTimeToLive => "Lease/LeaseTimeToLive",
             Call::Txn => "KV/Txn",
         }
     }
@@ -264,6 +283,8 @@ pub struct Exchange {
     check: RemoteCheck,
     prefix: String,
     lease: Lease,
+    /// The lease ID the pending grant asked for (0: etcd picks).
+    asking: i64,
     deadline_ms: u64,
     waiting: Option<Call>,
     reauthenticated: bool,
@@ -283,6 +304,7 @@ impl Exchange {
             check,
             prefix: prefix.to_string(),
             lease: Lease::for_token(prefix, &check.token),
+            asking: 0,
             deadline_ms: now_ms.saturating_add(u64::from(timeout_ms)),
             waiting: None,
             reauthenticated: false,
@@ -358,8 +380,12 @@ impl Exchange {
                 self.next(now_ms, session)
             }
             (Call::LeaseGrant, status::OK) => match LeaseGrantResponse::decode(body) {
-                Ok(r) if r.id == self.lease.id && r.error.is_empty() => {
-                    session.granted.insert(self.lease);
+                Ok(r)
+                    if r.error.is_empty()
+                        && r.id > 0
+                        && (self.asking == 0 || r.id == self.asking) =>
+                {
+                    session.leases.insert(self.lease.window_end, r.id);
                     self.next(now_ms, session)
                 }
                 _ => Step::Done(Err(Failure::BadAnswer {
@@ -367,19 +393,40 @@ impl Exchange {
                     why: "a lease other than the one asked for",
                 })),
             },
-            (Call::LeaseGrant, status::FAILED_PRECONDITION) => {
-                // "lease already exists": another worker or replica granted this window's
-                // lease first. Every other failed precondition of LeaseGrant is about the TTL,
-                // which `Lease::ttl` keeps in etcd's range.
-                session.granted.insert(self.lease);
-                self.next(now_ms, session)
+            (Call::LeaseGrant, status::FAILED_PRECONDITION) if self.asking == self.lease.id => {
+                // "lease already exists": another worker or replica granted this window's lease
+                // first, or someone else did. Use it only if it lives long enough.
+                self.send(
+                    Call::LeaseTimeToLive,
+                    LeaseTimeToLiveRequest {
+                        id: self.lease.id,
+                        keys: false,
+                    }
+                    .encode_to_vec(),
+                    now_ms,
+                )
             }
+            (Call::LeaseTimeToLive, status::OK) => match LeaseTimeToLiveResponse::decode(body) {
+                Ok(r) if r.id == self.lease.id => {
+                    if r.ttl >= self.lease.needed(now_ms / 1000) {
+                        session.leases.insert(self.lease.window_end, self.lease.id);
+                        self.next(now_ms, session)
+                    } else {
+                        // Too short (or gone): a lease of our own, with an ID etcd picks.
+                        self.grant(0, now_ms)
+                    }
+                }
+                _ => Step::Done(Err(Failure::BadAnswer {
+                    call,
+                    why: "the time to live of another lease",
+                })),
+            },
             (Call::Txn, status::OK) => Step::Done(self.read_txn(body)),
             (Call::Txn, status::NOT_FOUND) if !self.regranted => {
                 // The lease is gone (etcd restored from an older snapshot, or revoked by an
                 // operator): grant it again, once.
                 self.regranted = true;
-                session.granted.remove(&self.lease);
+                session.leases.remove(&self.lease.window_end);
                 self.next(now_ms, session)
             }
             _ => Step::Done(Err(failed())),
@@ -387,30 +434,42 @@ impl Exchange {
     }
 
     /// The next call: authenticate if etcd needs it and this worker has no token, grant the
-    /// lease if this worker has not seen it granted, then the transaction.
+    /// window's lease if this worker has none for it, then the transaction.
     fn next(&mut self, now_ms: u64, session: &Session) -> Step {
-        let timeout_ms = self.deadline_ms.saturating_sub(now_ms);
-        let (call, message) = if session.token.is_none() {
-            match &session.credentials {
-                Some((name, password)) => (
-                    Call::Authenticate,
-                    AuthenticateRequest {
-                        name: name.clone(),
-                        password: password.clone(),
-                    }
-                    .encode_to_vec(),
-                ),
-                None => self.grant_or_txn(now_ms, session),
+        if session.token.is_none() {
+            if let Some((name, password)) = &session.credentials {
+                let request = AuthenticateRequest {
+                    name: name.clone(),
+                    password: password.clone(),
+                };
+                return self.send(Call::Authenticate, request.encode_to_vec(), now_ms);
             }
-        } else {
-            self.grant_or_txn(now_ms, session)
+        }
+        match session.leases.get(&self.lease.window_end) {
+            Some(&id) => self.send(Call::Txn, self.txn_request(id), now_ms),
+            None => self.grant(self.lease.id, now_ms),
+        }
+    }
+
+    /// Asks for lease `id` (0: etcd picks) for this window.
+    fn grant(&mut self, id: i64, now_ms: u64) -> Step {
+        self.asking = id;
+        let grant = LeaseGrantRequest {
+            ttl: self.lease.ttl(now_ms / 1000),
+            id,
         };
+        self.send(Call::LeaseGrant, grant.encode_to_vec(), now_ms)
+    }
+
+    fn send(&mut self, call: Call, message: Vec<u8>, now_ms: u64) -> Step {
+        let timeout_ms = self.deadline_ms.saturating_sub(now_ms);
         if timeout_ms == 0 {
             return Step::Done(Err(Failure::Timeout { call }));
         }
         let (service, method) = match call {
             Call::Authenticate => ("etcdserverpb.Auth", "Authenticate"),
             Call::LeaseGrant => ("etcdserverpb.Lease", "LeaseGrant"),
+            Call::LeaseTimeToLive => ("etcdserverpb.Lease", "LeaseTimeToLive"),
             Call::Txn => ("etcdserverpb.KV", "Txn"),
         };
         self.waiting = Some(call);
@@ -423,20 +482,8 @@ impl Exchange {
         })
     }
 
-    fn grant_or_txn(&self, now_ms: u64, session: &Session) -> (Call, Vec<u8>) {
-        if session.granted.contains(&self.lease) {
-            (Call::Txn, self.txn_request())
-        } else {
-            let grant = LeaseGrantRequest {
-                ttl: self.lease.ttl(now_ms / 1000),
-                id: self.lease.id,
-            };
-            (Call::LeaseGrant, grant.encode_to_vec())
-        }
-    }
-
     /// `if create_revision(key) == 0 then put(key, owner, lease) else range(key)`.
-    pub fn txn_request(&self) -> Vec<u8> {
+    pub fn txn_request(&self, lease: i64) -> Vec<u8> {
         let key = self.check.key(&self.prefix);
         TxnRequest {
             compare: vec![Compare {
@@ -449,7 +496,7 @@ impl Exchange {
                 request: Some(request_op::Request::RequestPut(PutRequest {
                     key: key.clone(),
                     value: self.check.owner_value(),
-                    lease: self.lease.id,
+                    lease,
                 })),
             }],
             failure: vec![RequestOp {

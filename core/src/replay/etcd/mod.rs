@@ -13,7 +13,7 @@ pub use config::{
 };
 pub use exchange::{
     status, Answer, Call, Exchange, Failure, Holder, Lease, Outgoing, RemoteCheck, Session, Step,
-    LEASE_WINDOW_SECONDS, MAX_LEASE_TTL, ONCE,
+    LEASE_SLACK_SECONDS, LEASE_WINDOW_SECONDS, MAX_LEASE_TTL, ONCE,
 };
 
 #[cfg(test)]

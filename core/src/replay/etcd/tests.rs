@@ -59,10 +59,12 @@ fn done(step: Step) -> Result<Answer, Failure> {
 fn the_first_use_transaction_is_create_revision_zero_then_put_with_the_lease_else_read() {
     let c = check("t", ReplayMode::WithIp, Some("::ffff:10.1.2.3"));
     let mut session = Session::default();
-    session.granted.insert(Lease::for_token(PREFIX, &c.token));
+    let lease = Lease::for_token(PREFIX, &c.token);
+    session.leases.insert(lease.window_end, lease.id);
     let (_, step) = Exchange::start(c, PREFIX, 250, NOW * 1000, &mut session);
     let out = send(&step);
     assert_eq!((out.service, out.method), ("etcdserverpb.KV", "Txn"));
+    let _ = lease;
     let txn = TxnRequest::decode(out.message.as_slice()).unwrap();
     let key = c.key(PREFIX);
     assert_eq!(key.len(), PREFIX.len() + 64);
@@ -77,7 +79,6 @@ fn the_first_use_transaction_is_create_revision_zero_then_put_with_the_lease_els
             target_union: Some(compare::TargetUnion::CreateRevision(0)),
         }]
     );
-    let lease = Lease::for_token(PREFIX, &c.token);
     assert_eq!(
         txn.success,
         vec![RequestOp {
@@ -132,11 +133,22 @@ fn leases_cover_the_token_and_are_shared_per_window() {
     let lease = Lease::for_token(PREFIX, &t);
     assert!(lease.window_end >= t.exp && lease.window_end < t.exp + LEASE_WINDOW_SECONDS);
     assert_eq!(lease.window_end % LEASE_WINDOW_SECONDS, 0);
-    assert_eq!(lease.ttl(NOW), (lease.window_end - NOW) as i64);
+    // Granted to the window's end plus a minute for a gateway whose clock runs ahead.
+    assert_eq!(
+        lease.ttl(NOW),
+        (lease.window_end - NOW + LEASE_SLACK_SECONDS) as i64
+    );
+    assert_eq!(lease.needed(NOW), (lease.window_end - NOW) as i64);
     assert!(lease.id > 0);
     // Every token ending in the same window, on every replica, uses the same lease...
     let same_window: HashSet<i64> = (0..200)
-        .map(|i| TokenRef::new(&[i as u8; 32], lease.window_end - 601 - (i % 60), 600))
+        .map(|i| {
+            TokenRef::new(
+                &[i as u8; 32],
+                lease.window_end - 601 - (i % LEASE_WINDOW_SECONDS),
+                600,
+            )
+        })
         .map(|t| Lease::for_token(PREFIX, &t).id)
         .collect();
     assert_eq!(same_window, HashSet::from([lease.id]));
@@ -144,7 +156,7 @@ fn leases_cover_the_token_and_are_shared_per_window() {
     let next = TokenRef::new(&[0; 32], lease.window_end - 600, 600);
     assert_eq!(
         Lease::for_token(PREFIX, &next).window_end,
-        lease.window_end + 60
+        lease.window_end + LEASE_WINDOW_SECONDS
     );
     assert_ne!(Lease::for_token(PREFIX, &next).id, lease.id);
     assert_ne!(Lease::for_token("/other/", &t).id, lease.id);
@@ -154,7 +166,7 @@ fn leases_cover_the_token_and_are_shared_per_window() {
     // TTLs stay in etcd's range whatever the token says.
     let far = TokenRef::new(&[0; 32], u64::MAX, 600);
     assert_eq!(Lease::for_token(PREFIX, &far).ttl(NOW), MAX_LEASE_TTL);
-    assert_eq!(lease.ttl(lease.window_end + 5), 1);
+    assert_eq!(lease.needed(lease.window_end + 5), 1);
 }
 
 // ---- the exchange, turn by turn ----
@@ -253,6 +265,26 @@ fn a_lease_another_replica_granted_first_is_used_and_a_lost_lease_is_granted_aga
         NOW * 1000 + 1,
         &mut session,
     );
+    // Used once it shows it lives long enough.
+    let out = send(&step).clone();
+    assert_eq!(out.call, Call::LeaseTimeToLive);
+    let lease = Lease::for_token(PREFIX, &c.token);
+    assert_eq!(
+        LeaseTimeToLiveRequest::decode(out.message.as_slice())
+            .unwrap()
+            .id,
+        lease.id
+    );
+    let ttl = |ttl| {
+        LeaseTimeToLiveResponse {
+            header: None,
+            id: lease.id,
+            ttl,
+            granted_ttl: 0,
+        }
+        .encode_to_vec()
+    };
+    let step = x.on_response(0, "", &ttl(lease.needed(NOW)), NOW * 1000 + 2, &mut session);
     assert_eq!(send(&step).call, Call::Txn);
     // etcd lost the lease (restored from an old snapshot): grant, then the transaction again.
     let step = x.on_response(
@@ -266,6 +298,7 @@ fn a_lease_another_replica_granted_first_is_used_and_a_lost_lease_is_granted_aga
     assert_eq!(out.call, Call::LeaseGrant);
     let step = x.on_response(0, "", &grant_ok(&out), NOW * 1000 + 3, &mut session);
     assert_eq!(send(&step).call, Call::Txn);
+    let _ = ttl;
     // Only once per request.
     let failure = done(x.on_response(
         status::NOT_FOUND,
@@ -289,11 +322,56 @@ fn a_lease_another_replica_granted_first_is_used_and_a_lost_lease_is_granted_aga
     assert!(!failure.is_timeout());
 }
 
+/// Anyone who may grant leases on that etcd can predict a window's lease ID and create it with a
+/// short life first: keys put with it would vanish early, and spent tokens with them.
+#[test]
+fn a_lease_that_exists_but_ends_too_soon_is_not_used() {
+    let c = check("t", ReplayMode::WithoutIp, None);
+    let lease = Lease::for_token(PREFIX, &c.token);
+    let mut etcd = ModelEtcd {
+        now: NOW,
+        ..ModelEtcd::default()
+    };
+    etcd.leases.insert(lease.id, NOW + 5); // squatted
+    let (store, prefix, policy) = cache(1000);
+    let mut r = Replica {
+        store,
+        prefix,
+        policy,
+        session: Session::default(),
+    };
+    assert_eq!(decide(&mut r, &mut etcd, c), (Verdict::FirstUse, false));
+    let (_, own) = etcd
+        .kv
+        .values()
+        .next()
+        .map(|(v, l)| (v.clone(), *l))
+        .unwrap();
+    assert_ne!(own, lease.id, "the key must not ride on the squatted lease");
+    assert!(etcd.leases[&own] >= lease.window_end);
+    etcd.now = NOW + 6;
+    let (store, prefix, policy) = cache(1000);
+    let mut fresh = Replica {
+        store,
+        prefix,
+        policy,
+        session: Session::default(),
+    };
+    assert_eq!(
+        decide(&mut fresh, &mut etcd, c),
+        (Verdict::Replay, false),
+        "still spent after the squatted lease ended"
+    );
+    // The worker remembers its own lease for the window: one call next time.
+    assert_eq!(r.session.leases.get(&lease.window_end), Some(&own));
+}
+
 #[test]
 fn credentials_authenticate_once_per_worker_and_again_when_etcd_forgets_the_token() {
     let c = check("t", ReplayMode::WithoutIp, None);
     let mut session = Session::new(Some(("gw".into(), "s3cret".into())));
-    session.granted.insert(Lease::for_token(PREFIX, &c.token));
+    let lease = Lease::for_token(PREFIX, &c.token);
+    session.leases.insert(lease.window_end, lease.id);
     let (mut x, step) = Exchange::start(c, PREFIX, 250, NOW * 1000, &mut session);
     let out = send(&step).clone();
     assert_eq!(
@@ -403,7 +481,7 @@ fn answers_that_are_not_etcds_decide_nothing() {
     let lease = Lease::for_token(PREFIX, &c.token);
     let run = |body: &[u8]| {
         let mut session = Session::default();
-        session.granted.insert(lease);
+        session.leases.insert(lease.window_end, lease.id);
         let (mut x, _) = Exchange::start(c, PREFIX, 250, NOW * 1000, &mut session);
         done(x.on_response(0, "", body, NOW * 1000 + 1, &mut session))
     };
@@ -444,7 +522,7 @@ fn answers_that_are_not_etcds_decide_nothing() {
         done(x.on_response(0, "", &wrong, NOW * 1000 + 1, &mut session)),
         Err(Failure::BadAnswer { .. })
     ));
-    assert!(session.granted.is_empty());
+    assert!(session.leases.is_empty());
 }
 
 #[test]
@@ -511,7 +589,8 @@ fn existing_values_decide_by_mode_and_owner() {
     for (mode, from, value, verdict, holder) in cases {
         let c = check("t", mode, from);
         let mut session = Session::default();
-        session.granted.insert(Lease::for_token(PREFIX, &c.token));
+        let lease = Lease::for_token(PREFIX, &c.token);
+        session.leases.insert(lease.window_end, lease.id);
         let (mut x, _) = Exchange::start(c, PREFIX, 250, NOW * 1000, &mut session);
         let answer = done(x.on_response(
             0,
@@ -706,17 +785,36 @@ impl ModelEtcd {
                 if self.leases.contains_key(&req.id) {
                     return (status::FAILED_PRECONDITION, vec![]);
                 }
-                self.leases.insert(req.id, self.now + req.ttl as u64);
+                let id = if req.id == 0 {
+                    1_000_000 + self.leases.len() as i64
+                } else {
+                    req.id
+                };
+                self.leases.insert(id, self.now + req.ttl as u64);
                 (
                     0,
                     LeaseGrantResponse {
                         header: None,
-                        id: req.id,
+                        id,
                         ttl: req.ttl,
                         error: String::new(),
                     }
                     .encode_to_vec(),
                 )
+            }
+            Call::LeaseTimeToLive => {
+                let req = LeaseTimeToLiveRequest::decode(out.message.as_slice()).unwrap();
+                let ttl = self
+                    .leases
+                    .get(&req.id)
+                    .map_or(-1, |end| end.saturating_sub(self.now) as i64);
+                let response = LeaseTimeToLiveResponse {
+                    header: None,
+                    id: req.id,
+                    ttl,
+                    granted_ttl: ttl,
+                };
+                (0, response.encode_to_vec())
             }
             Call::Txn => {
                 let req = TxnRequest::decode(out.message.as_slice()).unwrap();
