@@ -44,7 +44,9 @@ unit:
 e2e:
 	$(PY) -m pytest -q tests
 
+## wrk (Debian's package) drives the load; installed when missing.
 bench: deps build cli
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) scripts/bench.py
 
 lint:

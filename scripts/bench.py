@@ -6,6 +6,9 @@ answer with a direct response (no upstream noise):
   native    Envoy's own cors + rbac (IP allow-list) + rbac header check: the closest native setup
   gateguard CORS + IP filter + subscription key (SHA-256, constant time)
   jwt       gateguard JWT (RS256) on the verified-token cache path, and cold (cache disabled)
+  replay    replay detection with the local store and with etcd (a real etcd the bench starts,
+            fsync on): repeat use of one token, and first use (a fresh HS256 token per request,
+            fed to wrk by a Lua script), so the etcd round trip shows against the local store
 Each scenario runs ROUNDS times, interleaved, and the median is reported. Results go to
 docs/BENCHMARKS.md together with the command and the machine.
 """
@@ -24,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jwtkit  # noqa: E402
-from envoy_harness import WASM, Envoy, bootstrap, free_port, wasm_filter  # noqa: E402
+from envoy_harness import WASM, Envoy, bootstrap, connection_manager, free_port, gateguard_filter, render, wasm_filter  # noqa: E402
+from etcd_harness import Etcd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DURATION = os.environ.get("BENCH_DURATION", "5s")
@@ -99,12 +103,64 @@ def jwt_policy(key, cache=True, replay=None):
     return policy
 
 
-def wrk(port, headers):
+HS_SECRET = "bench-hmac-secret-of-at-least-32-bytes!"
+
+
+def replay_policy(mode, etcd=False, key=None):
+    """Replay detection behind HS256 (cheap to verify, so the store's cost shows)."""
+    api = {"name": "bench", "path_prefix": "/", "replay": {"mode": mode},
+           "jwt": {"issuers": [ISS], "audiences": [AUD], "algorithms": ["HS256"],
+                   "hmac_secret": {"value": HS_SECRET}}}
+    policy = {"apis": [api]}
+    if etcd:
+        policy["replay_store"] = {"etcd": {"cluster": "etcd", "timeout_ms": 1000}}
+    return policy
+
+
+def hs_token(jti, ttl=3600):
+    return jwtkit.hs256(HS_SECRET.encode(), {"alg": "HS256", "typ": "JWT"},
+                        jwtkit.claims(ISS, AUD, ttl=ttl, jti=jti))
+
+
+class FreshTokens:
+    """A file of never-used tokens per wrk run, which FRESH_LUA sends one per request."""
+
+    def __init__(self, directory):
+        self.dir, self.n = Path(directory), 0
+
+    def file(self, count):
+        self.n += 1
+        path = self.dir / f"tokens-{self.n}.txt"
+        stamp = time.time_ns()
+        path.write_text("\n".join(hs_token(f"{stamp}-{self.n}-{i}") for i in range(count)) + "\n")
+        return path
+
+
+FRESH_LUA = """
+local tokens = {}
+for line in io.lines(os.getenv("GATEGUARD_TOKENS")) do tokens[#tokens + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  if i > #tokens then i = 1 end  -- out of fresh tokens: replays, counted as non-2xx
+  return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. tokens[i]})
+end
+"""
+
+
+def wrk(port, headers, tokens=None):
+    """`tokens`: a file of fresh tokens, one per request (first-use scenarios)."""
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
+    env = dict(os.environ)
+    if tokens:
+        script = Path(tokens).with_suffix(".lua")
+        script.write_text(FRESH_LUA)
+        cmd += ["-s", str(script)]
+        env["GATEGUARD_TOKENS"] = str(tokens)
     cmd.append(f"http://127.0.0.1:{port}/api/forms")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
     for pct in ("50", "99"):
@@ -115,13 +171,20 @@ def wrk(port, headers):
     return rps, lat, int(non2xx.group(1)) if non2xx else 0
 
 
-def wrk_short(port, headers):
+def wrk_short(port, headers, tokens=None):
     global DURATION
     saved, DURATION = DURATION, "1s"
     try:
-        return wrk(port, headers)
+        return wrk(port, headers, tokens)
     finally:
         DURATION = saved
+
+
+def etcd_filter_and_cluster(policy, etcd):
+    """The filter and the etcd cluster `gateguard render --etcd` writes for `policy`."""
+    config = render(policy, etcd=etcd.endpoint)
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "etcd")
+    return gateguard_filter(connection_manager(config, "gateway_http")), cluster
 
 
 def main():
@@ -139,23 +202,47 @@ def main():
         "jwt_replay_with_ip": ([wasm_filter(jwt_policy(key, replay="with_ip"))], None, bearer),
         "jwt_cold": ([wasm_filter(jwt_policy(key, cache=False))], None, bearer),
     }
+    # Replay with the local store and with etcd: repeat use of one token, first use of each.
+    etcd = Etcd(name="bench", fsync=True).start()
+    # Two tokens: the stores share this VM's shared data, and an entry the local store wrote is
+    # one the etcd store's cache must not accept on (it asks etcd).
+    hs_local = {"Authorization": f"Bearer {hs_token('repeat-local')}"}
+    hs_etcd = {"Authorization": f"Bearer {hs_token('repeat-etcd')}"}
+    etcd_filter, etcd_cluster = etcd_filter_and_cluster(replay_policy("with_ip", etcd=True), etcd)
+    etcd_once, _ = etcd_filter_and_cluster(replay_policy("without_ip", etcd=True), etcd)
+    scenarios.update({
+        "repeat_local": ([wasm_filter(replay_policy("with_ip"))], None, hs_local),
+        "repeat_etcd": ([etcd_filter], None, hs_etcd),
+        "first_use_local": ([wasm_filter(replay_policy("without_ip"))], None, {}),
+        "first_use_etcd": ([etcd_once], None, {}),
+    })
+    fresh = {"first_use_local", "first_use_etcd"}
+    tokens = FreshTokens(etcd.dir)
+    # Fresh tokens per run: more than the fastest first-use run can send.
+    seconds = float(DURATION.rstrip("s"))
     ports = {n: free_port() for n in scenarios}
     config = bootstrap(
         [listener(n, ports[n], filters, cors) for n, (filters, cors, _) in scenarios.items()],
-        [], free_port())
+        [etcd_cluster], free_port())
     envoy = Envoy(config, concurrency=1, name="bench").start()
     results = {n: [] for n in ports}
     try:
+        budget = {}
         for name, port in ports.items():  # warm up, and check every scenario answers 200
             hdrs = scenarios[name][2]
-            rps, _, errors = wrk_short(port, hdrs)
+            toks = tokens.file(60_000) if name in fresh else None
+            rps, _, errors = wrk_short(port, hdrs, toks)
             if errors:
                 raise SystemExit(f"{name}: {errors} non-2xx responses in warm-up")
+            budget[name] = int(rps * seconds * 1.5) + 1000
         for _ in range(ROUNDS):
             for name, port in ports.items():
-                results[name].append(wrk(port, scenarios[name][2]))
+                toks = tokens.file(budget[name]) if name in fresh else None
+                results[name].append(wrk(port, scenarios[name][2], toks))
+        etcd_calls = envoy.counter("gateguard.bench.etcd_calls")
     finally:
         envoy.stop()
+        etcd.stop()
 
     def med(name, f):
         return statistics.median(f(r) for r in results[name])
@@ -185,7 +272,12 @@ def main():
         f"with the verified-token cache it costs {by['jwt_cached'][3]:.0f} µs "
         f"({by['jwt_cold'][3] / max(by['jwt_cached'][3], 0.1):.0f}x less).\n"
         f"- Replay detection (`with_ip`) on top of a cached JWT: {by['jwt_replay_with_ip'][3] - by['jwt_cached'][3]:+.1f} µs per request "
-        f"(throughput ratio replay on / off: {by['jwt_replay_with_ip'][1] / by['jwt_cached'][1]:.2f})."
+        f"(throughput ratio replay on / off: {by['jwt_replay_with_ip'][1] / by['jwt_cached'][1]:.2f}).\n"
+        f"- etcd replay store, repeat use (served by the local cache): {by['repeat_etcd'][1] / by['repeat_local'][1]:.2f}x "
+        f"the local store's throughput, p99 {by['repeat_etcd'][5]:.0f} µs vs {by['repeat_local'][5]:.0f} µs.\n"
+        f"- etcd replay store, first use (one etcd transaction per request): {by['first_use_etcd'][1] / by['first_use_local'][1]:.2f}x "
+        f"the local store's throughput, p99 {by['first_use_etcd'][5]:.0f} µs vs {by['first_use_local'][5]:.0f} µs "
+        f"({etcd_calls:,} etcd calls in all, including warm-up and lease grants)."
     )
     print(derived)
     # Replay store memory, measured on the real record encoding (native, release).
@@ -237,6 +329,13 @@ Scenarios (each its own listener in the same Envoy, run interleaved):
 - **jwt_replay_with_ip**: the same plus replay detection (`with_ip`, one bucket CAS per request).
 - **jwt_cold**: the same token with the cache disabled (`token_cache.max_entries: 0`): a full
   RS256 verification (jsonwebtoken's RustCrypto backend in V8) on every request.
+- **repeat_local / repeat_etcd**: an HS256 token sent repeatedly to a `with_ip` API, with the local
+  replay store and with `replay_store.etcd` (a single etcd 3.5.1 member on loopback, fsync on,
+  started by the bench; rendered cluster). After the first use the etcd store answers from its
+  local cache: no round trip.
+- **first_use_local / first_use_etcd**: a `without_ip` API and a never-used HS256 token on every
+  request (wrk's Lua script reads them from a file made before each run): every request is a
+  local bucket write, or one etcd transaction (`KV/Txn`, plus a lease grant per 10 s window).
 
 "added CPU per request" is `1/rps - 1/rps(bare)` on the single Envoy worker.
 """

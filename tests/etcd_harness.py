@@ -44,9 +44,12 @@ class Etcd:
     `client_ca` (then clients must present a certificate that chains to it:
     `--client-cert-auth`) with `client_cert`, `client_key` for etcdctl."""
 
-    def __init__(self, name="gateguard", tls=None):
+    def __init__(self, name="gateguard", tls=None, fsync=False):
+        """`fsync`: sync each write to disk as a production etcd does (the benchmark); tests
+        skip it."""
         self.name = name
         self.tls = tls
+        self.fsync = fsync
         self.dir = Path(tempfile.mkdtemp(prefix=f"gateguard-etcd-{name}-"))
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "etcd.log"
@@ -72,10 +75,11 @@ class Etcd:
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
-                "--log-level", "warn",
-                # A test store: the page cache keeps what a killed process wrote; 2 noisy cores
-                # need no fsync per write.
-                "--unsafe-no-fsync"]
+                "--log-level", "warn"]
+        if not self.fsync:
+            # A test store: the page cache keeps what a killed process wrote; 2 noisy cores
+            # need no fsync per write.
+            args.append("--unsafe-no-fsync")
         if self.tls:
             args += ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"])]
             if self.tls.get("client_ca"):
