@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import re
+import subprocess
 import threading
 import time
 
@@ -25,7 +26,7 @@ import pytest
 import jwtkit
 from certs import make_ca, make_leaf
 from conftest import start_envoy
-from envoy_harness import compose, filter_config, free_port, gateway, render
+from envoy_harness import CLI, ROOT, compose, filter_config, free_port, gateway, render
 from etcd_harness import Etcd, SilentStore
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
@@ -192,6 +193,17 @@ def test_render_refuses_etcd_without_endpoints_and_endpoints_without_etcd(key):
         render({"apis": [{"name": "a", "path_prefix": "/a"}]}, etcd="127.0.0.1:2379")
     with pytest.raises(RuntimeError, match="--etcd-cert needs --etcd-key"):
         render(policy(key), etcd="127.0.0.1:2379", etcd_ca="ca.crt", etcd_cert="client.crt")
+
+
+def test_render_filter_only_swaps_an_etcd_policy_under_the_running_bootstrap(key, tmp_path):
+    # The cluster is in the bootstrap already: only the filter file is written, no --etcd needed.
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy(key)))
+    r = subprocess.run([str(CLI), "render", "--policy", str(path), "--ecds-dir", str(tmp_path / "ecds"),
+                        "--filter-only"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "ecds" / "gateguard-filter.yaml").read_text()
+    assert "- GATEGUARD_ETCD_USERNAME\n" in text and "- GATEGUARD_ETCD_PASSWORD\n" in text
 
 
 # ---- two gateways sharing one etcd ----------------------------------------------------------
