@@ -13,7 +13,7 @@ use std::time::Duration;
 use gateguard_core::jwt::fetch::FetchResult;
 use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
 use gateguard_core::jwt::JwksSource;
-use gateguard_core::replay::etcd::Session;
+use gateguard_core::replay::etcd::{Session, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
 use gateguard_core::{parse_policy, CompiledPolicy};
 use proxy_wasm::hostcalls;
@@ -307,21 +307,13 @@ fn etcd_credentials(policy: &CompiledPolicy) -> Result<Option<(String, String)>,
         return Ok(None);
     }
     let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-    match (var(ETCD_USERNAME_ENV), var(ETCD_PASSWORD_ENV)) {
+    match (var(USERNAME_ENV), var(PASSWORD_ENV)) {
         (Some(user), Some(password)) => Ok(Some((user, password))),
         (None, None) => Ok(None),
-        (Some(_), None) => Err(format!(
-            "{ETCD_USERNAME_ENV} is set but {ETCD_PASSWORD_ENV} is not"
-        )),
-        (None, Some(_)) => Err(format!(
-            "{ETCD_PASSWORD_ENV} is set but {ETCD_USERNAME_ENV} is not"
-        )),
+        (Some(_), None) => Err(format!("{USERNAME_ENV} is set but {PASSWORD_ENV} is not")),
+        (None, Some(_)) => Err(format!("{PASSWORD_ENV} is set but {USERNAME_ENV} is not")),
     }
 }
-
-/// Environment variables (listed in the VM's `host_env_keys`) with etcd's user and password.
-pub const ETCD_USERNAME_ENV: &str = "GATEGUARD_ETCD_USERNAME";
-pub const ETCD_PASSWORD_ENV: &str = "GATEGUARD_ETCD_PASSWORD";
 
 fn log_prepared(prepared: &Prepared, wanted: u32) {
     for m in prepared.migrations.iter().filter(|m| m.sealed > 0) {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gateguard_core::replay::etcd::EtcdPolicy;
+use gateguard_core::replay::etcd::{EtcdPolicy, PASSWORD_ENV, USERNAME_ENV};
 use serde_json::{json, Value};
 
 use crate::validate::PLACEHOLDER;
@@ -119,6 +119,13 @@ pub fn run(args: &Args) -> ExitCode {
         if let Err(e) = check_etcd_args(args, etcd) {
             eprintln!("gateguard render: {e}");
             return ExitCode::from(2);
+        }
+        if etcd.is_some() && args.etcd_ca.is_none() && args.etcd_sni.is_none() {
+            eprintln!(
+                "gateguard render: warning: etcd is reached in plain text (token keys, client \
+                 IPs and any {USERNAME_ENV}/{PASSWORD_ENV} login cross the network \
+                 unencrypted); give --etcd-ca for TLS unless etcd is on this host"
+            );
         }
     }
     if let Ok(policy) = serde_json::from_str::<Value>(&text) {
@@ -281,7 +288,7 @@ fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
 
 /// Variables the filter reads from Envoy's environment to log in to etcd (docs/policy.md, "Replay
 /// across gateway replicas"); a policy never holds them.
-const ETCD_CREDENTIAL_VARS: [&str; 2] = ["GATEGUARD_ETCD_USERNAME", "GATEGUARD_ETCD_PASSWORD"];
+const ETCD_CREDENTIAL_VARS: [&str; 2] = [USERNAME_ENV, PASSWORD_ENV];
 
 /// The --etcd options agree with the policy: endpoints exactly when it keeps replay history in
 /// etcd, a client certificate with its key.

@@ -65,6 +65,11 @@ fn default_timeout_ms() -> u32 {
     250
 }
 
+/// Environment variables with etcd's user and password: Envoy passes them to the filter
+/// (`host_env_keys`, which `gateguard render` writes); never the policy.
+pub const USERNAME_ENV: &str = "GATEGUARD_ETCD_USERNAME";
+pub const PASSWORD_ENV: &str = "GATEGUARD_ETCD_PASSWORD";
+
 /// The longest wait a policy may ask for: a request holds a connection while it waits.
 pub const MAX_TIMEOUT_MS: u32 = 10_000;
 /// etcd's default request size limit is 1.5 MiB; a key stays far below it.

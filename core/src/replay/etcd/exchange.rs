@@ -50,9 +50,15 @@ pub mod status {
     pub const NOT_FOUND: u32 = 5;
     /// etcd: "lease already exists" (another worker or replica granted it first).
     pub const FAILED_PRECONDITION: u32 = 9;
+    /// Envoy: no connection to etcd, or (with "upstream request timeout") the call's timeout.
+    pub const UNAVAILABLE: u32 = 14;
     /// etcd: "invalid auth token" (expired, or issued by another member with simple tokens).
     pub const UNAUTHENTICATED: u32 = 16;
 }
+
+/// A failure this close to the deadline is the deadline (Envoy's timers run on its event loop's
+/// cached time, which may lag the wall clock by a few milliseconds).
+const TIMER_TOLERANCE_MS: u64 = 5;
 
 /// A replay check the local cache could not decide: the token, and the owner to record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,7 +352,14 @@ impl Exchange {
             }));
         };
         let failed = || {
-            if status == status::DEADLINE_EXCEEDED || now_ms >= self.deadline_ms {
+            // Envoy ends a call that ran out of time with UNAVAILABLE "upstream request
+            // timeout", and its timer may fire a little before our clock reaches the deadline.
+            let envoy_timeout =
+                status == status::UNAVAILABLE && message.contains("upstream request timeout");
+            if status == status::DEADLINE_EXCEEDED
+                || envoy_timeout
+                || now_ms.saturating_add(TIMER_TOLERANCE_MS) >= self.deadline_ms
+            {
                 Failure::Timeout { call }
             } else {
                 Failure::Status {

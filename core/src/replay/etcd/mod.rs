@@ -9,7 +9,7 @@ pub mod proto;
 pub use cache::{judge_cached, lookup_cached, remember};
 pub use config::{
     EtcdConfig, EtcdPolicy, OnUnavailable, ReplayStore, ReplayStoreConfig, MAX_PREFIX_BYTES,
-    MAX_TIMEOUT_MS,
+    MAX_TIMEOUT_MS, PASSWORD_ENV, USERNAME_ENV,
 };
 pub use exchange::{
     status, Answer, Call, Exchange, Failure, Holder, Lease, Outgoing, RemoteCheck, Session, Step,

@@ -454,6 +454,21 @@ fn time_runs_out_for_the_whole_request_not_per_call() {
     ))
     .unwrap_err();
     assert!(f.is_timeout());
+    // Envoy's own way of saying so, and its timer a little ahead of our clock.
+    let (mut x, _) = Exchange::start(c, PREFIX, 100, NOW * 1000, &mut Session::default());
+    let f = done(x.on_response(
+        14,
+        "upstream request timeout{response_timeout}",
+        &[],
+        NOW * 1000 + 60,
+        &mut session,
+    ))
+    .unwrap_err();
+    assert!(f.is_timeout(), "{f:?}");
+    let (mut x, _) = Exchange::start(c, PREFIX, 100, NOW * 1000, &mut Session::default());
+    let f =
+        done(x.on_response(14, "upstream reset", &[], NOW * 1000 + 98, &mut session)).unwrap_err();
+    assert!(f.is_timeout(), "{f:?}");
     // A connection refused early is an error, not a timeout.
     let (mut x, _) = Exchange::start(c, PREFIX, 100, NOW * 1000, &mut session);
     let f = done(x.on_response(
