@@ -3,6 +3,8 @@
 One Envoy (`--concurrency 1`, so one core serves and wrk uses the other) with listeners that
 answer with a direct response (no upstream noise):
   bare      no filter at all
+  floor     a proxy-wasm filter that does nothing (bench/noop): what any Wasm filter costs
+  nochecks  gateguard with an API that has no checks: the adapter's fixed cost per request
   native    Envoy's own cors + rbac (IP allow-list) + rbac header check: the closest native setup
   gateguard CORS + IP filter + subscription key (SHA-256, constant time)
   jwt       gateguard JWT (RS256) on the verified-token cache path, and cold (cache disabled)
@@ -31,9 +33,12 @@ from envoy_harness import WASM, Envoy, bootstrap, connection_manager, free_port,
 from etcd_harness import Etcd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NOOP = ROOT / "target" / "noop" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
 DURATION = os.environ.get("BENCH_DURATION", "5s")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = os.environ.get("BENCH_CONNECTIONS", "16")
+# A comma-separated subset of scenarios (bare and floor always run): for a quick comparison.
+ONLY = {n for n in os.environ.get("BENCH_ONLY", "").split(",") if n}
 KEY = "bench-key"
 ORIGIN = "https://portal.example.com"
 
@@ -148,6 +153,31 @@ end
 """
 
 
+def noop_filter():
+    """The do-nothing filter, built here with the SDK and profile gateguard uses."""
+    subprocess.run(["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1",
+                    "--manifest-path", str(ROOT / "bench" / "noop" / "Cargo.toml"),
+                    "--target-dir", str(ROOT / "target" / "noop")], cwd=ROOT, check=True)
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "noop", "root_id": "noop", "vm_config": {
+            "vm_id": "noop", "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": str(NOOP)}}}}}}
+
+
+def time_to_ready(filters, rounds=3):
+    """Median seconds from Envoy's start to /ready answering 200, with one listener and `filters`."""
+    times = []
+    for _ in range(rounds):
+        config = bootstrap([listener("only", free_port(), filters)], [], free_port())
+        envoy = Envoy(config, concurrency=1, name="ready")
+        start = time.monotonic()
+        envoy.start(timeout=60)
+        times.append(time.monotonic() - start)
+        envoy.stop()
+    return statistics.median(times)
+
+
 def wrk(port, headers, tokens=None):
     """`tokens`: a file of fresh tokens, one per request (first-use scenarios)."""
     cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
@@ -194,8 +224,12 @@ def main():
     bearer = {"Authorization": f"Bearer {token}"}
     checks = {"Origin": ORIGIN, "Ocp-Apim-Subscription-Key": KEY}
     native, cors_policy = native_filters()
+    floor = noop_filter()
+    nochecks = {"apis": [{"name": "bench", "path_prefix": "/"}]}
     scenarios = {
         "bare": ([], None, checks),
+        "floor": ([floor], None, checks),
+        "nochecks": ([wasm_filter(nochecks)], None, checks),
         "native": (native, cors_policy, checks),
         "gateguard": ([wasm_filter(gateguard_policy())], None, checks),
         "jwt_cached": ([wasm_filter(jwt_policy(key))], None, bearer),
@@ -217,6 +251,8 @@ def main():
         "first_use_etcd": ([etcd_once], None, {}),
     })
     fresh = {"first_use_local", "first_use_etcd"}
+    if ONLY:
+        scenarios = {n: v for n, v in scenarios.items() if n in ONLY | {"bare", "floor"}}
     tokens = FreshTokens(etcd.dir)
     # Fresh tokens per run: more than the fastest first-use run can send.
     seconds = float(DURATION.rstrip("s"))
@@ -239,7 +275,7 @@ def main():
             for name, port in ports.items():
                 toks = tokens.file(budget[name]) if name in fresh else None
                 results[name].append(wrk(port, scenarios[name][2], toks))
-        etcd_calls = envoy.counter("gateguard.bench.etcd_calls")
+        etcd_calls = envoy.counter("gateguard.bench.etcd_calls") or 0
     finally:
         envoy.stop()
         etcd.stop()
@@ -249,25 +285,34 @@ def main():
 
     rows = []
     bare_rps = med("bare", lambda r: r[0])
+    floor_rps = med("floor", lambda r: r[0])
     for name in ports:
         rps = med(name, lambda r: r[0])
         p50 = med(name, lambda r: r[1]["50"])
         p99 = med(name, lambda r: r[1]["99"])
         errors = sum(r[2] for r in results[name])
         added = (1e6 / rps - 1e6 / bare_rps)
-        rows.append((name, rps, rps / bare_rps, added, p50, p99, errors))
+        rows.append((name, rps, rps / bare_rps, added, p50, p99, errors, rps / floor_rps))
     wasm_size = WASM.stat().st_size
 
     lines = [
-        "| setup | req/s (median) | vs bare | added CPU per request | p50 latency | p99 latency | non-2xx |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | req/s (median) | vs bare | vs Wasm floor | added CPU per request | p50 latency | p99 latency | non-2xx |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, rps, ratio, added, p50, p99, errors in rows:
-        lines.append(f"| {name} | {rps:,.0f} | {ratio:.2f} | {added:+.1f} µs | {p50:.0f} µs | {p99:.0f} µs | {errors} |")
+    for name, rps, ratio, added, p50, p99, errors, vs_floor in rows:
+        lines.append(f"| {name} | {rps:,.0f} | {ratio:.2f} | {vs_floor:.2f} | {added:+.1f} µs | {p50:.0f} µs | {p99:.0f} µs | {errors} |")
     table = "\n".join(lines)
     print(table)
+    if ONLY:
+        return
     by = {r[0]: r for r in rows}
+    ready_bare = time_to_ready([])
+    ready_gateguard = time_to_ready([wasm_filter(jwt_policy(key, replay="with_ip"))])
     derived = (
+        f"- gateguard.wasm is {wasm_size / 1e6:.2f} MB (the do-nothing filter: {NOOP.stat().st_size / 1e6:.2f} MB). "
+        f"Envoy from start to `/ready`: {ready_bare:.2f} s without a filter, {ready_gateguard:.2f} s with gateguard "
+        f"(JWT + replay policy; median of 3).\n"
+        f"- The adapter's fixed cost (an API without checks): {1e6 / by['nochecks'][1] - 1e6 / by['floor'][1]:+.1f} µs per request over the Wasm floor.\n"
         f"- RS256 verification inside Envoy (cold, cache off) costs {by['jwt_cold'][3]:.0f} µs per request; "
         f"with the verified-token cache it costs {by['jwt_cached'][3]:.0f} µs "
         f"({by['jwt_cold'][3] / max(by['jwt_cached'][3], 0.1):.0f}x less).\n"
@@ -320,6 +365,9 @@ The machine is shared and noisy: read the ratios, not the absolute numbers.
 
 Scenarios (each its own listener in the same Envoy, run interleaved):
 - **bare**: Envoy with no filter.
+- **floor**: a proxy-wasm filter that does nothing (`bench/noop`, the same SDK and release
+  profile): the cost of any Wasm filter in this Envoy. "vs Wasm floor" divides by its req/s.
+- **nochecks**: gateguard with one API that has no checks: what the adapter costs by itself.
 - **native**: Envoy's `cors` filter plus `rbac` (source IP prefix and an exact header match on
   the key, i.e. the key in plain text in the config), with an allowed `Origin` and the key.
 - **gateguard**: CORS + IP filter + subscription key in the Wasm filter (key stored as SHA-256,

@@ -8,6 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use gateguard_core::jwt::{cache, KeySet};
+use gateguard_core::memo::{Memo, ReplayMemo, MEMO_ENTRIES};
 use gateguard_core::pipeline::{Event, Host};
 use gateguard_core::replay::etcd::Session;
 use gateguard_core::replay::Verdict;
@@ -27,12 +28,18 @@ pub struct ConfiguredGateway {
     pub replay_prefix: String,
     /// Some API reads the TLS peer certificate (worked out once, not per request).
     pub reads_peer_certificate: bool,
+    /// Some API needs the peer address before deciding (worked out once, not per request).
+    pub reads_peer_address: bool,
     /// New tokens refused because the replay store was full (logged from on_tick).
     pub store_full: Cell<u64>,
     /// This worker's etcd session (auth token, leases known granted), with the etcd store.
     pub etcd: RefCell<Session>,
     /// When this worker last logged an etcd failure (unix seconds): one line per 10 s.
     pub etcd_failure_logged: Cell<u64>,
+    /// Verified tokens' claims this worker read from the shared cache, until their `exp`.
+    claims: Memo<[u8; 32], (Rc<Map<String, Value>>, u64)>,
+    /// Replay facts this worker saw decided.
+    replay_memo: ReplayMemo,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
     kid_requests: RefCell<Vec<bool>>,
 }
@@ -48,12 +55,15 @@ impl ConfiguredGateway {
         let n = keys.len();
         Self {
             reads_peer_certificate: policy.reads_peer_certificate(),
+            reads_peer_address: policy.reads_peer_address(),
             policy,
             metrics,
             replay_prefix,
             store_full: Cell::new(0),
             etcd: RefCell::new(etcd),
             etcd_failure_logged: Cell::new(0),
+            claims: Memo::new(MEMO_ENTRIES),
+            replay_memo: ReplayMemo::default(),
             keys: RefCell::new(keys),
             kid_requests: RefCell::new(vec![false; n]),
         }
@@ -93,15 +103,26 @@ impl Host for ConfiguredGateway {
         self.keys.borrow().get(api).cloned().flatten()
     }
 
-    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)> {
+    /// This worker's memo first (no host call, no JSON), then the cache every worker shares.
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
+        if let Some(hit) = self.claims.get(key, now) {
+            return Some(hit);
+        }
         let (bytes, _) = HostStore.get(&self.token_cache_key(key)).ok().flatten()?;
-        cache::decode(&bytes, key, now)
+        let (claims, exp) = cache::decode(&bytes, key, now)?;
+        let claims = Rc::new(claims);
+        self.claims.insert(*key, (claims.clone(), exp), exp, now);
+        Some((claims, exp))
     }
 
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
         if let Some(value) = cache::encode(key, exp, claims) {
             let _ = HostStore.set(&self.token_cache_key(key), &value, 0);
         }
+    }
+
+    fn replay_memo(&self) -> Option<&ReplayMemo> {
+        Some(&self.replay_memo)
     }
 
     fn unknown_kid(&self, api: usize) {

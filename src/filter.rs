@@ -148,7 +148,13 @@ impl HttpContext for RequestFilter {
         let headers = host::header_pairs(MapType::HttpRequestHeaders);
         let method = header(&headers, ":method").unwrap_or_default();
         let path = header(&headers, ":path").unwrap_or_default();
-        let peer = property_string(&["source", "address"]);
+        // Host calls per request only for what some API needs; a refusal's audit line reads
+        // the peer itself.
+        let peer = if gateway.reads_peer_address {
+            property_string(&["source", "address"])
+        } else {
+            None
+        };
         // A host call per request only when some API reads the TLS peer certificate.
         let peer_certificate = if gateway.reads_peer_certificate {
             property_bytes(&["connection", "peer_certificate"])
@@ -165,9 +171,18 @@ impl HttpContext for RequestFilter {
             now,
         };
         let decision = gateway.policy.evaluate(&request, gateway.as_ref());
-        let audit = || AuditFacts {
-            client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
-            request_id: header(&headers, "x-request-id").map(str::to_string),
+        let audit = || {
+            let peer = peer
+                .clone()
+                .or_else(|| property_string(&["source", "address"]));
+            let request = Request {
+                peer_address: peer.as_deref(),
+                ..request
+            };
+            AuditFacts {
+                client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+                request_id: header(&headers, "x-request-id").map(str::to_string),
+            }
         };
         self.conclude(&gateway, decision, audit, now)
     }

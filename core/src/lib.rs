@@ -11,6 +11,7 @@ pub mod hex;
 pub mod ip_filter;
 pub mod jwt;
 pub mod locate;
+pub mod memo;
 pub mod path;
 pub mod pipeline;
 pub mod query;

@@ -21,6 +21,7 @@ use crate::ip_filter::ClientIpError;
 use crate::jwt::{
     extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet, MAX_CLOCK_SKEW_SECONDS,
 };
+use crate::memo::ReplayMemo;
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
 use crate::replay::etcd::{lookup_cached, RemoteCheck};
@@ -50,7 +51,7 @@ pub trait Host {
     /// The API's current key set (`None` while a remote JWKS has not been fetched yet).
     fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>>;
     /// A cached verified token: (claims, exp), only if not expired at `now`.
-    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)>;
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)>;
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>);
     /// A token named a `kid` the API's key set lacks: the JWKS may have rotated.
     fn unknown_kid(&self, api: usize);
@@ -59,6 +60,10 @@ pub trait Host {
     fn replay_prefix(&self) -> &str;
     /// Telemetry: cache hits and misses, replay CAS retries and reclaimed entries.
     fn note(&self, _api: usize, _event: Event) {}
+    /// Replay facts this worker already saw decided ([`ReplayMemo`]), if the host keeps them.
+    fn replay_memo(&self) -> Option<&ReplayMemo> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +82,7 @@ impl Host for NoHost {
     fn jwt_keys(&self, _api: usize) -> Option<Rc<KeySet>> {
         None
     }
-    fn cached_token(&self, _key: &[u8; 32], _now: u64) -> Option<(Map<String, Value>, u64)> {
+    fn cached_token(&self, _key: &[u8; 32], _now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
         None
     }
     fn cache_token(&self, _key: &[u8; 32], _exp: u64, _claims: &Map<String, Value>) {}
@@ -164,6 +169,16 @@ impl CompiledPolicy {
             &req.header_values("x-forwarded-for"),
         )
         .ok()
+    }
+
+    /// Whether any API needs the connection's peer address: to filter or bind the client IP, or
+    /// to trust forwarded certificate headers. The audit line of a refusal reads it anyway.
+    pub fn reads_peer_address(&self) -> bool {
+        self.apis.iter().any(|a| {
+            a.ip_filter.is_some()
+                || a.client_certificate.is_some()
+                || a.replay == Some(ReplayMode::WithIp)
+        })
     }
 
     /// Whether any API takes its client certificate from the TLS connection.
@@ -407,7 +422,19 @@ impl Checks<'_, '_> {
             ReplayMode::WithoutIp => None,
         };
         let host = self.host;
-        let outcome = if self.policy.replay_store.etcd().is_some() {
+        let etcd = self.policy.replay_store.etcd().is_some();
+        let memo = host.replay_memo();
+        if let Some(verdict) = memo.and_then(|m| m.verdict(&token, owner, mode, self.req.now)) {
+            if etcd {
+                host.note(self.forward.api, Event::ReplayCacheHit);
+            }
+            return if verdict.is_accepted() {
+                Ok(())
+            } else {
+                Err(Refusal::Replay(verdict))
+            };
+        }
+        let outcome = if etcd {
             let outcome = lookup_cached(
                 host.replay_store(),
                 host.replay_prefix(),
@@ -442,6 +469,9 @@ impl Checks<'_, '_> {
         };
         host.note(self.forward.api, Event::Replay(outcome));
         if outcome.verdict.is_accepted() {
+            if let Some(memo) = memo {
+                memo.learn(&token, owner, mode, outcome.verdict, self.req.now);
+            }
             Ok(())
         } else {
             Err(Refusal::Replay(outcome.verdict))
@@ -480,7 +510,7 @@ impl CompiledPolicy {
         token: &str,
         now: u64,
         host: &dyn Host,
-    ) -> Result<(Map<String, Value>, u64), JwtError> {
+    ) -> Result<(Rc<Map<String, Value>>, u64), JwtError> {
         let keys = host.jwt_keys(api_index);
         let mut h = Sha256::new();
         h.update(self.fingerprint);
@@ -501,7 +531,7 @@ impl CompiledPolicy {
                 if self.token_cache_slots > 0 {
                     host.cache_token(&cache_key, v.exp, &v.claims);
                 }
-                Ok((v.claims, v.exp))
+                Ok((Rc::new(v.claims), v.exp))
             }
             Err(e) => {
                 if matches!(

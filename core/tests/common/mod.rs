@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
 use gateguard_core::jwt::KeySet;
+use gateguard_core::memo::ReplayMemo;
 use gateguard_core::pipeline::{Event, Host, Request};
 use gateguard_core::replay::ensure_buckets;
 use gateguard_core::shared_data::{MemoryStore, SharedStore};
@@ -53,6 +54,8 @@ pub struct FakeHost {
     pub unknown_kids: Cell<u32>,
     pub hits: Cell<u32>,
     pub misses: Cell<u32>,
+    /// As the filter keeps it per worker: every replay test also runs through it.
+    pub memo: ReplayMemo,
 }
 
 impl FakeHost {
@@ -68,6 +71,7 @@ impl FakeHost {
             unknown_kids: Cell::new(0),
             hits: Cell::new(0),
             misses: Cell::new(0),
+            memo: ReplayMemo::default(),
         }
     }
 }
@@ -83,12 +87,12 @@ impl Host for FakeHost {
     fn jwt_keys(&self, _api: usize) -> Option<Rc<KeySet>> {
         self.keys.borrow().clone()
     }
-    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Map<String, Value>, u64)> {
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
         self.cache
             .borrow()
             .get(key)
             .filter(|(_, exp)| *exp > now)
-            .cloned()
+            .map(|(claims, exp)| (Rc::new(claims.clone()), *exp))
     }
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
         self.cache.borrow_mut().insert(*key, (claims.clone(), exp));
@@ -101,6 +105,9 @@ impl Host for FakeHost {
     }
     fn replay_prefix(&self) -> &str {
         &self.prefix
+    }
+    fn replay_memo(&self) -> Option<&ReplayMemo> {
+        Some(&self.memo)
     }
     fn note(&self, _api: usize, event: Event) {
         match event {
