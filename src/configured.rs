@@ -21,6 +21,9 @@ use crate::metrics::{
     Metrics, JWT_CACHE_HIT, JWT_CACHE_MISS, REPLAY_CACHE_HITS, REPLAY_CAS_RETRIES, REPLAY_RECLAIMED,
 };
 
+/// A verified token's claims and `exp`, shared by the requests that bring it.
+type VerifiedClaims = (Rc<Map<String, Value>>, u64);
+
 /// One configuration's compiled policy and this worker's state around it.
 pub struct ConfiguredGateway {
     pub policy: CompiledPolicy,
@@ -37,7 +40,7 @@ pub struct ConfiguredGateway {
     /// When this worker last logged an etcd failure (unix seconds): one line per 10 s.
     pub etcd_failure_logged: Cell<u64>,
     /// Verified tokens' claims this worker read from the shared cache, until their `exp`.
-    claims: Memo<[u8; 32], (Rc<Map<String, Value>>, u64)>,
+    claims: Memo<[u8; 32], VerifiedClaims>,
     /// Replay facts this worker saw decided.
     replay_memo: ReplayMemo,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
@@ -104,7 +107,7 @@ impl Host for ConfiguredGateway {
     }
 
     /// This worker's memo first (no host call, no JSON), then the cache every worker shares.
-    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
+    fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<VerifiedClaims> {
         if let Some(hit) = self.claims.get(key, now) {
             return Some(hit);
         }
