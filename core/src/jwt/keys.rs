@@ -272,14 +272,24 @@ fn rsa_key(n: &[u8], e: &[u8]) -> Option<VerifyingKey> {
 }
 
 /// ring parses the point on every verification and refuses one off the curve, but cannot say
-/// whether the key or the signature was wrong: the curve crates check it once, at load time, so
-/// a JWKS of only bad points is "no usable key" instead of a key that never verifies.
+/// whether the key or the signature was wrong. Checked once here instead, so a JWKS of only bad
+/// points is "no usable key" rather than a key that never verifies: an ECDH agreement with a
+/// throwaway key runs the same point check (`parse_uncompressed_point`) as ring's ECDSA
+/// verifier, without a second curve implementation in the filter.
 fn point_is_on_curve(family: KeyFamily, sec1: &[u8]) -> bool {
-    match family {
-        KeyFamily::EcP256 => p256::PublicKey::from_sec1_bytes(sec1).is_ok(),
-        KeyFamily::EcP384 => p384::PublicKey::from_sec1_bytes(sec1).is_ok(),
-        _ => false,
-    }
+    use ring::agreement;
+    let alg = match family {
+        KeyFamily::EcP256 => &agreement::ECDH_P256,
+        KeyFamily::EcP384 => &agreement::ECDH_P384,
+        _ => return false,
+    };
+    let Ok(throwaway) =
+        agreement::EphemeralPrivateKey::generate(alg, &ring::rand::SystemRandom::new())
+    else {
+        return false;
+    };
+    let point = agreement::UnparsedPublicKey::new(alg, sec1);
+    agreement::agree_ephemeral(throwaway, &point, |_| ()).is_ok()
 }
 
 /// `jwks_uri` from an OpenID discovery document.
