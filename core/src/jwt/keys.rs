@@ -3,9 +3,11 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use super::verify::VerifyingKey;
 
 /// Largest JWKS document accepted (Entra ID's is a few KiB).
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -48,7 +50,7 @@ pub struct VerificationKey {
     pub family: KeyFamily,
     /// The `alg` the JWK declares, if any: then only that algorithm may use it.
     pub alg: Option<Algorithm>,
-    pub key: DecodingKey,
+    pub key: VerifyingKey,
 }
 
 impl std::fmt::Debug for VerificationKey {
@@ -219,9 +221,9 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
     let (family, key) = match text(jwk, "kty")? {
         "RSA" => (KeyFamily::Rsa, rsa_key(&b64("n")?, &b64("e")?)?),
         "EC" => {
-            let (family, len, alg) = match text(jwk, "crv")? {
-                "P-256" => (KeyFamily::EcP256, 32, Algorithm::ES256),
-                "P-384" => (KeyFamily::EcP384, 48, Algorithm::ES384),
+            let (family, len) = match text(jwk, "crv")? {
+                "P-256" => (KeyFamily::EcP256, 32),
+                "P-384" => (KeyFamily::EcP384, 48),
                 _ => return None,
             };
             let (x, y) = (b64("x")?, b64("y")?);
@@ -229,19 +231,16 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
                 return None;
             }
             let sec1: Vec<u8> = [&[0x04][..], &x, &y].concat();
-            let key = DecodingKey::from_ec_der(&sec1);
-            (family, probe(key, alg)?)
-        }
-        "OKP" if text(jwk, "crv")? == "Ed25519" => {
-            // The backend slices the first 32 bytes unchecked: a shorter key would panic.
-            let x = b64("x")?;
-            if x.len() != 32 {
+            if !point_is_on_curve(family, &sec1) {
                 return None;
             }
-            (
-                KeyFamily::Ed25519,
-                probe(DecodingKey::from_ed_der(&x), Algorithm::EdDSA)?,
-            )
+            (family, VerifyingKey::Ec(sec1))
+        }
+        "OKP" if text(jwk, "crv")? == "Ed25519" => {
+            let x: [u8; 32] = b64("x")?.try_into().ok()?;
+            // A point that does not decode is refused here, not at every request.
+            ed25519_dalek::VerifyingKey::from_bytes(&x).ok()?;
+            (KeyFamily::Ed25519, VerifyingKey::Ed25519(x))
         }
         // Symmetric keys never come from a JWKS: a published "oct" key would let anyone sign.
         _ => return None,
@@ -258,7 +257,7 @@ fn parse_jwk(value: &Value) -> Option<VerificationKey> {
 }
 
 /// RSA keys of 2048 to 4096 bits (RFC 8725, NIST) with an odd exponent from 3 to 2^33-1.
-fn rsa_key(n: &[u8], e: &[u8]) -> Option<DecodingKey> {
+fn rsa_key(n: &[u8], e: &[u8]) -> Option<VerifyingKey> {
     let strip = |b: &[u8]| -> Vec<u8> { b.iter().copied().skip_while(|x| *x == 0).collect() };
     let (n, e) = (strip(n), strip(e));
     let bits = (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
@@ -269,15 +268,28 @@ fn rsa_key(n: &[u8], e: &[u8]) -> Option<DecodingKey> {
     if e_value < 3 || e_value % 2 == 0 || e_value > (1 << 33) - 1 {
         return None;
     }
-    Some(DecodingKey::from_rsa_raw_components(&n, &e))
+    Some(VerifyingKey::Rsa { n, e })
 }
 
-/// The backend parses EC and Ed25519 points when it builds a verifier: building one with an
-/// empty signature tells whether the point is valid, at load time instead of per request.
-fn probe(key: DecodingKey, alg: Algorithm) -> Option<DecodingKey> {
-    jsonwebtoken::crypto::verify("", b"", &key, alg)
-        .ok()
-        .map(|_| key)
+/// ring parses the point on every verification and refuses one off the curve, but cannot say
+/// whether the key or the signature was wrong. Checked once here instead, so a JWKS of only bad
+/// points is "no usable key" rather than a key that never verifies: an ECDH agreement with a
+/// throwaway key runs the same point check (`parse_uncompressed_point`) as ring's ECDSA
+/// verifier, without a second curve implementation in the filter.
+fn point_is_on_curve(family: KeyFamily, sec1: &[u8]) -> bool {
+    use ring::agreement;
+    let alg = match family {
+        KeyFamily::EcP256 => &agreement::ECDH_P256,
+        KeyFamily::EcP384 => &agreement::ECDH_P384,
+        _ => return false,
+    };
+    let Ok(throwaway) =
+        agreement::EphemeralPrivateKey::generate(alg, &ring::rand::SystemRandom::new())
+    else {
+        return false;
+    };
+    let point = agreement::UnparsedPublicKey::new(alg, sec1);
+    agreement::agree_ephemeral(throwaway, &point, |_| ()).is_ok()
 }
 
 /// `jwks_uri` from an OpenID discovery document.

@@ -12,7 +12,7 @@ pub mod verify;
 
 use std::collections::BTreeMap;
 
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -114,7 +114,7 @@ pub struct JwtPolicy {
     required_claims: Vec<RequiredClaim>,
     /// (claim, lower-case header)
     claims_to_headers: Vec<(String, String)>,
-    hmac: Option<DecodingKey>,
+    hmac: Option<verify::VerifyingKey>,
     /// SHA-256 of the resolved HMAC secret (zeros without one): verified-token cache entries are
     /// bound to it, since a secret read from the environment is not in the policy text.
     hmac_fingerprint: [u8; 32],
@@ -234,7 +234,7 @@ impl JwtPolicy {
                         ));
                     }
                     hmac_fingerprint = Sha256::digest(secret.as_bytes()).into();
-                    Some(DecodingKey::from_secret(secret.as_bytes()))
+                    Some(verify::VerifyingKey::hmac(secret.as_bytes()))
                 }
                 (None, true) => return Err(ConfigError::new(
                     join(path, "algorithms"),

@@ -174,6 +174,135 @@ fn rs384_and_rs512_verify_when_allowed() {
     );
 }
 
+// --- signatures (ring) -----------------------------------------------------------------------
+
+/// The token with one byte of its signature changed, re-encoded canonically.
+fn with_flipped_signature(token: &str) -> String {
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    raw[10] ^= 1;
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(raw))
+}
+
+#[test]
+fn every_algorithm_signed_by_rustcrypto_verifies_with_ring_and_not_once_tampered() {
+    use Algorithm::*;
+    let k = keys();
+    let p = policy_with(json!({"algorithms":
+        ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]}));
+    let set = KeySet::from_jwks_value(&jwks()).unwrap();
+    let cases = [
+        (&k.rsa, RS256),
+        (&k.rsa, RS384),
+        (&k.rsa, RS512),
+        (&k.rsa, PS256),
+        (&k.rsa, PS384),
+        (&k.rsa, PS512),
+        (&k.ec256, ES256),
+        (&k.ec384, ES384),
+        (&k.ed, EdDSA),
+    ];
+    for (key, alg) in cases {
+        let t = sign_with(key, alg, key.jwk["kid"].as_str(), &claims());
+        assert!(p.verify(&t, Some(&set), NOW).is_ok(), "{alg:?}");
+        assert_eq!(
+            p.verify(&with_flipped_signature(&t), Some(&set), NOW),
+            invalid(InvalidReason::BadSignature),
+            "{alg:?}"
+        );
+    }
+}
+
+#[test]
+fn every_hmac_algorithm_uses_the_one_secret() {
+    let secret = "s".repeat(40);
+    let p = policy_with(json!({"algorithms": ["HS256", "HS384", "HS512"],
+                               "hmac_secret": {"value": secret}, "jwks": null}));
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+        let t = jsonwebtoken::encode(&Header::new(alg), &claims(), &key).unwrap();
+        assert!(p.verify(&t, None, NOW).is_ok(), "{alg:?}");
+        assert_eq!(
+            p.verify(&with_flipped_signature(&t), None, NOW),
+            invalid(InvalidReason::BadSignature),
+            "{alg:?}"
+        );
+    }
+    // An HS256 tag under a header that says HS512: the wrong length and the wrong hash.
+    let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &key).unwrap();
+    let (_, rest) = t.split_once('.').unwrap();
+    let relabelled = format!("{}.{rest}", b64(&json!({"alg": "HS512", "typ": "JWT"})));
+    assert_eq!(
+        p.verify(&relabelled, None, NOW),
+        invalid(InvalidReason::BadSignature)
+    );
+}
+
+#[test]
+fn a_key_never_verifies_another_family_s_algorithm() {
+    use verify::{signature_is_valid, VerifyingKey};
+    use Algorithm::*;
+    let k = keys();
+    let set = KeySet::from_jwks_value(&jwks()).unwrap();
+    let key = |kid: &str, alg| &set.choose(Some(kid), alg).unwrap().key;
+    let hmac = VerifyingKey::hmac(&[b'x'; 32]);
+    // `KeySet::choose` refuses these pairs; the backend refuses them again on its own.
+    for (signer, alg, own, others) in [
+        (
+            &k.rsa,
+            RS256,
+            key("rsa-1", RS256),
+            vec![ES256, ES384, EdDSA, HS256],
+        ),
+        (
+            &k.ec256,
+            ES256,
+            key("ec-256", ES256),
+            vec![ES384, RS256, EdDSA, HS256],
+        ),
+        (
+            &k.ec384,
+            ES384,
+            key("ec-384", ES384),
+            vec![ES256, PS384, EdDSA, HS384],
+        ),
+        (&k.ed, EdDSA, key("ed-1", EdDSA), vec![ES256, RS256, HS512]),
+    ] {
+        let t = sign_with(signer, alg, None, &claims());
+        let (input, sig) = t.rsplit_once('.').unwrap();
+        assert!(signature_is_valid(sig, input, own, alg), "{alg:?}");
+        for other in others {
+            assert!(
+                !signature_is_valid(sig, input, own, other),
+                "{alg:?} as {other:?}"
+            );
+        }
+        assert!(
+            !signature_is_valid(sig, input, &hmac, alg),
+            "{alg:?} with a secret"
+        );
+    }
+}
+
+#[test]
+fn rsa_signatures_must_have_the_modulus_length() {
+    let k = keys();
+    let t = sign(&k.rsa, &claims());
+    let (input, sig) = t.rsplit_once('.').unwrap();
+    let raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    assert_eq!(raw.len(), 256);
+    let mut padded = vec![0u8];
+    padded.extend_from_slice(&raw);
+    let reencode = |bytes: &[u8]| format!("{input}.{}", URL_SAFE_NO_PAD.encode(bytes));
+    for spelling in [
+        reencode(&padded),
+        reencode(&raw[1..]),
+        reencode(&raw[..255]),
+    ] {
+        assert_eq!(verify(&spelling), invalid(InvalidReason::BadSignature));
+    }
+}
+
 // --- time claims -----------------------------------------------------------------------------
 
 #[test]
@@ -708,7 +837,20 @@ fn weak_or_invalid_keys_are_skipped_without_panicking() {
     let short_x = json!({"kty": "EC", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode([1u8; 31]), "y": URL_SAFE_NO_PAD.encode([2u8; 32])});
     let small_rsa = json!({"kty": "RSA", "n": URL_SAFE_NO_PAD.encode([0xffu8; 128]), "e": "AQAB"});
     let even_e = json!({"kty": "RSA", "n": k.rsa.jwk["n"], "e": URL_SAFE_NO_PAD.encode([2u8])});
-    for bad in [short_ed, off_curve, short_x, small_rsa, even_e] {
+    // y = 2 has no x on Ed25519: the point does not decode.
+    let mut y2 = [0u8; 32];
+    y2[0] = 2;
+    let off_curve_ed = json!({"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(y2)});
+    let off_curve_384 = json!({"kty": "EC", "crv": "P-384", "x": URL_SAFE_NO_PAD.encode([1u8; 48]), "y": URL_SAFE_NO_PAD.encode([2u8; 48])});
+    for bad in [
+        short_ed,
+        off_curve,
+        short_x,
+        small_rsa,
+        even_e,
+        off_curve_ed,
+        off_curve_384,
+    ] {
         assert_eq!(
             KeySet::from_jwks_value(&json!({"keys": [bad.clone()]})).unwrap_err(),
             JwksError::NoUsableKey,
