@@ -1,4 +1,4 @@
-"""Replay protection across gateway replicas (SPEC.md, "Replay across gateway replicas"), end to
+"""Replay protection across gateway replicas (docs/policy.md, "Replay across gateway replicas"), end to
 end: a real etcd 3.5 (tests/etcd_harness.py) and two real Envoys rendered by `gateguard render
 --etcd`, as two replicas of one gateway would run.
 
