@@ -100,3 +100,10 @@ def hs256(secret, header, claims_):
     signing_input = f"{b64json(header)}.{b64json(claims_)}"
     sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(sig)}"
+
+
+def replay_api(name, mode, key, issuer, audience):
+    """An API at /`name` that takes EdDSA tokens from `key` (inline JWKS) with replay `mode`."""
+    return {"name": name, "path_prefix": f"/{name}", "replay": {"mode": mode},
+            "jwt": {"issuers": [issuer], "audiences": [audience], "algorithms": ["EdDSA"],
+                    "jwks": {"inline": jwks(key)}}}

@@ -52,9 +52,7 @@ def key():
 
 
 def jwt_api(name, mode, key):
-    return {"name": name, "path_prefix": f"/{name}", "replay": {"mode": mode},
-            "jwt": {"issuers": [ISS], "audiences": [AUD], "algorithms": ["EdDSA"],
-                    "jwks": {"inline": jwtkit.jwks(key)}}}
+    return jwtkit.replay_api(name, mode, key, ISS, AUD)
 
 
 def policy(key, names=("once", "withip"), plain=None, **etcd):

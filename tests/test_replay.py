@@ -23,9 +23,7 @@ def key():
 
 
 def api(name, mode, key):
-    return {"name": name, "path_prefix": f"/{name}", "replay": {"mode": mode},
-            "jwt": {"issuers": [ISS], "audiences": [AUD], "algorithms": ["EdDSA"],
-                    "jwks": {"inline": jwtkit.jwks(key)}}}
+    return jwtkit.replay_api(name, mode, key, ISS, AUD)
 
 
 @pytest.fixture(scope="module")
