@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -288,3 +289,32 @@ def run_with_policy_text(policy, upstream, name):
         return envoy.wait_exit(30), envoy.log_text()
     finally:
         envoy.stop()
+
+
+def race(requests):
+    """Sends every GET `(port, path, headers, source_ip)` at the same instant (each on its own
+    connection, connected first so that the requests themselves race); returns the statuses in
+    order, or the error a request met."""
+    barrier = threading.Barrier(len(requests))
+    results = [None] * len(requests)
+
+    def worker(i, port, path, headers, source):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+        try:
+            conn.connect()
+            barrier.wait(timeout=30)
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+            r.read()
+            results[i] = r.status
+        except Exception as e:  # noqa: BLE001 - reported in the caller's assertion
+            results[i] = repr(e)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i, *req)) for i, req in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results

@@ -18,7 +18,6 @@ import json
 import math
 import re
 import subprocess
-import threading
 import time
 
 import pytest
@@ -26,6 +25,7 @@ import pytest
 import jwtkit
 from certs import make_ca, make_leaf
 from conftest import start_envoy
+import envoy_harness
 from envoy_harness import CLI, ROOT, compose, filter_config, free_port, gateway, render
 from etcd_harness import Etcd, SilentStore
 
@@ -137,29 +137,9 @@ def counter(envoy, api, name):
 
 def race(requests):
     """Sends every (port, path, token, ip) at the same instant; returns the statuses in order."""
-    barrier = threading.Barrier(len(requests))
-    results = [None] * len(requests)
-
-    def worker(i, port, path, token, ip):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            conn.connect()  # connect first so the requests themselves race
-            barrier.wait(timeout=30)
-            conn.request("GET", path, headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": ip})
-            r = conn.getresponse()
-            r.read()
-            results[i] = r.status
-        except Exception as e:  # noqa: BLE001 - reported in the assertion
-            results[i] = repr(e)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, args=(i, *req)) for i, req in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
+    return envoy_harness.race([
+        (port, path, {"Authorization": f"Bearer {token}", "X-Forwarded-For": ip}, "127.0.0.1")
+        for port, path, token, ip in requests])
 
 
 def new_entries(etcd, before, prefix=PREFIX):

@@ -3,13 +3,13 @@ first client IP, tokens usable once, and races that must produce exactly one win
 workers, repeated many times."""
 
 import http.client
-import threading
 import time
 
 import pytest
 
 import jwtkit
 from conftest import start_envoy
+import envoy_harness
 from envoy_harness import compose, filter_config, free_port, gateway, request
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
@@ -105,29 +105,8 @@ def test_with_ip_behind_a_trusted_proxy_uses_forwarded_address(gw, key):
 
 def race(port, path, token, sources):
     """Fire one request per source at the same instant; return the statuses."""
-    barrier = threading.Barrier(len(sources))
-    results = [None] * len(sources)
-
-    def worker(i, source):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
-        try:
-            conn.connect()  # connect first so the requests themselves race
-            barrier.wait(timeout=30)
-            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
-            r = conn.getresponse()
-            r.read()
-            results[i] = r.status
-        except Exception as e:  # noqa: BLE001 - reported in the assertion
-            results[i] = repr(e)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, args=(i, s)) for i, s in enumerate(sources)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
+    headers = {"Authorization": f"Bearer {token}"}
+    return envoy_harness.race([(port, path, headers, source) for source in sources])
 
 
 def test_without_ip_exactly_one_of_64_concurrent_uses_wins(gw, key):
