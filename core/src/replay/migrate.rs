@@ -11,9 +11,16 @@ use super::record::{
 use super::store::{pointer_key, read_pointer, PointerError, MAX_CAS_RETRIES};
 use crate::shared_data::{SetError, SharedStore, StoreError, CREATE_CAS};
 
-/// Pointer steps one configuration takes at most (create, start a migration, finish one...).
-/// Only other configurations moving the store to other sizes at the same moment use more.
+/// Pointer steps after which a configuration stops starting migrations of its own (create,
+/// start a migration, finish one...). Only other configurations moving the store to other sizes
+/// at the same moment use more.
 const MAX_ROUNDS: u32 = 16;
+
+/// Pointer steps one configuration takes at most. Past [`MAX_ROUNDS`] it only finishes the
+/// migrations others started, so whichever configuration returns last leaves none running;
+/// every configuration stops starting after its own budget, so these rounds always suffice
+/// for the handful of policies one VM configures at once.
+const MAX_FINISH_ROUNDS: u32 = 16 * MAX_ROUNDS;
 
 /// What [`ensure_buckets`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +126,7 @@ pub fn ensure_buckets(
         created: 0,
         migrations: Vec::new(),
     };
-    for _ in 0..MAX_ROUNDS {
+    for round in 0..MAX_FINISH_ROUNDS {
         let found = match read_pointer(store, prefix) {
             Ok(found) => found,
             Err(PointerError::Store(e)) => return Err(e.into()),
@@ -156,6 +163,8 @@ pub fn ensure_buckets(
                         }
                     }
                     None if pointer.current.buckets == buckets => return Ok(prepared),
+                    // Out of budget: adopt the settled layout (requests stay exact in it).
+                    None if round >= MAX_ROUNDS => return Ok(prepared),
                     None => {
                         let next = pointer
                             .current

@@ -349,15 +349,17 @@ fn old_policy_writers_racing_a_migration_accept_each_token_at_most_once() {
     assert!(during > 0, "no request ran during a migration");
 }
 
-// ---- (c) two configurations with different sizes at once ----
+// ---- (c) configurations with different sizes at once (more than the step budget allows) ----
 
 #[test]
-fn two_migrators_with_different_targets_at_once_leave_one_line_of_layouts() {
-    for round in 0..12 {
+fn eight_migrators_with_different_targets_at_once_leave_one_line_of_layouts() {
+    for round in 0..6 {
         let vm = Vm::yielding();
         let (start, _) = vm.configure(100_000);
         let (once, bound) = spend(&vm, &start, "before", 200);
-        let sizes: [u64; 4] = [1_000_000, 4000, 1_000_000, 20_000];
+        let sizes: [u64; 8] = [
+            1_000_000, 4000, 1_000_000, 20_000, 4000, 300_000, 20_000, 1_000_000,
+        ];
         let barrier = Barrier::new(sizes.len() + 1);
         let results: Vec<Mutex<Option<Prepared>>> =
             sizes.iter().map(|_| Mutex::new(None)).collect();
