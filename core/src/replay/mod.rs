@@ -12,6 +12,23 @@
 //! ([`admit`], pure) and writes it back with the CAS it read, retrying on `CasMismatch`
 //! ([`check_and_record`]). A request never creates a key.
 //!
+//! ## Sizing: a bucket holds more than its share
+//!
+//! Tokens land in buckets by hash, so with `n` live tokens a bucket holds `n / buckets` on
+//! average, and the fullest of 4,096 some 3.5 standard deviations more: buckets capped at
+//! exactly their share (`max_entries / buckets`) refused the first new token at ~80% of
+//! `max_entries`. So a bucket may hold more than its
+//! share, by the headroom the Poisson tail asks for ([`bucket_capacity`]): with `max_entries`
+//! live tokens, some bucket is full with probability at most [`EARLY_FULL_PROBABILITY`] (0.1%).
+//! `max_entries` is thus the live tokens the store is sized for, and its hard bound is
+//! `buckets × capacity` entries (~1.34 × `max_entries` at the default size). Nothing counts the
+//! whole store: a global count would be one more key every first use must CAS (or a count a
+//! scan publishes seconds late), and memory is bounded by the buckets already. Exactness is the
+//! buckets' business alone: the capacity only decides, on the one bucket read, whether a new
+//! token is refused. The record format is unchanged: an older gateguard sharing the store
+//! during an upgrade reads these buckets, and only refuses new tokens in those fuller than
+//! its own capacity (fail closed).
+//!
 //! ## Reloads: layouts, one pointer, sealed buckets
 //!
 //! The bucket count follows `replay_cache.max_entries`, and after a reload Envoy keeps running
@@ -82,8 +99,8 @@ mod store;
 pub use admit::{admit, normalise_ip, Admission, Verdict};
 pub use migrate::{create_buckets, ensure_buckets, Migration, PrepareError, Prepared};
 pub use policy::{
-    store_prefix, ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode, TokenRef,
-    MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
+    bucket_capacity, store_prefix, ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode,
+    TokenRef, EARLY_FULL_PROBABILITY, MAX_ENTRIES_LIMIT, TARGET_ENTRIES_PER_BUCKET,
 };
 pub use record::{
     bucket_index, decode, encode, encode_sealed, parse_bucket, Bucket, CorruptBucket, Entry,

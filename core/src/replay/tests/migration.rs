@@ -490,11 +490,12 @@ fn many_reloads_keep_requests_working_and_hop_chains_bounded() {
 fn a_full_store_stays_fail_closed_after_migration_and_nothing_is_dropped() {
     let vm = Vm::new();
     let (p, _) = vm.configure(1024);
-    assert_eq!((p.buckets(), p.capacity()), (4, 256));
+    assert_eq!((p.buckets(), p.capacity()), (4, 315));
     // Fill every bucket to its capacity.
+    let total = p.max_stored_entries();
     let mut spent = Vec::new();
     let mut n = 0;
-    while spent.len() < 1024 {
+    while (spent.len() as u64) < total {
         let t = tok(&format!("fill-{n}"), NOW + 100);
         n += 1;
         match vm.check(&p, t, None, WithoutIp) {
@@ -515,7 +516,9 @@ fn a_full_store_stays_fail_closed_after_migration_and_nothing_is_dropped() {
     for (max, buckets) in [(700, 2), (1, 1), (600, 2)] {
         let (q, prepared) = vm.configure(max);
         assert_eq!(prepared.layout.buckets, buckets);
-        assert_eq!(vm.live(NOW), 1024, "max {max}: nothing dropped");
+        assert!(u64::from(q.capacity()) < total / u64::from(buckets));
+        assert!(u64::from(p.capacity_in(buckets)) < total / u64::from(buckets));
+        assert_eq!(vm.live(NOW), total, "max {max}: nothing dropped");
         for t in &spent {
             assert_eq!(vm.check(&q, *t, None, WithoutIp), Replay);
             assert_eq!(vm.check(&p, *t, None, WithoutIp), Replay);
@@ -534,13 +537,16 @@ fn a_full_store_stays_fail_closed_after_migration_and_nothing_is_dropped() {
     for t in fresh("bigger") {
         assert_eq!(vm.check(&big, t, None, WithoutIp), FirstUse);
     }
-    // ...or the entries expiring (each of 2 buckets holds 512 of them, live until NOW + 101).
+    // ...or the entries expiring (each of 2 buckets holds half of them, live until NOW + 101).
     let (small, _) = vm.configure(600);
     let late = tok("late", NOW + 600);
     let out = vm.outcome(&small, late, None, WithoutIp, NOW + 100);
     assert_eq!(out.verdict, StoreFull);
     let out = vm.outcome(&small, late, None, WithoutIp, NOW + 101);
-    assert_eq!((out.verdict, out.reclaimed), (FirstUse, 512));
+    assert_eq!(
+        (out.verdict, u64::from(out.reclaimed)),
+        (FirstUse, total / 2)
+    );
 }
 
 // ---- failures and odd states ----
@@ -769,7 +775,7 @@ fn measure_migration_of_a_full_million_entry_store() {
     let vm = Vm::new();
     let (p, _) = vm.configure(1_000_000);
     let layout = vm.pointer().current;
-    // Every bucket at capacity (245 × 4096 = 1,003,520 live entries), written directly.
+    // Every bucket at capacity (328 × 4096 = 1,343,488 live entries), written directly.
     let started = Instant::now();
     for index in 0..layout.buckets {
         let entries: Vec<Entry> = (0..p.capacity())

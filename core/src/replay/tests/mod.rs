@@ -138,15 +138,26 @@ fn config_refuses_zero_and_absurd_sizes_naming_the_field() {
 }
 
 #[test]
-fn bucket_sizing_is_a_power_of_two_and_covers_max_entries() {
+fn bucket_sizing_is_a_power_of_two_with_headroom_above_the_average() {
     let p = policy(1_000_000);
-    assert_eq!((p.buckets(), p.capacity()), (4096, 245));
+    assert_eq!((p.buckets(), p.capacity()), (4096, 328));
+    assert_eq!(p.max_stored_entries(), 4096 * 328);
+    // The hard bounds docs/operations.md gives.
+    for (max, entries, tenths_of_mb) in [
+        (100_000, 135_168, 55),
+        (1_000_000, 1_343_488, 550),
+        (10_000_000, 14_876_672, 6102),
+    ] {
+        let p = policy(max);
+        assert_eq!(p.max_stored_entries(), entries);
+        assert_eq!(p.max_store_bytes() / 100_000, tenths_of_mb);
+    }
     // Small stores are one bucket: the bound is exact.
     assert_eq!((policy(3).buckets(), policy(3).capacity()), (1, 3));
     assert_eq!((policy(511).buckets(), policy(511).capacity()), (1, 511));
-    assert_eq!((policy(1000).buckets(), policy(1000).capacity()), (4, 250));
+    assert_eq!((policy(1000).buckets(), policy(1000).capacity()), (4, 308));
     let p = policy(MAX_ENTRIES_LIMIT);
-    assert_eq!((p.buckets(), p.capacity()), (65_536, 763));
+    assert_eq!((p.buckets(), p.capacity()), (65_536, 922));
     for max in [
         1,
         7,
@@ -154,23 +165,71 @@ fn bucket_sizing_is_a_power_of_two_and_covers_max_entries() {
         4097,
         999_999,
         1_000_000,
+        8_388_865, // 128 entries a bucket on average: the most headroom
         12_345_678,
         MAX_ENTRIES_LIMIT,
     ] {
         let p = policy(max);
         assert!(p.buckets().is_power_of_two());
-        let total = u64::from(p.buckets()) * u64::from(p.capacity());
-        assert!(
-            total >= max && total < max + u64::from(p.buckets()),
-            "{max}"
+        // Room for max_entries, and a hard bound at most 1.55 times it (docs/policy.md).
+        let total = p.max_stored_entries();
+        assert!(total >= max && total * 100 <= max * 155, "{max}: {total}");
+        assert_eq!(
+            p.max_store_bytes(),
+            u64::from(p.buckets()) * (HEADER_LEN + p.capacity() as usize * ENTRY_LEN) as u64
         );
     }
     // One store whatever the size: the store records its layout, not the policy.
     assert_eq!(policy(1_000_000).key_prefix("gg/"), "gg/replay/v2/");
     assert_eq!(policy(3).key_prefix("gg/"), "gg/replay/v2/");
-    assert_eq!(policy(1_000_000).capacity_in(4096), 245);
+    // The same rule over any layout a store can have (an older policy's, during a reload).
+    assert_eq!(policy(1_000_000).capacity_in(4096), 328);
     assert_eq!(policy(1_000_000).capacity_in(1), 1_000_000);
-    assert_eq!(policy(3).capacity_in(4096), 1);
+    assert_eq!(policy(3).capacity_in(4096), 3);
+    for buckets in [1, 2, 64, 4096, 65_536] {
+        assert_eq!(
+            policy(12_345).capacity_in(buckets),
+            bucket_capacity(12_345, buckets)
+        );
+    }
+    assert_eq!(policy(12_345).capacity_in(3), bucket_capacity(12_345, 3));
+}
+
+#[test]
+fn bucket_capacity_follows_the_poisson_tail() {
+    // Independent of the implementation: P(Poisson(m) >= c) summed term by term from k = 0.
+    fn tail(m: f64, c: u32) -> f64 {
+        let mut pmf = (-m).exp();
+        let mut below = 0.0;
+        for k in 0..c {
+            below += pmf;
+            pmf *= m / f64::from(k + 1);
+        }
+        1.0 - below
+    }
+    for (max, buckets) in [(1000, 4), (5000, 32), (100_000, 512), (600_000, 4096)] {
+        let c = bucket_capacity(max, buckets);
+        let m = max as f64 / f64::from(buckets);
+        let b = f64::from(buckets);
+        assert!(b * tail(m, c) <= EARLY_FULL_PROBABILITY, "{max}/{buckets}");
+        assert!(
+            b * tail(m, c - 1) > EARLY_FULL_PROBABILITY,
+            "{max}/{buckets}"
+        );
+    }
+    // Never more than max_entries (a bucket of a tiny store spread over a big layout).
+    assert_eq!(bucket_capacity(1, 65_536), 1);
+    assert_eq!(bucket_capacity(7, 1), 7);
+    assert_eq!(bucket_capacity(0, 2), 0);
+    // The refusal of an absurd size says what the largest store may take.
+    let err = ReplayCachePolicy::compile(
+        &ReplayCacheConfig {
+            max_entries: MAX_ENTRIES_LIMIT + 1,
+        },
+        "replay_cache",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("may take 2477 MB"), "{err}");
 }
 
 // ---- with_ip ----
@@ -371,6 +430,44 @@ fn store_full_of_live_tokens_refuses_new_ones_then_accepts_after_expiry() {
     let out = gw.outcome(d, None, WithoutIp, NOW + 11);
     assert_eq!((out.verdict, out.reclaimed), (FirstUse, 3));
     assert_eq!(gw.check(d, None, WithoutIp, NOW + 11), Replay);
+}
+
+#[test]
+fn a_store_accepts_max_entries_tokens_and_never_holds_more_than_its_hard_bound() {
+    // 128 buckets of 156 entries on average: without headroom the first bucket filled at ~78%.
+    let gw = ReadyStore::new(20_000);
+    let max = gw.policy.max_entries();
+    let mut accepted = 0;
+    while accepted < max {
+        let t = tok(&format!("t{accepted}"), NOW + 600);
+        assert_eq!(gw.check(t, None, WithoutIp, NOW), FirstUse, "{accepted}");
+        accepted += 1;
+    }
+    // Past max_entries, new tokens keep coming in until some bucket is full...
+    let mut offered = accepted;
+    let first_full = loop {
+        let t = tok(&format!("t{offered}"), NOW + 600);
+        offered += 1;
+        match gw.check(t, None, WithoutIp, NOW) {
+            FirstUse => accepted += 1,
+            StoreFull => break accepted,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(first_full > max && first_full < gw.policy.max_stored_entries());
+    // ...and however many are offered, no bucket goes past its capacity.
+    for n in offered..offered + 20_000 {
+        gw.check(tok(&format!("t{n}"), NOW + 600), None, WithoutIp, NOW);
+    }
+    let layout = gw.layout();
+    let mut bytes = 0;
+    for index in 0..layout.buckets {
+        let value = gw.store.get(&gw.key(index)).unwrap().unwrap().0;
+        assert!(entries_of(&value).len() <= gw.policy.capacity() as usize);
+        bytes += value.len() as u64;
+    }
+    assert!(gw.occupancy(NOW).live <= gw.policy.max_stored_entries());
+    assert!(bytes <= gw.policy.max_store_bytes());
 }
 
 #[test]
@@ -968,6 +1065,40 @@ fn measure_memory_and_cost() {
     use std::hint::black_box;
     use std::time::Instant;
 
+    // Configuration works out the capacity of every layout size once.
+    for max in [1_000_000, MAX_ENTRIES_LIMIT] {
+        let started = Instant::now();
+        black_box(policy(black_box(max)));
+        eprintln!("compile replay_cache {max}: {:?}", started.elapsed());
+    }
+    // Where the first StoreFull comes, over a few sets of tokens and sizes.
+    for (max, runs) in [(100_000, 5), (1_000_000, 3)] {
+        let p = policy(max);
+        let mut firsts = Vec::new();
+        for run in 0..runs {
+            let (store, prefix) = ready(&p);
+            let mut accepted: u64 = 0;
+            let full_at = loop {
+                let t = tok(&format!("fill-{run}-{accepted}"), NOW + 3600);
+                match check_and_record(&store, &p, &prefix, t, None, WithoutIp, NOW).verdict {
+                    FirstUse => accepted += 1,
+                    StoreFull => break accepted,
+                    other => panic!("{other:?}"),
+                }
+            };
+            firsts.push(format!("{:.1}%", full_at as f64 * 100.0 / max as f64));
+        }
+        eprintln!(
+            "max_entries {max}: {} buckets x capacity {} (hard bound {} entries, {:.2}x); \
+             first StoreFull at {} of max_entries",
+            p.buckets(),
+            p.capacity(),
+            p.max_stored_entries(),
+            p.max_stored_entries() as f64 / max as f64,
+            firsts.join(", ")
+        );
+    }
+
     let p = policy(1_000_000);
     let (store, prefix) = ready(&p);
     let started = Instant::now();
@@ -982,14 +1113,15 @@ fn measure_memory_and_cost() {
     };
     let fill_secs = started.elapsed().as_secs_f64();
     let layout = layout_of(&store, &prefix);
-    let bytes_at_first_full: usize = (0..p.buckets())
-        .map(|i| {
-            let key = layout.bucket_key(&prefix, i);
-            store.get(&key).unwrap().unwrap().0.len()
-        })
-        .sum();
-    let full_bucket = HEADER_LEN + p.capacity() as usize * ENTRY_LEN;
-    let full_store = full_bucket * p.buckets() as usize;
+    let bytes_of = |store: &MemoryStore| -> usize {
+        (0..p.buckets())
+            .map(|i| {
+                let key = layout.bucket_key(&prefix, i);
+                store.get(&key).unwrap().unwrap().0.len()
+            })
+            .sum()
+    };
+    let bytes_at_first_full = bytes_of(&store);
     eprintln!(
         "entry: {ENTRY_LEN} bytes; buckets {} x capacity {}",
         p.buckets(),
@@ -1002,11 +1134,32 @@ fn measure_memory_and_cost() {
         bytes_at_first_full,
         bytes_at_first_full as f64 / full_at as f64
     );
+    // Keep offering new tokens until every bucket is full: the hard bound, reached.
+    let mut offered = accepted;
+    let mut refused_in_a_row = 0;
+    while refused_in_a_row < 200_000 {
+        let t = tok(&format!("fill-{offered}"), NOW + 3600);
+        offered += 1;
+        match check_and_record(&store, &p, &prefix, t, None, WithoutIp, NOW).verdict {
+            FirstUse => {
+                accepted += 1;
+                refused_in_a_row = 0;
+            }
+            StoreFull => refused_in_a_row += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let bytes_full = bytes_of(&store);
+    assert!(bytes_full as u64 <= p.max_store_bytes());
     eprintln!(
-        "full store: {} buckets x {full_bucket} bytes = {full_store} bytes ({:.1} MB) for {} entries",
-        p.buckets(),
-        full_store as f64 / 1e6,
-        u64::from(p.buckets()) * u64::from(p.capacity())
+        "full store: {accepted} entries ({:.1}% of max_entries) in {bytes_full} bytes ({:.1} MB); \
+         hard bound {} entries, {} bytes ({:.1} MB, {:.1} bytes per max_entries)",
+        accepted as f64 / 1e4,
+        bytes_full as f64 / 1e6,
+        p.max_stored_entries(),
+        p.max_store_bytes(),
+        p.max_store_bytes() as f64 / 1e6,
+        p.max_store_bytes() as f64 / p.max_entries() as f64
     );
     let started = Instant::now();
     let occ = occupancy(&store, &prefix, layout, 0..p.buckets(), NOW);
@@ -1030,7 +1183,7 @@ fn measure_memory_and_cost() {
     let fresh = tok("fresh", NOW + 3600);
     const N: u32 = 20_000;
     for (label, t) in [
-        ("new token (scan + 10 KB write)", fresh),
+        ("new token (scan + 13 KB write)", fresh),
         ("replay (scan)", present),
     ] {
         let started = Instant::now();
