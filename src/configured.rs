@@ -33,6 +33,8 @@ pub struct ConfiguredGateway {
     pub reads_peer_certificate: bool,
     /// Some API needs the peer address before deciding (worked out once, not per request).
     pub reads_peer_address: bool,
+    /// Some API takes verified JWT payloads from jwt_authn's dynamic metadata.
+    pub reads_dynamic_metadata: bool,
     /// New tokens refused because the replay store was full (logged from on_tick).
     pub store_full: Cell<u64>,
     /// This worker's etcd session (auth token, leases known granted), with the etcd store.
@@ -59,6 +61,7 @@ impl ConfiguredGateway {
         Self {
             reads_peer_certificate: policy.reads_peer_certificate(),
             reads_peer_address: policy.reads_peer_address(),
+            reads_dynamic_metadata: policy.reads_dynamic_metadata(),
             policy,
             metrics,
             replay_prefix,

@@ -161,6 +161,12 @@ impl HttpContext for RequestFilter {
         } else {
             None
         };
+        // The dynamic metadata where jwt_authn leaves what it verified, only when an API asks.
+        let dynamic_metadata = if gateway.reads_dynamic_metadata {
+            property_bytes(&["metadata"])
+        } else {
+            None
+        };
         let now = host::now();
         let request = Request {
             method,
@@ -168,6 +174,7 @@ impl HttpContext for RequestFilter {
             headers: &headers,
             peer_address: peer.as_deref(),
             peer_certificate: peer_certificate.as_deref(),
+            dynamic_metadata: dynamic_metadata.as_deref(),
             now,
         };
         let decision = gateway.policy.evaluate(&request, gateway.as_ref());

@@ -142,7 +142,9 @@ impl RootContext for GatewayRoot {
         self.remotes.clear();
         self.in_flight.clear();
         for (i, api) in policy.apis.iter().enumerate() {
-            match api.jwt.as_ref().map(|j| &j.jwks) {
+            // Envoy's jwt_authn fetches and holds the keys of an API it verifies for.
+            let own_keys = api.jwt.as_ref().filter(|j| j.envoy_provider().is_none());
+            match own_keys.map(|j| &j.jwks) {
                 Some(JwksSource::Inline(set)) => keys.push(Some(Rc::new(set.clone()))),
                 Some(JwksSource::Remote {
                     cluster,

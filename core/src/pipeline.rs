@@ -40,6 +40,10 @@ pub struct Request<'a> {
     pub peer_address: Option<&'a str>,
     /// Envoy's `connection.peer_certificate`: the TLS client certificate, PEM.
     pub peer_certificate: Option<&'a [u8]>,
+    /// Envoy's `metadata`: the request's dynamic metadata, a serialised
+    /// `envoy.config.core.v3.Metadata`, where `jwt_authn` leaves the payloads it verified
+    /// (read only when an API has `jwt.verify_with: "envoy"`).
+    pub dynamic_metadata: Option<&'a [u8]>,
     /// Unix seconds from the host clock.
     pub now: u64,
 }
@@ -188,6 +192,13 @@ impl CompiledPolicy {
                 .as_ref()
                 .is_some_and(|c| c.sources().contains(&CertSource::Connection))
         })
+    }
+
+    /// Whether any API takes verified JWT payloads from Envoy's `jwt_authn`.
+    pub fn reads_dynamic_metadata(&self) -> bool {
+        self.apis
+            .iter()
+            .any(|a| a.jwt.as_ref().is_some_and(|j| j.envoy_provider().is_some()))
     }
 
     pub fn evaluate(&self, req: &Request<'_>, host: &dyn Host) -> Decision {
@@ -393,10 +404,17 @@ impl Checks<'_, '_> {
         let authorization = self.req.header_values("authorization");
         let token = extract_bearer(&authorization).map_err(Refusal::Jwt)?;
         let api_index = self.forward.api;
-        let (claims, exp) = self
-            .policy
-            .verified_claims(api_index, jwt, token, self.req.now, self.host)
-            .map_err(Refusal::Jwt)?;
+        let (claims, exp) = if jwt.envoy_provider().is_some() {
+            // Envoy checked the signature on this request; nothing to cache.
+            let v = jwt
+                .verify_by_envoy(token, self.req.dynamic_metadata, self.req.now)
+                .map_err(Refusal::Jwt)?;
+            (Rc::new(v.claims), v.exp)
+        } else {
+            self.policy
+                .verified_claims(api_index, jwt, token, self.req.now, self.host)
+                .map_err(Refusal::Jwt)?
+        };
         jwt.check_claims(&claims, || self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
         if let Some(mode) = self.api.replay {

@@ -177,6 +177,7 @@ fn the_cache_answers_what_etcd_confirmed_without_a_round_trip() {
             headers: &call("/a/x").bearer(&t3).headers,
             peer_address: None,
             peer_certificate: None,
+            dynamic_metadata: None,
             now: NOW,
         },
         &h,

@@ -357,6 +357,7 @@ fn random_requests_never_panic() {
                 } else {
                     None
                 },
+                dynamic_metadata: None,
                 now: NOW + (i as u64 % 1000),
             },
             &h,

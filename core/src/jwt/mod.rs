@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod claims;
+pub mod envoy;
 pub mod fetch;
 pub mod keys;
 pub mod shared_jwks;
@@ -57,6 +58,34 @@ pub struct JwtConfig {
     #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub hmac_secret: Option<ValueSource>,
+    /// Who checks signatures: gateguard itself, or Envoy's `jwt_authn` in front of it.
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "VerifyWith::is_default")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
+    #[serde(default)]
+    pub verify_with: VerifyWith,
+}
+
+/// `jwt.verify_with`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyWith {
+    /// gateguard verifies signatures with its own key set (fetched through Envoy).
+    #[default]
+    Gateguard,
+    /// Envoy's `jwt_authn`, placed in front by `gateguard render`, verifies signatures;
+    /// gateguard reads the verified payload from the request's dynamic metadata.
+    Envoy,
+}
+
+impl VerifyWith {
+    pub fn is_default(&self) -> bool {
+        *self == VerifyWith::Gateguard
+    }
 }
 
 fn default_skew() -> u64 {
@@ -118,6 +147,8 @@ pub struct JwtPolicy {
     /// SHA-256 of the resolved HMAC secret (zeros without one): verified-token cache entries are
     /// bound to it, since a secret read from the environment is not in the policy text.
     hmac_fingerprint: [u8; 32],
+    /// With `verify_with: "envoy"`: the `jwt_authn` provider whose payload this API reads.
+    envoy_provider: Option<String>,
 }
 
 /// A token that passed: signature, time, issuer and audience.
@@ -136,6 +167,10 @@ pub enum InvalidReason {
     AmbiguousKey,
     KeyAlgorithmMismatch,
     BadSignature,
+    /// `verify_with: "envoy"`: `jwt_authn` verified no token for this API's provider.
+    NotVerifiedByEnvoy,
+    /// `verify_with: "envoy"`: what `jwt_authn` verified is not the token presented.
+    NotTheVerifiedToken,
     Expired,
     NotYetValid,
     IssuedInFuture,
@@ -168,6 +203,10 @@ impl JwtError {
                 InvalidReason::AmbiguousKey => "no kid and not exactly one matching key",
                 InvalidReason::KeyAlgorithmMismatch => "key does not match the algorithm",
                 InvalidReason::BadSignature => "bad signature",
+                InvalidReason::NotVerifiedByEnvoy => "Envoy's jwt_authn verified no token",
+                InvalidReason::NotTheVerifiedToken => {
+                    "the payload Envoy verified is not this token's"
+                }
                 InvalidReason::Expired => "token expired",
                 InvalidReason::NotYetValid => "token not yet valid (nbf)",
                 InvalidReason::IssuedInFuture => "token issued in the future (iat)",
@@ -324,6 +363,18 @@ impl JwtPolicy {
             }
         }
 
+        let envoy_provider = match (cfg.verify_with, &cfg.jwks) {
+            (VerifyWith::Gateguard, _) => None,
+            (VerifyWith::Envoy, _) if wants_hmac => return Err(ConfigError::new(
+                join(path, "verify_with"),
+                "\"envoy\" verifies with the identity provider's keys (jwks); HS256/HS384/HS512 \
+                     tokens are verified by \"gateguard\"",
+            )),
+            (VerifyWith::Envoy, Some(jwks)) => Some(envoy::provider_name(jwks)),
+            // Refused above: an asymmetric algorithm without keys.
+            (VerifyWith::Envoy, None) => None,
+        };
+
         if cfg.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
             return Err(ConfigError::new(
                 join(path, "clock_skew_seconds"),
@@ -364,7 +415,13 @@ impl JwtPolicy {
             claims_to_headers,
             hmac,
             hmac_fingerprint,
+            envoy_provider,
         })
+    }
+
+    /// With `verify_with: "envoy"`: the `jwt_authn` provider (and metadata field) of this API.
+    pub fn envoy_provider(&self) -> Option<&str> {
+        self.envoy_provider.as_deref()
     }
 
     pub fn hmac_fingerprint(&self) -> [u8; 32] {
@@ -385,18 +442,7 @@ impl JwtPolicy {
     ) -> Result<VerifiedToken, JwtError> {
         let parsed = token::parse(token)?;
         let invalid = JwtError::Invalid;
-
-        let alg = parsed
-            .header
-            .get("alg")
-            .and_then(Value::as_str)
-            .and_then(|a| a.parse::<Algorithm>().ok())
-            .filter(|a| self.algorithms.contains(a))
-            .ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?;
-        // RFC 7515 §4.1.11: extensions we do not understand must make the token invalid.
-        if parsed.header.contains_key("crit") {
-            return Err(invalid(InvalidReason::CritHeader));
-        }
+        let alg = self.allowed_algorithm(&parsed)?;
         // `jku`, `x5u`, `jwk` and `x5c` are never used: keys come only from the policy.
         let key = if is_hmac(alg) {
             self.hmac
@@ -422,6 +468,59 @@ impl JwtPolicy {
         if !verify::signature_is_valid(parsed.signature, parsed.signing_input, key, alg) {
             return Err(invalid(InvalidReason::BadSignature));
         }
+        self.accept_claims(parsed, now)
+    }
+
+    /// `verify_with: "envoy"`: the same checks as [`Self::verify`], but the signature was
+    /// checked by Envoy's `jwt_authn`. `metadata` is the request's dynamic metadata (serialised
+    /// `envoy.config.core.v3.Metadata`); the payload the API's provider verified there must be
+    /// this token's, claim by claim, or the token is invalid.
+    pub fn verify_by_envoy(
+        &self,
+        token: &str,
+        metadata: Option<&[u8]>,
+        now: u64,
+    ) -> Result<VerifiedToken, JwtError> {
+        let parsed = token::parse(token)?;
+        self.allowed_algorithm(&parsed)?;
+        let invalid = JwtError::Invalid;
+        let provider = self
+            .envoy_provider
+            .as_deref()
+            .ok_or(invalid(InvalidReason::NotVerifiedByEnvoy))?;
+        let payload = metadata
+            .and_then(|m| envoy::verified_payload(m, provider))
+            .ok_or(invalid(InvalidReason::NotVerifiedByEnvoy))?;
+        if !envoy::same_payload(&parsed.claims, &payload) {
+            return Err(invalid(InvalidReason::NotTheVerifiedToken));
+        }
+        self.accept_claims(parsed, now)
+    }
+
+    /// The token's `alg`, if the policy allows it and the header asks for nothing gateguard
+    /// does not understand.
+    fn allowed_algorithm(&self, parsed: &token::ParsedToken<'_>) -> Result<Algorithm, JwtError> {
+        let alg = parsed
+            .header
+            .get("alg")
+            .and_then(Value::as_str)
+            .and_then(|a| a.parse::<Algorithm>().ok())
+            .filter(|a| self.algorithms.contains(a))
+            .ok_or(JwtError::Invalid(InvalidReason::AlgorithmNotAllowed))?;
+        // RFC 7515 §4.1.11: extensions we do not understand must make the token invalid.
+        if parsed.header.contains_key("crit") {
+            return Err(JwtError::Invalid(InvalidReason::CritHeader));
+        }
+        Ok(alg)
+    }
+
+    /// Time, issuer and audience of a token whose signature holds.
+    fn accept_claims(
+        &self,
+        parsed: token::ParsedToken<'_>,
+        now: u64,
+    ) -> Result<VerifiedToken, JwtError> {
+        let invalid = JwtError::Invalid;
 
         let claims = parsed.claims;
         let skew = self.clock_skew;

@@ -163,6 +163,8 @@ pub struct Call<'a> {
     pub peer: &'a str,
     pub headers: Vec<(String, String)>,
     pub now: u64,
+    /// Dynamic metadata, as Envoy serialises it (what `jwt_authn` verified).
+    pub metadata: Option<Vec<u8>>,
 }
 
 pub fn call<'a>(path: &'a str) -> Call<'a> {
@@ -172,6 +174,7 @@ pub fn call<'a>(path: &'a str) -> Call<'a> {
         peer: "10.1.2.3:5555",
         headers: vec![("ocp-apim-subscription-key".into(), "k".into())],
         now: NOW,
+        metadata: None,
     }
 }
 
@@ -196,6 +199,10 @@ impl<'a> Call<'a> {
         self.peer = p;
         self
     }
+    pub fn metadata(mut self, m: Vec<u8>) -> Self {
+        self.metadata = Some(m);
+        self
+    }
     pub fn run(&self, p: &CompiledPolicy, host: &dyn Host) -> Decision {
         p.evaluate(
             &Request {
@@ -204,6 +211,7 @@ impl<'a> Call<'a> {
                 headers: &self.headers,
                 peer_address: Some(self.peer),
                 peer_certificate: None,
+                dynamic_metadata: self.metadata.as_deref(),
                 now: self.now,
             },
             host,
