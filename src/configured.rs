@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use gateguard_core::jwt::{cache, KeySet};
-use gateguard_core::memo::{Memo, ReplayMemo, MEMO_ENTRIES};
+use gateguard_core::memo::{ReplayMemo, TokenMemo};
 use gateguard_core::pipeline::{Event, Host};
 use gateguard_core::replay::etcd::Session;
 use gateguard_core::replay::Verdict;
@@ -41,8 +41,8 @@ pub struct ConfiguredGateway {
     pub etcd: RefCell<Session>,
     /// When this worker last logged an etcd failure (unix seconds): one line per 10 s.
     pub etcd_failure_logged: Cell<u64>,
-    /// Verified tokens' claims this worker read from the shared cache, until their `exp`.
-    claims: Memo<[u8; 32], VerifiedClaims>,
+    /// Verified tokens this worker saw, until their `exp`.
+    token_memo: TokenMemo,
     /// Replay facts this worker saw decided.
     replay_memo: ReplayMemo,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
@@ -68,7 +68,7 @@ impl ConfiguredGateway {
             store_full: Cell::new(0),
             etcd: RefCell::new(etcd),
             etcd_failure_logged: Cell::new(0),
-            claims: Memo::new(MEMO_ENTRIES),
+            token_memo: TokenMemo::default(),
             replay_memo: ReplayMemo::default(),
             keys: RefCell::new(keys),
             kid_requests: RefCell::new(vec![false; n]),
@@ -111,14 +111,9 @@ impl Host for ConfiguredGateway {
 
     /// This worker's memo first (no host call, no JSON), then the cache every worker shares.
     fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<VerifiedClaims> {
-        if let Some(hit) = self.claims.get(key, now) {
-            return Some(hit);
-        }
         let (bytes, _) = HostStore.get(&self.token_cache_key(key)).ok().flatten()?;
         let (claims, exp) = cache::decode(&bytes, key, now)?;
-        let claims = Rc::new(claims);
-        self.claims.insert(*key, (claims.clone(), exp), exp, now);
-        Some((claims, exp))
+        Some((Rc::new(claims), exp))
     }
 
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
@@ -129,6 +124,10 @@ impl Host for ConfiguredGateway {
 
     fn replay_memo(&self) -> Option<&ReplayMemo> {
         Some(&self.replay_memo)
+    }
+
+    fn token_memo(&self) -> Option<&TokenMemo> {
+        Some(&self.token_memo)
     }
 
     fn unknown_kid(&self, api: usize) {

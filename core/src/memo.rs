@@ -8,6 +8,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::rc::Rc;
+
+use serde_json::{Map, Value};
 
 use crate::replay::{normalise_ip, ReplayMode, TokenRef, Verdict};
 
@@ -119,6 +122,87 @@ impl ReplayMemo {
     }
 }
 
+/// A token this worker saw verified (or read from the verified-token cache), by the token's
+/// own text, so a repeat request costs neither of the SHA-256s over the token (the cache key
+/// and the replay identity) nor a host call.
+#[derive(Debug, Clone)]
+pub struct KnownToken {
+    pub claims: Rc<Map<String, Value>>,
+    pub exp: u64,
+    /// The replay identity ([`crate::pipeline::signed_content_sha256`]).
+    pub identity: [u8; 32],
+}
+
+/// Verified tokens by their text, per worker and configuration. A fact holds for the API that
+/// verified it, with what verified it ([`Verifier`]), until the token's `exp`: a token seen by
+/// another API, or after the policy, its identity provider's keys or its HMAC secret changed,
+/// is checked again.
+#[derive(Debug)]
+pub struct TokenMemo(Memo<u64, TokenFact>);
+
+#[derive(Debug, Clone)]
+struct TokenFact {
+    /// The whole token: the map's key is only a cheap summary of it.
+    token: Rc<str>,
+    api: usize,
+    verifier: Verifier,
+    known: KnownToken,
+}
+
+/// What verified a token: the policy's, the key set's and the HMAC secret's fingerprints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verifier {
+    pub policy: [u8; 32],
+    pub keys: [u8; 32],
+    pub hmac: [u8; 32],
+}
+
+impl Default for TokenMemo {
+    fn default() -> Self {
+        Self(Memo::new(MEMO_ENTRIES))
+    }
+}
+
+/// The map key: the token's length and its last 16 bytes (signature bytes, which differ
+/// between any two tokens an identity provider signed). Tokens sharing it only evict each
+/// other; a fact is used only when the whole text matches.
+fn summary(token: &str) -> u64 {
+    let bytes = token.as_bytes();
+    let tail = &bytes[bytes.len().saturating_sub(16)..];
+    let mut h: u64 = bytes.len() as u64;
+    for &b in tail {
+        h = h.rotate_left(5) ^ u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+impl TokenMemo {
+    /// What this worker knows of `token` for `api` verified by `verifier`.
+    pub fn get(
+        &self,
+        api: usize,
+        verifier: &Verifier,
+        token: &str,
+        now: u64,
+    ) -> Option<KnownToken> {
+        let fact = self.0.get(&summary(token), now)?;
+        (fact.api == api && fact.verifier == *verifier && *fact.token == *token)
+            .then_some(fact.known)
+    }
+
+    pub fn learn(&self, api: usize, verifier: Verifier, token: &str, known: KnownToken, now: u64) {
+        let until = known.exp;
+        let fact = TokenFact {
+            token: Rc::from(token),
+            api,
+            verifier,
+            known,
+        };
+        self.0.insert(summary(token), fact, until, now);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -166,6 +250,49 @@ mod tests {
             Some(Verdict::Replay)
         );
         assert_eq!(m.verdict(&u, None, WithoutIp, 0), Some(Verdict::Replay));
+    }
+
+    #[test]
+    fn a_token_fact_holds_for_its_api_keys_and_text_until_exp() {
+        let m = TokenMemo::default();
+        let known = |n: u8| KnownToken {
+            claims: Rc::new(Map::new()),
+            exp: 100,
+            identity: [n; 32],
+        };
+        let v = Verifier {
+            policy: [1; 32],
+            keys: [2; 32],
+            hmac: [3; 32],
+        };
+        let t = "aaa.bbb.signature-0123456789abcdef";
+        m.learn(0, v, t, known(1), 0);
+        assert_eq!(m.get(0, &v, t, 99).map(|k| k.identity), Some([1; 32]));
+        // Another API, policy, key set or secret, another token, after exp: not known.
+        assert!(m.get(1, &v, t, 0).is_none());
+        for other in [
+            Verifier {
+                policy: [9; 32],
+                ..v
+            },
+            Verifier { keys: [9; 32], ..v },
+            Verifier { hmac: [9; 32], ..v },
+        ] {
+            assert!(m.get(0, &other, t, 0).is_none());
+        }
+        assert!(m.get(0, &v, t, 100).is_none());
+        // Same length and same last 16 bytes, other content: the summary matches, the text not.
+        let twin = "xxx.bbb.signature-0123456789abcdef";
+        assert_eq!(summary(t), summary(twin));
+        assert!(m.get(0, &v, twin, 0).is_none());
+        // Learning the twin evicts the first: never answers for it.
+        m.learn(0, v, twin, known(2), 0);
+        assert!(m.get(0, &v, t, 0).is_none());
+        assert_eq!(m.get(0, &v, twin, 0).map(|k| k.identity), Some([2; 32]));
+        // Short tokens work too.
+        m.learn(0, v, "a.b", known(3), 0);
+        assert!(m.get(0, &v, "a.b", 0).is_some());
+        assert!(m.get(0, &v, "a.c", 0).is_none());
     }
 
     #[test]

@@ -19,9 +19,10 @@ use crate::headers::{
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
 use crate::jwt::{
-    extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet, MAX_CLOCK_SKEW_SECONDS,
+    extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken,
+    MAX_CLOCK_SKEW_SECONDS,
 };
-use crate::memo::ReplayMemo;
+use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
 use crate::replay::etcd::{lookup_cached, RemoteCheck};
@@ -66,6 +67,10 @@ pub trait Host {
     fn note(&self, _api: usize, _event: Event) {}
     /// Replay facts this worker already saw decided ([`ReplayMemo`]), if the host keeps them.
     fn replay_memo(&self) -> Option<&ReplayMemo> {
+        None
+    }
+    /// Tokens this worker already saw verified ([`TokenMemo`]), if the host keeps them.
+    fn token_memo(&self) -> Option<&TokenMemo> {
         None
     }
 }
@@ -404,12 +409,12 @@ impl Checks<'_, '_> {
         let authorization = self.req.header_values("authorization");
         let token = extract_bearer(&authorization).map_err(Refusal::Jwt)?;
         let api_index = self.forward.api;
-        let (claims, exp) = if jwt.envoy_provider().is_some() {
+        let (claims, exp, identity) = if jwt.envoy_provider().is_some() {
             // Envoy checked the signature on this request; nothing to cache.
             let v = jwt
                 .verify_by_envoy(token, self.req.dynamic_metadata, self.req.now)
                 .map_err(Refusal::Jwt)?;
-            (Rc::new(v.claims), v.exp)
+            (Rc::new(v.claims), v.exp, None)
         } else {
             self.policy
                 .verified_claims(api_index, jwt, token, self.req.now, self.host)
@@ -418,7 +423,8 @@ impl Checks<'_, '_> {
         jwt.check_claims(&claims, || self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
         if let Some(mode) = self.api.replay {
-            self.replay(mode, token, exp)?;
+            let identity = identity.unwrap_or_else(|| signed_content_sha256(token));
+            self.replay(mode, identity, exp)?;
         }
         for name in jwt.claim_header_names() {
             self.forward.remove_request_headers.push(name.to_string());
@@ -430,8 +436,7 @@ impl Checks<'_, '_> {
     }
 
     /// 6. Replay: the token's signed content, bound to the client IP or used once.
-    fn replay(&mut self, mode: ReplayMode, token: &str, exp: u64) -> Result<(), Refusal> {
-        let identity = signed_content_sha256(token);
+    fn replay(&mut self, mode: ReplayMode, identity: [u8; 32], exp: u64) -> Result<(), Refusal> {
         // Kept for the largest skew any policy may allow, not this API's: one history for the
         // whole gateway must not forget a token another API (or a later policy) still accepts.
         let token = TokenRef::new(&identity, exp, MAX_CLOCK_SKEW_SECONDS);
@@ -517,10 +522,12 @@ impl Checks<'_, '_> {
 }
 
 impl CompiledPolicy {
-    /// Claims and `exp` of a valid token: from the verified-token cache, or verified now and
-    /// cached. The cache key binds the policy version, the API, the key set and HMAC secret that
-    /// verified the token (a key removed from the JWKS takes its tokens' entries with it) and the whole
-    /// token, signature included: a hit means these exact bytes verified before.
+    /// Claims, `exp` and (when worked out) the replay identity of a valid token: from what this
+    /// worker already knows, from the verified-token cache, or verified now and cached. The
+    /// cache key binds the policy version, the API, the key set and HMAC secret that verified
+    /// the token (a key removed from the JWKS takes its tokens' entries with it) and the whole
+    /// token, signature included: a hit means these exact bytes verified before. The worker's
+    /// memo binds the same (it lives with this policy) and is off with the cache.
     fn verified_claims(
         &self,
         api_index: usize,
@@ -528,41 +535,78 @@ impl CompiledPolicy {
         token: &str,
         now: u64,
         host: &dyn Host,
-    ) -> Result<(Rc<Map<String, Value>>, u64), JwtError> {
+    ) -> Result<Verified, JwtError> {
         let keys = host.jwt_keys(api_index);
+        let verifier = Verifier {
+            policy: self.fingerprint,
+            keys: keys.as_deref().map_or([0; 32], KeySet::fingerprint),
+            hmac: jwt.hmac_fingerprint(),
+        };
+        let memo = host.token_memo().filter(|_| self.token_cache_slots > 0);
+        if let Some(known) = memo.and_then(|m| m.get(api_index, &verifier, token, now)) {
+            host.note(api_index, Event::JwtCacheHit);
+            return Ok((known.claims, known.exp, Some(known.identity)));
+        }
         let mut h = Sha256::new();
-        h.update(self.fingerprint);
+        h.update(verifier.policy);
         h.update((api_index as u64).to_be_bytes());
-        h.update(keys.as_deref().map_or([0; 32], KeySet::fingerprint));
-        h.update(jwt.hmac_fingerprint());
+        h.update(verifier.keys);
+        h.update(verifier.hmac);
         h.update(Sha256::digest(token.as_bytes()));
         let cache_key: [u8; 32] = h.finalize().into();
-        if self.token_cache_slots > 0 {
-            if let Some(hit) = host.cached_token(&cache_key, now) {
-                host.note(api_index, Event::JwtCacheHit);
-                return Ok(hit);
-            }
-            host.note(api_index, Event::JwtCacheMiss);
-        }
-        match jwt.verify(token, keys.as_deref(), now) {
-            Ok(v) => {
-                if self.token_cache_slots > 0 {
+        let (claims, exp) = if self.token_cache_slots > 0 {
+            match host.cached_token(&cache_key, now) {
+                Some(hit) => {
+                    host.note(api_index, Event::JwtCacheHit);
+                    hit
+                }
+                None => {
+                    host.note(api_index, Event::JwtCacheMiss);
+                    let v = self.verify_now(api_index, jwt, token, keys.as_deref(), now, host)?;
                     host.cache_token(&cache_key, v.exp, &v.claims);
+                    (Rc::new(v.claims), v.exp)
                 }
-                Ok((Rc::new(v.claims), v.exp))
             }
-            Err(e) => {
-                if matches!(
-                    e,
-                    JwtError::Invalid(InvalidReason::UnknownKid | InvalidReason::NoKeySet)
-                ) {
-                    host.unknown_kid(api_index);
-                }
-                Err(e)
+        } else {
+            let v = self.verify_now(api_index, jwt, token, keys.as_deref(), now, host)?;
+            (Rc::new(v.claims), v.exp)
+        };
+        let Some(memo) = memo else {
+            return Ok((claims, exp, None));
+        };
+        let identity = signed_content_sha256(token);
+        let known = KnownToken {
+            claims: claims.clone(),
+            exp,
+            identity,
+        };
+        memo.learn(api_index, verifier, token, known, now);
+        Ok((claims, exp, Some(identity)))
+    }
+
+    /// The signature check itself; a key set that lacks the token's key asks for a fresh one.
+    fn verify_now(
+        &self,
+        api_index: usize,
+        jwt: &JwtPolicy,
+        token: &str,
+        keys: Option<&KeySet>,
+        now: u64,
+        host: &dyn Host,
+    ) -> Result<VerifiedToken, JwtError> {
+        jwt.verify(token, keys, now).inspect_err(|e| {
+            if matches!(
+                e,
+                JwtError::Invalid(InvalidReason::UnknownKid | InvalidReason::NoKeySet)
+            ) {
+                host.unknown_kid(api_index);
             }
-        }
+        })
     }
 }
+
+/// A valid token's claims, `exp` and, when already worked out, its replay identity.
+type Verified = (Rc<Map<String, Value>>, u64, Option<[u8; 32]>);
 
 /// A token's identity for replay detection: the SHA-256 of what its signature covers
 /// (`header.payload`). Another encoding of the same signature (ECDSA's (r, n-s), a DER or

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
 use gateguard_core::jwt::KeySet;
-use gateguard_core::memo::ReplayMemo;
+use gateguard_core::memo::{ReplayMemo, TokenMemo};
 use gateguard_core::pipeline::{Event, Host, Request};
 use gateguard_core::replay::ensure_buckets;
 use gateguard_core::shared_data::{MemoryStore, SharedStore};
@@ -56,6 +56,8 @@ pub struct FakeHost {
     pub misses: Cell<u32>,
     /// As the filter keeps it per worker: every replay test also runs through it.
     pub memo: ReplayMemo,
+    /// As the filter keeps it per worker: every JWT test also runs through it.
+    pub token_memo: TokenMemo,
 }
 
 impl FakeHost {
@@ -72,6 +74,7 @@ impl FakeHost {
             hits: Cell::new(0),
             misses: Cell::new(0),
             memo: ReplayMemo::default(),
+            token_memo: TokenMemo::default(),
         }
     }
 }
@@ -108,6 +111,9 @@ impl Host for FakeHost {
     }
     fn replay_memo(&self) -> Option<&ReplayMemo> {
         Some(&self.memo)
+    }
+    fn token_memo(&self) -> Option<&TokenMemo> {
+        Some(&self.token_memo)
     }
     fn note(&self, _api: usize, event: Event) {
         match event {
