@@ -18,9 +18,9 @@ use crate::headers::{
 };
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
+use crate::jwt::sources::{cookie_without, find_token, Found};
 use crate::jwt::{
-    extract_bearer, InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken,
-    MAX_CLOCK_SKEW_SECONDS,
+    InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken, MAX_CLOCK_SKEW_SECONDS,
 };
 use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
@@ -387,18 +387,31 @@ impl Checks<'_, '_> {
         self.forward
             .remove_request_headers
             .push(keys.header_name().to_string());
-        if let (Some(name), Some(query)) = (keys.query_name(), self.path.query) {
-            let stripped = strip_query_param(query, name);
-            if stripped.len() != query.len() {
-                let raw = self.path.raw;
-                self.forward.new_path = Some(if stripped.is_empty() {
-                    raw.to_string()
-                } else {
-                    format!("{raw}?{stripped}")
-                });
-            }
+        if let Some(name) = keys.query_name() {
+            self.strip_query(name);
         }
         Ok(())
+    }
+
+    /// Takes a query parameter (in every spelling) out of the path that goes upstream,
+    /// after whatever earlier steps took out.
+    fn strip_query(&mut self, name: &str) {
+        let current = match &self.forward.new_path {
+            Some(path) => path.split_once('?').map(|(_, q)| q),
+            None => self.path.query,
+        };
+        let Some(query) = current else {
+            return;
+        };
+        let stripped = strip_query_param(query, name);
+        if stripped.len() != query.len() {
+            let raw = self.path.raw;
+            self.forward.new_path = Some(if stripped.is_empty() {
+                raw.to_string()
+            } else {
+                format!("{raw}?{stripped}")
+            });
+        }
     }
 
     /// 5. JWT, then 6. replay; the token's claims become upstream headers.
@@ -406,8 +419,9 @@ impl Checks<'_, '_> {
         let Some(jwt) = &self.api.jwt else {
             return Ok(());
         };
-        let authorization = self.req.header_values("authorization");
-        let token = extract_bearer(&authorization).map_err(Refusal::Jwt)?;
+        let (token, found) = find_token(jwt.token_sources(), self.req.headers, self.path.query)
+            .map_err(Refusal::Jwt)?;
+        let token = token.as_str();
         let api_index = self.forward.api;
         let (claims, exp, identity) = if jwt.envoy_provider().is_some() {
             // Envoy checked the signature on this request; nothing to cache.
@@ -425,6 +439,18 @@ impl Checks<'_, '_> {
         if let Some(mode) = self.api.replay {
             let identity = identity.unwrap_or_else(|| signed_content_sha256(token));
             self.replay(mode, identity, exp)?;
+        }
+        match found {
+            Found::Header | Found::Cookie(None) => {}
+            Found::Query(name) => self.strip_query(&name),
+            Found::Cookie(Some(name)) => {
+                self.forward.remove_request_headers.push("cookie".into());
+                if let Some(rest) = cookie_without(self.req.headers, &name) {
+                    self.forward
+                        .set_request_headers
+                        .push(("cookie".into(), rest));
+                }
+            }
         }
         for name in jwt.claim_header_names() {
             self.forward.remove_request_headers.push(name.to_string());

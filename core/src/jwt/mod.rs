@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod fetch;
 pub mod keys;
 pub mod shared_jwks;
+pub mod sources;
 pub mod token;
 pub mod verify;
 
@@ -66,6 +67,14 @@ pub struct JwtConfig {
     #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default)]
     pub verify_with: VerifyWith,
+    /// Where the token may come from, in order (default `Authorization: Bearer`).
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "sources::is_default_sources")
+    )]
+    #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
+    #[serde(default = "sources::default_sources")]
+    pub token_sources: Vec<sources::TokenSourceConfig>,
 }
 
 /// `jwt.verify_with`.
@@ -149,6 +158,8 @@ pub struct JwtPolicy {
     hmac_fingerprint: [u8; 32],
     /// With `verify_with: "envoy"`: the `jwt_authn` provider whose payload this API reads.
     envoy_provider: Option<String>,
+    /// Where the token may come from.
+    token_sources: Vec<sources::TokenSource>,
 }
 
 /// A token that passed: signature, time, issuer and audience.
@@ -375,6 +386,8 @@ impl JwtPolicy {
             (VerifyWith::Envoy, None) => None,
         };
 
+        let token_sources = sources::compile_sources(&cfg.token_sources, path)?;
+
         if cfg.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
             return Err(ConfigError::new(
                 join(path, "clock_skew_seconds"),
@@ -416,7 +429,13 @@ impl JwtPolicy {
             hmac,
             hmac_fingerprint,
             envoy_provider,
+            token_sources,
         })
+    }
+
+    /// Where this API's token may come from, in order.
+    pub fn token_sources(&self) -> &[sources::TokenSource] {
+        &self.token_sources
     }
 
     /// With `verify_with: "envoy"`: the `jwt_authn` provider (and metadata field) of this API.
