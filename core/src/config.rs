@@ -284,6 +284,17 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         .as_ref()
         .map(|c| JwtPolicy::compile(c, &join(path, "jwt"), env))
         .transpose()?;
+    if jwt
+        .as_ref()
+        .is_some_and(|j| j.certificate_bound().is_some())
+        && api.client_certificate.is_none()
+    {
+        return Err(ConfigError::new(
+            join(path, "jwt.certificate_bound"),
+            "needs \"client_certificate\" on this API: its sources give the certificate a token \
+             is bound to",
+        ));
+    }
     if api.replay.is_some() && jwt.is_none() {
         return Err(ConfigError::new(
             join(path, "replay"),

@@ -98,6 +98,7 @@ pub const MSG_CLAIMS: &str = "Insufficient claims";
 pub const MSG_REPLAY: &str = "Token replay detected";
 pub const MSG_REPLAY_FULL: &str = "Replay protection unavailable: token store is full";
 pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
+pub const MSG_CERTIFICATE_BOUND: &str = "Certificate-bound token presented without its certificate";
 pub const MSG_REPLAY_ETCD_UNAVAILABLE: &str =
     "Replay protection unavailable: the shared replay store did not answer";
 
@@ -130,6 +131,7 @@ impl Refusal {
             Refusal::Jwt(JwtError::Malformed) => MSG_JWT_MALFORMED,
             Refusal::Jwt(JwtError::Invalid(_)) => MSG_JWT_INVALID,
             Refusal::Jwt(JwtError::InsufficientClaims) => MSG_CLAIMS,
+            Refusal::Jwt(JwtError::CertificateBound) => MSG_CERTIFICATE_BOUND,
             Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => MSG_REPLAY,
             Refusal::Replay(Verdict::Expired) => MSG_JWT_INVALID,
             Refusal::Replay(Verdict::StoreFull) => MSG_REPLAY_FULL,

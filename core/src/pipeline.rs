@@ -229,6 +229,7 @@ impl CompiledPolicy {
             },
             client_ip: Err(ClientIpError::NoPeer),
             ask_etcd: None,
+            certificate_sha256: None,
         };
         match checks.run() {
             Ok(Passed::Forward) => match checks.ask_etcd {
@@ -277,6 +278,8 @@ struct Checks<'p, 'r> {
     /// A replay check only etcd can decide (the etcd store, and a token its cache does not
     /// know): the request waits for it once every other check passed.
     ask_etcd: Option<RemoteCheck>,
+    /// SHA-256 of the client certificate the API accepted, for certificate-bound tokens.
+    certificate_sha256: Option<[u8; 32]>,
 }
 
 impl Checks<'_, '_> {
@@ -364,6 +367,8 @@ impl Checks<'_, '_> {
         let accepted = certs
             .check(&presented, self.req.now)
             .map_err(Refusal::Cert)?;
+        self.certificate_sha256 =
+            crate::hex::decode(&accepted.sha256_hex).and_then(|d| <[u8; 32]>::try_from(d).ok());
         if accepted.expires_within_warning {
             self.forward.expiring_certificate = Some(accepted);
         }
@@ -434,6 +439,8 @@ impl Checks<'_, '_> {
                 .verified_claims(api_index, jwt, token, self.req.now, self.host)
                 .map_err(Refusal::Jwt)?
         };
+        jwt.check_certificate_binding(&claims, self.certificate_sha256)
+            .map_err(Refusal::Jwt)?;
         jwt.check_claims(&claims, || self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
         if let Some(mode) = self.api.replay {

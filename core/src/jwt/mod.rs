@@ -75,6 +75,21 @@ pub struct JwtConfig {
     #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
     #[serde(default = "sources::default_sources")]
     pub token_sources: Vec<sources::TokenSourceConfig>,
+    /// RFC 8705: tokens bound to the client certificate (`cnf["x5t#S256"]`).
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub certificate_bound: Option<Binding>,
+}
+
+/// `jwt.certificate_bound` (and, later, other sender constraints): a token that says it is
+/// bound must be presented with its key; `required` makes every token say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serialize", derive(serde::Serialize))]
+#[serde(rename_all = "lowercase")]
+pub enum Binding {
+    Optional,
+    Required,
 }
 
 /// `jwt.verify_with`.
@@ -160,6 +175,8 @@ pub struct JwtPolicy {
     envoy_provider: Option<String>,
     /// Where the token may come from.
     token_sources: Vec<sources::TokenSource>,
+    /// `certificate_bound`.
+    certificate_bound: Option<Binding>,
 }
 
 /// A token that passed: signature, time, issuer and audience.
@@ -197,6 +214,8 @@ pub enum JwtError {
     Malformed,
     Invalid(InvalidReason),
     InsufficientClaims,
+    /// A certificate-bound token without the certificate it names.
+    CertificateBound,
 }
 
 impl JwtError {
@@ -206,6 +225,7 @@ impl JwtError {
             JwtError::MissingHeader => "missing or malformed Authorization header",
             JwtError::Malformed => "malformed token or missing exp",
             JwtError::InsufficientClaims => "required claim missing or not matching",
+            JwtError::CertificateBound => "certificate-bound token without its certificate",
             JwtError::Invalid(r) => match r {
                 InvalidReason::AlgorithmNotAllowed => "algorithm not allowed",
                 InvalidReason::CritHeader => "unsupported crit header",
@@ -430,7 +450,44 @@ impl JwtPolicy {
             hmac_fingerprint,
             envoy_provider,
             token_sources,
+            certificate_bound: cfg.certificate_bound,
         })
+    }
+
+    /// Whether tokens may be (`Optional`) or must be (`Required`) bound to the client
+    /// certificate.
+    pub fn certificate_bound(&self) -> Option<Binding> {
+        self.certificate_bound
+    }
+
+    /// RFC 8705 §3: a token with `cnf["x5t#S256"]` (any token when required) is accepted only
+    /// with the client certificate it names. `certificate_sha256` is the SHA-256 of the DER of
+    /// the certificate the API accepted, if any.
+    pub fn check_certificate_binding(
+        &self,
+        claims: &Map<String, Value>,
+        certificate_sha256: Option<[u8; 32]>,
+    ) -> Result<(), JwtError> {
+        let Some(binding) = self.certificate_bound else {
+            return Ok(());
+        };
+        let named = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
+            None if binding == Binding::Optional => return Ok(()),
+            None => return Err(JwtError::CertificateBound),
+            Some(Value::String(t)) => t,
+            // A binding gateguard cannot read binds to nothing it could check: refused.
+            Some(_) => return Err(JwtError::CertificateBound),
+        };
+        let presented = certificate_sha256.map(|d| {
+            use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            use base64::Engine;
+            URL_SAFE_NO_PAD.encode(d)
+        });
+        if presented.as_deref() == Some(named.as_str()) {
+            Ok(())
+        } else {
+            Err(JwtError::CertificateBound)
+        }
     }
 
     /// Where this API's token may come from, in order.
