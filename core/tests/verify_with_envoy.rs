@@ -302,3 +302,24 @@ fn hmac_cannot_be_verified_by_envoy() {
         .to_string();
     assert!(err.contains("verify_with"), "{err}");
 }
+
+#[test]
+fn envoy_cannot_follow_openid_discovery() {
+    let doc = |uri: &str| {
+        json!({"apis": [{
+            "name": "d", "path_prefix": "/d",
+            "jwt": {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["RS256"],
+                    "jwks": {"cluster": "idp", "uri": uri}, "verify_with": "envoy"}
+        }]})
+        .to_string()
+    };
+    let discovery = "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration";
+    let err = gateguard_core::parse_policy(doc(discovery).as_bytes(), &|_| None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("apis[0].jwt.jwks.uri"), "{err}");
+    assert!(err.contains("jwks_uri"), "{err}");
+    let keys = "https://login.microsoftonline.com/t/discovery/v2.0/keys";
+    assert!(gateguard_core::parse_policy(doc(keys).as_bytes(), &|_| None).is_ok());
+}
