@@ -166,6 +166,9 @@ def test_other_spellings_of_bearer_are_not_verified(gw, idps, keys):
     # jwt_authn's prefixes are case-sensitive; gateguard parses the token but finds no payload.
     for scheme in ("BeArEr", "bEARER"):
         assert_401(get(gw, "/alpha/x", token(keys, idps), scheme=scheme), INVALID)
+    # A tab after the scheme: gateguard takes the token, jwt_authn's "Bearer " prefix does not.
+    r = request(gw.port, "GET", "/alpha/x", headers={"Authorization": f"Bearer\t{token(keys, idps)}"})
+    assert_401(r, INVALID)
 
 
 # --- refusals --------------------------------------------------------------------------------
