@@ -287,8 +287,7 @@ fn hmac_cannot_be_verified_by_envoy() {
                 "hmac_secret": {"value": "0123456789abcdef0123456789abcdef"}, "verify_with": "envoy"}
     }]});
     let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("apis[0].jwt.verify_with"), "{err}");
     let doc = json!({"apis": [{
@@ -297,8 +296,7 @@ fn hmac_cannot_be_verified_by_envoy() {
                 "jwks": {"cluster": "c", "uri": "https://idp/keys"}, "verify_with": "jwt_authn"}
     }]});
     let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("verify_with"), "{err}");
 }
@@ -315,8 +313,7 @@ fn envoy_cannot_follow_openid_discovery() {
     };
     let discovery = "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration";
     let err = gateguard_core::parse_policy(doc(discovery).as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("apis[0].jwt.jwks.uri"), "{err}");
     assert!(err.contains("jwks_uri"), "{err}");

@@ -178,6 +178,7 @@ fn number_is(n: &serde_json::Number, f: f64) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -223,6 +224,11 @@ mod tests {
         }));
         assert!(same_payload(&claims, &payload));
         assert_eq!(verified_payload(&bytes, "p1"), None);
+        // What the helper below encodes reads back as the same payload.
+        assert_eq!(
+            verified_payload(&metadata("p0", payload.clone()), "p0"),
+            Some(payload)
+        );
     }
 
     #[test]
