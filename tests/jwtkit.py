@@ -36,6 +36,14 @@ class Key:
         else:
             raise ValueError(kind)
 
+    @classmethod
+    def from_private_pem(cls, kind, kid, pem):
+        """The key `private_pem` wrote (e.g. in another process: keys do not pickle)."""
+        key = cls.__new__(cls)
+        key.kind, key.kid = kind, kid
+        key.private = serialization.load_pem_private_key(pem, password=None)
+        return key
+
     def jwk(self):
         pub = self.private.public_key()
         if self.kind == "rsa":

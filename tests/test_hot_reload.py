@@ -83,3 +83,18 @@ def test_bad_policy_is_refused_and_the_running_one_keeps_serving(reloadable):
     assert request(port, "GET", "/beta/x").status == 200
     assert request(port, "GET", "/gamma/x").status == 404
     assert "gateguard: policy refused" in reloadable.log_text()
+
+
+def test_a_policy_needing_jwt_authn_is_refused_where_none_runs(reloadable):
+    # Rendered for V1, the running configuration has no jwt_authn in front of gateguard: a policy
+    # whose tokens Envoy verifies would refuse every one of them (docs/policy.md, "Verifying
+    # with Envoy's jwt_authn").
+    needs = {"apis": [{"name": "alpha", "path_prefix": "/alpha", "jwt": {
+        "issuers": ["https://idp/"], "audiences": ["api://a"], "algorithms": ["RS256"],
+        "jwks": {"cluster": "idp", "uri": "https://idp.example/keys"}, "verify_with": "envoy"}}]}
+    filter_file = reloadable.tmp / "ecds" / "gateguard-filter.yaml"
+    before = filter_file.read_text()
+    r = render(reloadable.tmp, needs, reloadable.ports, "--filter-only")
+    assert r.returncode == 2 and "render it again without --filter-only" in r.stderr, r.stderr
+    assert filter_file.read_text() == before
+    assert not (reloadable.tmp / "ecds" / "jwt-authn-filter.yaml").exists()

@@ -1,11 +1,14 @@
 //! `gateguard render`: a complete, runnable Envoy configuration for a policy: listeners, the
-//! function-app cluster, clusters for remote JWKS, TLS when asked, and the filter with the
-//! policy embedded. The shipped `envoy.yaml` is this command's output for the demo policy.
+//! function-app cluster, clusters for remote JWKS, TLS when asked, Envoy's `jwt_authn` in front
+//! when an API has it verify tokens, and the filter with the policy embedded. The shipped
+//! `envoy.yaml` is this command's output for the demo policy.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{EtcdPolicy, PASSWORD_ENV, USERNAME_ENV};
+use gateguard_core::CompiledPolicy;
 use serde_json::{json, Value};
 
 use crate::validate::PLACEHOLDER;
@@ -86,6 +89,24 @@ pub enum Format {
 /// The filter file Envoy watches under --ecds-dir.
 pub const FILTER_FILE: &str = "gateguard-filter.yaml";
 
+/// Under --ecds-dir, the file of the `jwt_authn` filter in front of gateguard, for a policy with
+/// `jwt.verify_with: "envoy"`: swapped with the policy, so both always trust the same keys.
+pub const JWT_AUTHN_FILE: &str = "jwt-authn-filter.yaml";
+
+/// The name of the `jwt_authn` filter (and of its ECDS resource).
+const JWT_AUTHN_NAME: &str = "envoy.filters.http.jwt_authn";
+
+const JWT_AUTHN_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+
+/// The `Authorization` spellings `jwt_authn` takes a token from: its prefix match is
+/// case-sensitive, gateguard's scheme is not. Any other spelling reaches gateguard unverified
+/// and is refused as an invalid token (docs/policy.md, "Verifying with Envoy's jwt_authn").
+const BEARER_PREFIXES: [&str; 3] = ["Bearer ", "bearer ", "BEARER "];
+
+/// How long `jwt_authn` waits for a JWKS response.
+const JWKS_FETCH_TIMEOUT: &str = "5s";
+
 /// What every rendered HTTP connection manager does with a client header whose name holds `_`.
 const HEADERS_WITH_UNDERSCORES_ACTION: &str = "DROP_HEADER";
 
@@ -138,7 +159,10 @@ pub fn run(args: &Args) -> ExitCode {
         }
     }
     if let Some(dir) = &args.ecds_dir {
-        if let Err(e) = write_filter_file(args, dir, &text, etcd.is_some()) {
+        // jwt_authn first: the keys a new policy trusts are verified before it needs them.
+        let written = write_jwt_authn_file(args, dir, &text, &compiled)
+            .and_then(|()| write_filter_file(args, dir, &text, etcd.is_some()));
+        if let Err(e) = written {
             eprintln!("gateguard render: {e}");
             return ExitCode::from(2);
         }
@@ -146,7 +170,7 @@ pub fn run(args: &Args) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    let config = match render(args, &text, etcd) {
+    let config = match render(args, &text, &compiled) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateguard render: {e}");
@@ -248,6 +272,152 @@ fn jwks_clusters(policy: &Value) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// A `jwt_authn` provider: the key set that APIs with `jwt.verify_with: "envoy"` trust, shared
+/// by every API that names the same keys.
+#[derive(Debug, Clone, PartialEq)]
+struct EnvoyProvider {
+    /// The core's name for the key set: the filter reads the payload under the same name.
+    name: String,
+    keys: ProviderKeys,
+    /// The largest `clock_skew_seconds` of the APIs sharing it; gateguard re-checks each API's
+    /// own.
+    clock_skew: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum ProviderKeys {
+    /// The JWKS text, as the policy holds it.
+    Inline(String),
+    /// Fetched by Envoy through `cluster`; refetched after the smallest `refresh_seconds` of
+    /// the APIs sharing it.
+    Remote {
+        cluster: String,
+        uri: String,
+        refresh_seconds: u64,
+    },
+}
+
+/// One provider per key set the policy has Envoy verify tokens with, in the order the APIs name
+/// them. `policy` is the document `compiled` was compiled from (it holds inline key sets' text).
+fn envoy_providers(policy: &Value, compiled: &CompiledPolicy) -> Vec<EnvoyProvider> {
+    let mut out: Vec<EnvoyProvider> = Vec::new();
+    for (i, api) in compiled.apis.iter().enumerate() {
+        let Some(jwt) = &api.jwt else { continue };
+        let Some(name) = jwt.envoy_provider() else {
+            continue;
+        };
+        let keys = match &jwt.jwks {
+            JwksSource::Inline(_) => {
+                ProviderKeys::Inline(policy["apis"][i]["jwt"]["jwks"]["inline"].to_string())
+            }
+            JwksSource::Remote {
+                cluster,
+                uri,
+                refresh_seconds,
+            } => ProviderKeys::Remote {
+                cluster: cluster.clone(),
+                uri: uri.clone(),
+                refresh_seconds: *refresh_seconds,
+            },
+            // HS-only APIs are refused with "envoy" when the policy is compiled.
+            JwksSource::None => continue,
+        };
+        match out.iter_mut().find(|p| p.name == name) {
+            Some(shared) => {
+                shared.clock_skew = shared.clock_skew.max(jwt.clock_skew());
+                if let (
+                    ProviderKeys::Remote {
+                        refresh_seconds: kept,
+                        ..
+                    },
+                    ProviderKeys::Remote {
+                        refresh_seconds, ..
+                    },
+                ) = (&mut shared.keys, &keys)
+                {
+                    *kept = (*kept).min(*refresh_seconds);
+                }
+            }
+            None => out.push(EnvoyProvider {
+                name: name.to_string(),
+                keys,
+                clock_skew: jwt.clock_skew(),
+            }),
+        }
+    }
+    out
+}
+
+/// The `jwt_authn` configuration in front of gateguard (docs/policy.md, "Verifying with Envoy's
+/// jwt_authn"). It refuses nothing itself: every provider verifies the token independently and
+/// leaves the payload in the request's dynamic metadata under its own name, and gateguard
+/// decides with its own statuses and messages. `cache_size` is the policy's
+/// `token_cache.max_entries` (0: no cache).
+fn jwt_authn_config(providers: &[EnvoyProvider], cache_size: u32) -> Value {
+    let mut by_name = serde_json::Map::new();
+    for p in providers {
+        let mut provider = json!({
+            // gateguard needs the token: it compares it with the payload claim by claim.
+            "forward": true,
+            // Only the Authorization header: without from_headers, jwt_authn also takes
+            // `?access_token=` from the query.
+            "from_headers": BEARER_PREFIXES
+                .iter()
+                .map(|prefix| json!({ "name": "authorization", "value_prefix": prefix }))
+                .collect::<Vec<_>>(),
+            "payload_in_metadata": p.name,
+            "clock_skew_seconds": p.clock_skew,
+        });
+        provider[match &p.keys {
+            ProviderKeys::Inline(_) => "local_jwks",
+            ProviderKeys::Remote { .. } => "remote_jwks",
+        }] = match &p.keys {
+            ProviderKeys::Inline(jwks) => json!({ "inline_string": jwks }),
+            ProviderKeys::Remote {
+                cluster,
+                uri,
+                refresh_seconds,
+            } => json!({
+                "http_uri": { "uri": uri, "cluster": cluster, "timeout": JWKS_FETCH_TIMEOUT },
+                "cache_duration": format!("{refresh_seconds}s"),
+                // Fetched when the listener starts and refreshed ahead of expiry, not on a
+                // request's path.
+                "async_fetch": {}
+            }),
+        };
+        if cache_size > 0 {
+            provider["jwt_cache_config"] = json!({ "jwt_cache_size": cache_size });
+        }
+        by_name.insert(p.name.clone(), provider);
+    }
+    // A token one provider refuses must not stop the next from verifying it for its APIs:
+    // `requires_any` over the providers would stop at the first success.
+    let any = |p: &EnvoyProvider| {
+        json!({ "requires_any": { "requirements": [
+            { "provider_name": p.name }, { "allow_missing_or_failed": {} }
+        ] } })
+    };
+    let requires = match providers {
+        [one] => any(one),
+        several => {
+            json!({ "requires_all": { "requirements": several.iter().map(any).collect::<Vec<_>>() } })
+        }
+    };
+    json!({
+        "@type": JWT_AUTHN_TYPE,
+        "providers": by_name,
+        "rules": [{ "match": { "prefix": "/" }, "requires": requires }],
+        "bypass_cors_preflight": true
+    })
+}
+
+/// `jwt_authn` for `policy`, None when no API has Envoy verify its tokens.
+fn jwt_authn_for(policy_text: &str, compiled: &CompiledPolicy) -> Result<Option<Value>, String> {
+    let policy: Value = serde_json::from_str(policy_text).map_err(|e| e.to_string())?;
+    let providers = envoy_providers(&policy, compiled);
+    Ok((!providers.is_empty()).then(|| jwt_authn_config(&providers, compiled.token_cache_slots)))
 }
 
 fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
@@ -487,21 +657,93 @@ fn write_filter_file(
     policy_text: &str,
     uses_etcd: bool,
 ) -> Result<(), String> {
+    write_extension_config(
+        dir,
+        FILTER_FILE,
+        "gateguard",
+        wasm_config(args, policy_text, uses_etcd)?,
+    )
+}
+
+/// Under --ecds-dir, DIR/jwt-authn-filter.yaml, for the `jwt_authn` slot a full render puts in
+/// front of gateguard when the policy has Envoy verify tokens. `--filter-only` rewrites it with
+/// the policy, or refuses a policy that needs it when the running configuration has no such slot
+/// (no file: it was rendered for a policy without it).
+fn write_jwt_authn_file(
+    args: &Args,
+    dir: &std::path::Path,
+    policy_text: &str,
+    compiled: &CompiledPolicy,
+) -> Result<(), String> {
+    let path = dir.join(JWT_AUTHN_FILE);
+    let slot = path.exists();
+    match (
+        jwt_authn_for(policy_text, compiled)?,
+        args.filter_only,
+        slot,
+    ) {
+        (Some(_), true, false) => Err(format!(
+            "this policy has Envoy's jwt_authn verify tokens (jwt.verify_with \"envoy\"), and \
+             the configuration rendered into {} has no jwt_authn in front of gateguard: render \
+             it again without --filter-only and restart Envoy",
+            dir.display()
+        )),
+        (Some(config), _, _) => write_extension_config(dir, JWT_AUTHN_FILE, JWT_AUTHN_NAME, config),
+        // The running configuration keeps the slot: leave it verifying nothing.
+        (None, true, true) => write_extension_config(
+            dir,
+            JWT_AUTHN_FILE,
+            JWT_AUTHN_NAME,
+            json!({ "@type": JWT_AUTHN_TYPE }),
+        ),
+        // A full render without the slot: a stale file would fool a later --filter-only.
+        (None, false, true) => {
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        (None, _, false) => Ok(()),
+    }
+}
+
+/// Writes one ECDS resource, DIR/`file`, through a temporary file and a rename, so Envoy's
+/// watcher never reads half a file.
+fn write_extension_config(
+    dir: &std::path::Path,
+    file: &str,
+    name: &str,
+    typed_config: Value,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let doc = json!({ "resources": [{
         "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-        "name": "gateguard",
-        "typed_config": wasm_config(args, policy_text, uses_etcd)?,
+        "name": name,
+        "typed_config": typed_config,
     }]});
-    // YAML whatever --format says: Envoy parses the file by its name, gateguard-filter.yaml.
+    // YAML whatever --format says: Envoy parses the file by its name (.yaml).
     let text = document(
         &doc,
         Format::Yaml,
         "Generated by `gateguard render --ecds-dir`; Envoy reloads the filter when this file is replaced.",
     )?;
-    let tmp = dir.join(format!(".{FILTER_FILE}.tmp"));
+    let tmp = dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(FILTER_FILE)).map_err(|e| format!("{}: {e}", dir.display()))
+    std::fs::rename(&tmp, dir.join(file)).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// An HTTP filter delivered through extension config discovery from DIR/`file`.
+fn discovered_filter(dir: &std::path::Path, file: &str, name: &str, type_url: &str) -> Value {
+    json!({
+        "name": name,
+        "config_discovery": {
+            "config_source": {
+                "path_config_source": {
+                    "path": dir.join(file).display().to_string(),
+                    "watched_directory": { "path": dir.display().to_string() }
+                },
+                "resource_api_version": "V3"
+            },
+            "type_urls": [type_url]
+        }
+    })
 }
 
 /// The Wasm filter's typed config with the policy embedded.
@@ -537,30 +779,32 @@ fn wasm_config(args: &Args, policy_text: &str, uses_etcd: bool) -> Result<Value,
     }))
 }
 
-fn render(args: &Args, policy_text: &str, etcd: Option<&EtcdPolicy>) -> Result<Value, String> {
+fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<Value, String> {
+    let etcd = compiled.replay_store.etcd();
     check_etcd_args(args, etcd)?;
-    let wasm = if args.ecds_dir.is_some() {
-        let dir = args
-            .ecds_dir
-            .as_deref()
-            .unwrap_or(std::path::Path::new("."));
-        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        json!({
-            "name": "gateguard",
-            "config_discovery": {
-                "config_source": {
-                    "path_config_source": {
-                        "path": dir.join(FILTER_FILE).display().to_string(),
-                        "watched_directory": { "path": dir.display().to_string() }
-                    },
-                    "resource_api_version": "V3"
-                },
-                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]
-            }
-        })
-    } else {
-        json!({ "name": "envoy.filters.http.wasm", "typed_config": wasm_config(args, policy_text, etcd.is_some())? })
+    let jwt_authn = jwt_authn_for(policy_text, compiled)?;
+    let (wasm, jwt_authn) = match &args.ecds_dir {
+        Some(dir) => {
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            let wasm = discovered_filter(
+                &dir,
+                FILTER_FILE,
+                "gateguard",
+                "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            );
+            let jwt_authn = jwt_authn
+                .map(|_| discovered_filter(&dir, JWT_AUTHN_FILE, JWT_AUTHN_NAME, JWT_AUTHN_TYPE));
+            (wasm, jwt_authn)
+        }
+        None => (
+            json!({ "name": "envoy.filters.http.wasm", "typed_config": wasm_config(args, policy_text, etcd.is_some())? }),
+            jwt_authn.map(|config| json!({ "name": JWT_AUTHN_NAME, "typed_config": config })),
+        ),
     };
+    // jwt_authn, when the policy has it verify tokens, then gateguard, then the router.
+    let router = json!({ "name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } });
+    let http_filters: Vec<Value> = jwt_authn.into_iter().chain([wasm, router]).collect();
     let policy: Value = serde_json::from_str(policy_text).map_err(|e| e.to_string())?;
 
     let access_log = args.access_log.as_ref().map(|path| {
@@ -595,11 +839,7 @@ fn render(args: &Args, policy_text: &str, etcd: Option<&EtcdPolicy>) -> Result<V
                     "name": "function_app", "domains": ["*"],
                     "routes": [{ "match": { "prefix": "/" }, "route": { "cluster": "function_app" } }]
                 }]},
-                "http_filters": [
-                    wasm.clone(),
-                    { "name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } }
-                ]
+                "http_filters": http_filters.clone()
             }
         });
         if let Some(log) = &access_log {
@@ -738,8 +978,8 @@ mod tests {
     fn yaml_and_json_say_the_same_thing() {
         let mut a = args(true, None);
         a.access_log = Some("/dev/stdout".into());
-        let policy = "{\n  \"apis\": [{\"name\": \"on\", \"path_prefix\": \"/a: b # c\"}]\n}\n";
-        let config = render(&a, policy, None).unwrap();
+        let policy = "{\n  \"apis\": [{\"name\": \"on\", \"path_prefix\": \"/a: b\"}]\n}\n";
+        let config = render_policy(&a, policy).unwrap();
         let yaml = document(&config, Format::Yaml, "header").unwrap();
         let json = document(&config, Format::Json, "header").unwrap();
         assert!(yaml.starts_with("# header\n"));
@@ -749,18 +989,18 @@ mod tests {
         assert!(yaml.contains("value: |\n"), "{yaml}");
         assert!(yaml
             .lines()
-            .any(|l| l.trim_start() == r#""apis": [{"name": "on", "path_prefix": "/a: b # c"}]"#));
+            .any(|l| l.trim_start() == r#""apis": [{"name": "on", "path_prefix": "/a: b"}]"#));
     }
 
     #[test]
     fn access_log_goes_on_every_listener_only_when_asked() {
         let mut a = args(true, None);
         let mut hcms = Vec::new();
-        connection_managers(&render(&a, POLICY, None).unwrap(), &mut hcms);
+        connection_managers(&render_policy(&a, POLICY).unwrap(), &mut hcms);
         assert!(hcms.iter().all(|hcm| hcm.get("access_log").is_none()));
         a.access_log = Some("/var/log/envoy/access.log".into());
         hcms.clear();
-        connection_managers(&render(&a, POLICY, None).unwrap(), &mut hcms);
+        connection_managers(&render_policy(&a, POLICY).unwrap(), &mut hcms);
         assert_eq!(hcms.len(), 2);
         for hcm in hcms {
             let log = &hcm["access_log"][0]["typed_config"];
@@ -797,7 +1037,7 @@ mod tests {
             (true, None, 2),
             (true, Some(PathBuf::from("/nonexistent/filter")), 2),
         ] {
-            let config = render(&args(tls, ecds), POLICY, None).unwrap();
+            let config = render_policy(&args(tls, ecds), POLICY).unwrap();
             let mut hcms = Vec::new();
             connection_managers(&config, &mut hcms);
             assert_eq!(hcms.len(), listeners);
@@ -820,7 +1060,7 @@ mod tests {
     fn render_policy(a: &Args, text: &str) -> Result<Value, String> {
         let placeholder = |_: &str| Some(PLACEHOLDER.to_string());
         let policy = gateguard_core::parse_policy(text.as_bytes(), &placeholder).unwrap();
-        render(a, text, policy.replay_store.etcd())
+        render(a, text, &policy)
     }
 
     fn etcd_args(endpoints: &[&str]) -> Args {
@@ -1092,5 +1332,315 @@ mod tests {
             e.contains("\"function_app\" is also the name of another cluster"),
             "{e}"
         );
+    }
+
+    // ---- jwt.verify_with "envoy": jwt_authn in front of gateguard ----
+
+    const JWKS: &str = r#"{"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "e": "AQAB",
+        "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw"}]}"#;
+
+    fn jwt_api(name: &str, jwks: &str, extra: &str) -> String {
+        format!(
+            r#"{{"name": "{name}", "path_prefix": "/{name}", "jwt": {{"issuers": ["https://idp/"],
+                "audiences": ["api://a"], "algorithms": ["RS256"], "jwks": {jwks}{extra}}}}}"#
+        )
+    }
+
+    fn remote(cluster: &str, uri: &str, refresh: Option<u64>) -> String {
+        let refresh = refresh.map_or(String::new(), |s| format!(r#", "refresh_seconds": {s}"#));
+        format!(r#"{{"cluster": "{cluster}", "uri": "{uri}"{refresh}}}"#)
+    }
+
+    fn policy_of(apis: &[String], rest: &str) -> String {
+        format!(r#"{{"apis": [{}]{rest}}}"#, apis.join(", "))
+    }
+
+    const ENVOY: &str = r#", "verify_with": "envoy""#;
+
+    fn http_filters(config: &Value) -> Vec<Vec<Value>> {
+        let mut hcms = Vec::new();
+        connection_managers(config, &mut hcms);
+        hcms.iter()
+            .map(|hcm| hcm["http_filters"].as_array().unwrap().clone())
+            .collect()
+    }
+
+    fn jwt_authn_of(config: &Value) -> Value {
+        let filters = &http_filters(config)[0];
+        assert_eq!(filters[0]["name"], "envoy.filters.http.jwt_authn");
+        filters[0]["typed_config"].clone()
+    }
+
+    /// The provider name the filter looks the payload up under, for API `i` of `text`.
+    fn provider_of(text: &str, i: usize) -> String {
+        let policy = gateguard_core::parse_policy(text.as_bytes(), &|_| None).unwrap();
+        let jwt = policy.apis[i].jwt.as_ref().unwrap();
+        jwt.envoy_provider().unwrap().to_string()
+    }
+
+    #[test]
+    fn jwt_authn_goes_in_front_of_gateguard_on_every_listener() {
+        let text = policy_of(
+            &[jwt_api("a", &format!(r#"{{"inline": {JWKS}}}"#), ENVOY)],
+            "",
+        );
+        let config = render_policy(&args(true, None), &text).unwrap();
+        let chains = http_filters(&config);
+        assert_eq!(chains.len(), 2);
+        for filters in &chains {
+            let names: Vec<&str> = filters
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "envoy.filters.http.jwt_authn",
+                    "envoy.filters.http.wasm",
+                    "envoy.filters.http.router"
+                ]
+            );
+            assert_eq!(filters[0], chains[0][0]);
+        }
+        let name = provider_of(&text, 0);
+        let authn = jwt_authn_of(&config);
+        assert_eq!(authn["@type"], JWT_AUTHN_TYPE);
+        assert_eq!(authn["bypass_cors_preflight"], true);
+        let providers = authn["providers"].as_object().unwrap();
+        assert_eq!(providers.keys().collect::<Vec<_>>(), [&name]);
+        let provider = &providers[&name];
+        assert_eq!(provider["payload_in_metadata"], name.as_str());
+        assert_eq!(provider["forward"], true);
+        assert_eq!(provider["clock_skew_seconds"], 60);
+        assert_eq!(
+            provider["jwt_cache_config"],
+            json!({ "jwt_cache_size": 2048 })
+        );
+        // The key set is the policy's own.
+        let inline: Value =
+            serde_json::from_str(provider["local_jwks"]["inline_string"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(inline, serde_json::from_str::<Value>(JWKS).unwrap());
+        // gateguard checks issuers and audiences, with its own messages; jwt_authn never
+        // refuses, and never rewrites the payload it leaves.
+        for field in [
+            "issuer",
+            "audiences",
+            "normalize_payload_in_metadata",
+            "forward_payload_header",
+            "claim_to_headers",
+            "remote_jwks",
+        ] {
+            assert!(provider.get(field).is_none(), "{field}");
+        }
+        assert_eq!(
+            authn["rules"],
+            json!([{ "match": { "prefix": "/" }, "requires": { "requires_any": { "requirements": [
+                { "provider_name": name }, { "allow_missing_or_failed": {} }
+            ] } } }])
+        );
+    }
+
+    #[test]
+    fn jwt_authn_takes_tokens_from_the_authorization_header_only() {
+        let text = policy_of(
+            &[jwt_api("a", &format!(r#"{{"inline": {JWKS}}}"#), ENVOY)],
+            "",
+        );
+        let authn = jwt_authn_of(&render_policy(&args(false, None), &text).unwrap());
+        let provider = &authn["providers"][provider_of(&text, 0)];
+        // Without from_headers, jwt_authn would also read `?access_token=`.
+        assert_eq!(
+            provider["from_headers"],
+            json!([
+                { "name": "authorization", "value_prefix": "Bearer " },
+                { "name": "authorization", "value_prefix": "bearer " },
+                { "name": "authorization", "value_prefix": "BEARER " }
+            ])
+        );
+        for field in ["from_params", "from_cookies"] {
+            assert!(provider.get(field).is_none(), "{field}");
+        }
+    }
+
+    #[test]
+    fn apis_trusting_the_same_keys_share_one_provider() {
+        let idp = remote("idp", "https://idp.example/keys", Some(600));
+        let idp_hourly = remote("idp", "https://idp.example/keys", None);
+        let other = remote("other_idp", "http://127.0.0.1:9000/keys", Some(60));
+        let text = policy_of(
+            &[
+                jwt_api("a", &idp, ENVOY),
+                jwt_api(
+                    "b",
+                    &idp_hourly,
+                    r#", "verify_with": "envoy", "clock_skew_seconds": 300"#,
+                ),
+                jwt_api(
+                    "c",
+                    &other,
+                    r#", "verify_with": "envoy", "clock_skew_seconds": 0"#,
+                ),
+                // Verified by gateguard: no provider of its own, even with the same keys.
+                jwt_api("d", &idp, ""),
+            ],
+            "",
+        );
+        let (a, b, c) = (
+            provider_of(&text, 0),
+            provider_of(&text, 1),
+            provider_of(&text, 2),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let config = render_policy(&args(false, None), &text).unwrap();
+        let authn = jwt_authn_of(&config);
+        let providers = authn["providers"].as_object().unwrap();
+        assert_eq!(providers.keys().collect::<Vec<_>>(), [&a, &c]);
+        // The largest skew of the APIs sharing it, the shortest refresh.
+        assert_eq!(providers[&a]["clock_skew_seconds"], 300);
+        assert_eq!(
+            providers[&a]["remote_jwks"],
+            json!({ "http_uri": { "uri": "https://idp.example/keys", "cluster": "idp",
+                                  "timeout": "5s" },
+                    "cache_duration": "600s", "async_fetch": {} })
+        );
+        assert_eq!(providers[&c]["clock_skew_seconds"], 0);
+        assert_eq!(providers[&c]["remote_jwks"]["cache_duration"], "60s");
+        // Every provider verifies for itself and leaves its own payload: a requires_any over
+        // the providers would stop at the first that succeeds.
+        let any = |name: &str| {
+            json!({ "requires_any": { "requirements": [
+                { "provider_name": name }, { "allow_missing_or_failed": {} }
+            ] } })
+        };
+        assert_eq!(
+            authn["rules"][0]["requires"],
+            json!({ "requires_all": { "requirements": [any(&a), any(&c)] } })
+        );
+        // The clusters jwt_authn fetches through are the ones render writes for the policy.
+        for (name, host, port) in [
+            ("idp", "idp.example", 443),
+            ("other_idp", "127.0.0.1", 9000),
+        ] {
+            let c = named_cluster(&config, name).unwrap();
+            let address = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ["address"]["socket_address"];
+            assert_eq!(
+                (address["address"].as_str(), address["port_value"].as_u64()),
+                (Some(host), Some(port))
+            );
+        }
+        assert!(named_cluster(&config, "idp").unwrap()["transport_socket"].is_object());
+    }
+
+    #[test]
+    fn jwt_authn_caches_as_many_tokens_as_gateguard_would() {
+        let api = jwt_api("a", &format!(r#"{{"inline": {JWKS}}}"#), ENVOY);
+        let provider = |rest: &str| {
+            let text = policy_of(std::slice::from_ref(&api), rest);
+            jwt_authn_of(&render_policy(&args(false, None), &text).unwrap())["providers"]
+                [provider_of(&text, 0)]
+            .clone()
+        };
+        assert_eq!(
+            provider(r#", "token_cache": {"max_entries": 500}"#)["jwt_cache_config"],
+            json!({ "jwt_cache_size": 500 })
+        );
+        // 0 turns gateguard's cache off, and jwt_authn's.
+        assert!(provider(r#", "token_cache": {"max_entries": 0}"#)
+            .get("jwt_cache_config")
+            .is_none());
+    }
+
+    #[test]
+    fn no_jwt_authn_unless_an_api_has_envoy_verify() {
+        let text = policy_of(
+            &[
+                jwt_api("a", &remote("idp", "https://idp/keys", None), ""),
+                jwt_api(
+                    "b",
+                    &format!(r#"{{"inline": {JWKS}}}"#),
+                    r#", "verify_with": "gateguard""#,
+                ),
+            ],
+            "",
+        );
+        for config in [
+            render_policy(&args(true, None), &text).unwrap(),
+            render_policy(&args(true, None), POLICY).unwrap(),
+        ] {
+            for filters in http_filters(&config) {
+                assert_eq!(filters.len(), 2);
+                assert_eq!(filters[0]["name"], "envoy.filters.http.wasm");
+            }
+        }
+    }
+
+    #[test]
+    fn with_ecds_jwt_authn_is_discovered_from_its_own_file() {
+        let dir =
+            std::env::temp_dir().join(format!("gateguard-render-jwt-authn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = policy_of(
+            &[jwt_api("a", &format!(r#"{{"inline": {JWKS}}}"#), ENVOY)],
+            "",
+        );
+        let config = render_policy(&args(false, Some(dir.clone())), &text).unwrap();
+        let filters = &http_filters(&config)[0];
+        let discovery = &filters[0]["config_discovery"];
+        assert_eq!(filters[0]["name"], JWT_AUTHN_NAME);
+        assert_eq!(discovery["type_urls"], json!([JWT_AUTHN_TYPE]));
+        let path = discovery["config_source"]["path_config_source"]["path"]
+            .as_str()
+            .unwrap();
+        assert!(path.ends_with("/jwt-authn-filter.yaml"), "{path}");
+        assert_eq!(filters[1]["name"], "gateguard");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn filter_only_keeps_jwt_authn_in_step_with_the_policy() {
+        let dir =
+            std::env::temp_dir().join(format!("gateguard-render-jwt-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join(JWT_AUTHN_FILE);
+        let with = policy_of(
+            &[jwt_api("a", &format!(r#"{{"inline": {JWKS}}}"#), ENVOY)],
+            "",
+        );
+        let compiled =
+            |text: &str| gateguard_core::parse_policy(text.as_bytes(), &|_| None).unwrap();
+        let full = args(false, Some(dir.clone()));
+        let mut only = args(false, Some(dir.clone()));
+        only.filter_only = true;
+        let read = || -> Value {
+            let doc: Value =
+                serde_norway::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            assert_eq!(doc["resources"][0]["name"], JWT_AUTHN_NAME);
+            doc["resources"][0]["typed_config"].clone()
+        };
+
+        // A policy without it: no file, and --filter-only cannot add jwt_authn to a running
+        // configuration that has none in front of gateguard.
+        write_jwt_authn_file(&full, &dir, POLICY, &compiled(POLICY)).unwrap();
+        assert!(!file.exists());
+        let e = write_jwt_authn_file(&only, &dir, &with, &compiled(&with)).unwrap_err();
+        assert!(e.contains("render it again without --filter-only"), "{e}");
+        assert!(!file.exists());
+
+        // Rendered with it: the file holds the same jwt_authn the embedded config would.
+        write_jwt_authn_file(&full, &dir, &with, &compiled(&with)).unwrap();
+        let embedded = jwt_authn_of(&render_policy(&args(false, None), &with).unwrap());
+        assert_eq!(read(), embedded);
+        // A new policy without it leaves the slot verifying nothing.
+        write_jwt_authn_file(&only, &dir, POLICY, &compiled(POLICY)).unwrap();
+        assert_eq!(read(), json!({ "@type": JWT_AUTHN_TYPE }));
+        write_jwt_authn_file(&only, &dir, &with, &compiled(&with)).unwrap();
+        assert_eq!(read(), embedded);
+        // A full render for a policy without it removes the file its configuration never reads.
+        write_jwt_authn_file(&full, &dir, POLICY, &compiled(POLICY)).unwrap();
+        assert!(!file.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

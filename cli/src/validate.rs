@@ -89,6 +89,20 @@ fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
             etcd.cluster
         ));
     }
+    let by_envoy: Vec<&str> = policy
+        .apis
+        .iter()
+        .filter(|a| a.jwt.as_ref().is_some_and(|j| j.envoy_provider().is_some()))
+        .map(|a| a.name.as_str())
+        .collect();
+    if !by_envoy.is_empty() {
+        // Without it every token of those APIs is refused: nothing verified it (docs/policy.md,
+        // "Verifying with Envoy's jwt_authn").
+        lines.push(format!(
+            "{file}: note: jwt.verify_with \"envoy\" ({}) needs Envoy's jwt_authn in front of gateguard, one provider per key set; `gateguard render` puts it there",
+            by_envoy.join(", ")
+        ));
+    }
     lines
 }
 
@@ -195,6 +209,32 @@ mod tests {
                 ["p.json: ok (1 APIs: a)"]
             );
         }
+    }
+
+    #[test]
+    fn summary_says_which_apis_need_jwt_authn_in_front() {
+        let api = |name: &str, verify_with: &str| {
+            format!(
+                r#"{{"name": "{name}", "path_prefix": "/{name}", "jwt": {{"issuers": ["i"],
+                    "audiences": ["a"], "algorithms": ["RS256"], "verify_with": "{verify_with}",
+                    "jwks": {{"cluster": "idp", "uri": "https://idp/keys"}}}}}}"#
+            )
+        };
+        let text = format!(
+            r#"{{"apis": [{}, {}, {}]}}"#,
+            api("a", "envoy"),
+            api("b", "gateguard"),
+            api("c", "envoy")
+        );
+        assert_eq!(
+            summary_of(&text),
+            [
+                "p.json: ok (3 APIs: a, b, c)",
+                "p.json: note: jwt.verify_with \"envoy\" (a, c) needs Envoy's jwt_authn in front of gateguard, one provider per key set; `gateguard render` puts it there",
+            ]
+        );
+        let text = format!(r#"{{"apis": [{}]}}"#, api("b", "gateguard"));
+        assert_eq!(summary_of(&text), ["p.json: ok (1 APIs: b)"]);
     }
 
     #[test]

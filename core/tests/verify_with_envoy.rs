@@ -287,8 +287,7 @@ fn hmac_cannot_be_verified_by_envoy() {
                 "hmac_secret": {"value": "0123456789abcdef0123456789abcdef"}, "verify_with": "envoy"}
     }]});
     let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("apis[0].jwt.verify_with"), "{err}");
     let doc = json!({"apis": [{
@@ -297,8 +296,42 @@ fn hmac_cannot_be_verified_by_envoy() {
                 "jwks": {"cluster": "c", "uri": "https://idp/keys"}, "verify_with": "jwt_authn"}
     }]});
     let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("verify_with"), "{err}");
+}
+
+#[test]
+fn envoy_cannot_follow_openid_discovery() {
+    let doc = |uri: &str| {
+        json!({"apis": [{
+            "name": "d", "path_prefix": "/d",
+            "jwt": {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["RS256"],
+                    "jwks": {"cluster": "idp", "uri": uri}, "verify_with": "envoy"}
+        }]})
+        .to_string()
+    };
+    let discovery = "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration";
+    let err = gateguard_core::parse_policy(doc(discovery).as_bytes(), &|_| None)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("apis[0].jwt.jwks.uri"), "{err}");
+    assert!(err.contains("jwks_uri"), "{err}");
+    let keys = "https://login.microsoftonline.com/t/discovery/v2.0/keys";
+    assert!(gateguard_core::parse_policy(doc(keys).as_bytes(), &|_| None).is_ok());
+}
+
+#[test]
+fn envoy_reads_the_authorization_header_only() {
+    let doc = json!({"apis": [{
+        "name": "q", "path_prefix": "/q",
+        "jwt": {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["RS256"],
+                "jwks": {"cluster": "c", "uri": "https://idp/keys"}, "verify_with": "envoy",
+                "token_sources": [{"query": "access_token"}]}
+    }]});
+    let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("apis[0].jwt.token_sources"), "{err}");
 }

@@ -75,7 +75,7 @@ pub fn provider_name(jwks: &JwksConfig) -> String {
     match (&jwks.inline, &jwks.cluster, &jwks.uri) {
         (Some(inline), _, _) => {
             h.update(b"inline\0");
-            h.update(inline.to_string().as_bytes());
+            h.update(canonical_json(inline).as_bytes());
         }
         (None, cluster, uri) => {
             h.update(b"remote\0");
@@ -86,6 +86,45 @@ pub fn provider_name(jwks: &JwksConfig) -> String {
     }
     let digest: [u8; 32] = h.finalize().into();
     format!("gateguard_{}", &hex::encode(&digest)[..16])
+}
+
+/// `value` as JSON text with every object's keys in sorted order. `Value::to_string` keeps the
+/// document's order when serde_json's `preserve_order` feature is on (the CLI turns it on, the
+/// filter does not), so the name `render` gives a provider would differ from the one the filter
+/// looks for.
+fn canonical_json(value: &Value) -> String {
+    fn write(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (i, (name, v)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(name.clone()).to_string());
+                    out.push(':');
+                    write(v, out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(v, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, &mut out);
+    out
 }
 
 /// The payload `provider` verified for this request, from the serialised dynamic metadata.
@@ -139,6 +178,7 @@ fn number_is(n: &serde_json::Number, f: f64) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -184,6 +224,11 @@ mod tests {
         }));
         assert!(same_payload(&claims, &payload));
         assert_eq!(verified_payload(&bytes, "p1"), None);
+        // What the helper below encodes reads back as the same payload.
+        assert_eq!(
+            verified_payload(&metadata("p0", payload.clone()), "p0"),
+            Some(payload)
+        );
     }
 
     #[test]
@@ -310,6 +355,30 @@ mod tests {
         assert_ne!(
             provider_name(&inline(json!({"keys": [{"kid": "a"}]}))),
             provider_name(&inline(json!({"keys": [{"kid": "b"}]})))
+        );
+    }
+
+    /// The CLI (serde_json with `preserve_order`) and the filter (without) parse the same policy
+    /// into maps that iterate in different orders; the name must not depend on it.
+    #[test]
+    fn an_inline_key_set_is_named_whatever_the_order_of_its_members() {
+        let inline = |text: &str| JwksConfig {
+            inline: Some(serde_json::from_str(text).unwrap()),
+            cluster: None,
+            uri: None,
+            refresh_seconds: None,
+        };
+        let a = provider_name(&inline(
+            r#"{"keys": [{"kty": "RSA", "n": "x", "e": "AQAB", "kid": "k"}], "z": {"b": 1, "a": [2]}}"#,
+        ));
+        let b = provider_name(&inline(
+            r#"{"z": {"a": [2], "b": 1}, "keys": [{"e": "AQAB", "kid": "k", "kty": "RSA", "n": "x"}]}"#,
+        ));
+        assert_eq!(a, b);
+        // Sorted by key, escaped like JSON: what a filter built without `preserve_order` hashes.
+        assert_eq!(
+            canonical_json(&json!({"b": [1, "\"x\"", null], "a": {"d": true, "c": 1.5}})),
+            r#"{"a":{"c":1.5,"d":true},"b":[1,"\"x\"",null]}"#
         );
     }
 }

@@ -401,12 +401,28 @@ impl JwtPolicy {
                 "\"envoy\" verifies with the identity provider's keys (jwks); HS256/HS384/HS512 \
                      tokens are verified by \"gateguard\"",
             )),
+            (VerifyWith::Envoy, Some(jwks))
+                if jwks.uri.as_deref().is_some_and(fetch::is_discovery_uri) =>
+            {
+                return Err(ConfigError::new(
+                    join(&jwks_path, "uri"),
+                    "with verify_with \"envoy\", Envoy's jwt_authn fetches this URL as the key set \
+                     and cannot follow OpenID discovery: give the discovery document's jwks_uri",
+                ))
+            }
             (VerifyWith::Envoy, Some(jwks)) => Some(envoy::provider_name(jwks)),
             // Refused above: an asymmetric algorithm without keys.
             (VerifyWith::Envoy, None) => None,
         };
 
         let token_sources = sources::compile_sources(&cfg.token_sources, path)?;
+        if envoy_provider.is_some() && !sources::is_default_sources(&cfg.token_sources) {
+            return Err(ConfigError::new(
+                join(path, "token_sources"),
+                "with \"verify_with\": \"envoy\", Envoy's jwt_authn reads the token from \
+                 `Authorization: Bearer` only; other places need \"verify_with\": \"gateguard\"",
+            ));
+        }
 
         if cfg.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
             return Err(ConfigError::new(
