@@ -119,7 +119,7 @@ impl RootContext for GatewayRoot {
             }
         };
         let replay_prefix = policy.replay_cache.key_prefix(KEY_PREFIX);
-        if policy.apis.iter().any(|a| a.replay.is_some()) {
+        if policy.uses_replay_store() {
             // Buckets exist before any request: a request never creates one (creation ignores
             // CAS in Envoy, so it could not be made exclusive). A policy that wants another
             // bucket count moves every entry to a new layout here, while requests of the
@@ -252,7 +252,7 @@ impl GatewayRoot {
     /// tokens were refused because the store is full.
     fn report_replay_store(&mut self, gateway: &ConfiguredGateway, now: u64) {
         let policy = &gateway.policy;
-        if !policy.apis.iter().any(|a| a.replay.is_some()) {
+        if !policy.uses_replay_store() {
             return;
         }
         if self.occupancy_cursor == 0 {

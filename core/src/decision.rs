@@ -98,6 +98,7 @@ pub const MSG_CLAIMS: &str = "Insufficient claims";
 pub const MSG_REPLAY: &str = "Token replay detected";
 pub const MSG_REPLAY_FULL: &str = "Replay protection unavailable: token store is full";
 pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
+pub const MSG_DPOP: &str = "Invalid DPoP proof";
 pub const MSG_CERTIFICATE_BOUND: &str = "Certificate-bound token presented without its certificate";
 pub const MSG_REPLAY_ETCD_UNAVAILABLE: &str =
     "Replay protection unavailable: the shared replay store did not answer";
@@ -132,6 +133,7 @@ impl Refusal {
             Refusal::Jwt(JwtError::Invalid(_)) => MSG_JWT_INVALID,
             Refusal::Jwt(JwtError::InsufficientClaims) => MSG_CLAIMS,
             Refusal::Jwt(JwtError::CertificateBound) => MSG_CERTIFICATE_BOUND,
+            Refusal::Jwt(JwtError::Dpop(_)) => MSG_DPOP,
             Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => MSG_REPLAY,
             Refusal::Replay(Verdict::Expired) => MSG_JWT_INVALID,
             Refusal::Replay(Verdict::StoreFull) => MSG_REPLAY_FULL,
@@ -191,6 +193,13 @@ impl Refusal {
 
     /// Extra response headers the refusal carries (RFC 6750 for JWT refusals).
     pub fn headers(&self) -> Vec<(String, String)> {
+        if let Refusal::Jwt(JwtError::Dpop(_)) = self {
+            let challenge = format!(
+                r#"DPoP error="invalid_dpop_proof", algs="{}""#,
+                crate::jwt::dpop::PROOF_ALGS_TEXT
+            );
+            return vec![("www-authenticate".to_string(), challenge)];
+        }
         let challenge = match self {
             Refusal::Jwt(JwtError::InsufficientClaims) => r#"Bearer error="insufficient_scope""#,
             Refusal::Jwt(_)

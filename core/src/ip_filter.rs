@@ -112,10 +112,13 @@ impl ClientIpPolicy {
     /// believed from this peer? From any peer when no proxies are listed (the policy named the
     /// header as a source); once `trusted_proxies` is set, only from a listed proxy.
     pub fn forwarded_headers_from(&self, peer: Option<&str>) -> bool {
-        self.trusted_proxies.is_empty()
-            || peer
-                .and_then(parse_address)
-                .is_some_and(|ip| self.trusts(ip.to_canonical()))
+        self.trusted_proxies.is_empty() || self.is_trusted_proxy(peer)
+    }
+
+    /// Is this peer one of the listed `trusted_proxies` (never when none are listed)?
+    pub fn is_trusted_proxy(&self, peer: Option<&str>) -> bool {
+        peer.and_then(parse_address)
+            .is_some_and(|ip| self.trusts(ip.to_canonical()))
     }
 }
 

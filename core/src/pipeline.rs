@@ -18,9 +18,10 @@ use crate::headers::{
 };
 use crate::ip_filter::client_ip;
 use crate::ip_filter::ClientIpError;
+use crate::jwt::dpop::{check_proof, AcceptedProof, DpopError, ProofTarget};
 use crate::jwt::sources::{cookie_without, find_token, Found};
 use crate::jwt::{
-    InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken, MAX_CLOCK_SKEW_SECONDS,
+    Binding, InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken, MAX_CLOCK_SKEW_SECONDS,
 };
 use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
@@ -197,6 +198,13 @@ impl CompiledPolicy {
                 .as_ref()
                 .is_some_and(|c| c.sources().contains(&CertSource::Connection))
         })
+    }
+
+    /// Whether any API records in the replay store: replay detection, or DPoP proofs' `jti`.
+    pub fn uses_replay_store(&self) -> bool {
+        self.apis
+            .iter()
+            .any(|a| a.replay.is_some() || a.jwt.as_ref().is_some_and(|j| j.dpop().is_some()))
     }
 
     /// Whether any API takes verified JWT payloads from Envoy's `jwt_authn`.
@@ -441,14 +449,18 @@ impl Checks<'_, '_> {
         };
         jwt.check_certificate_binding(&claims, self.certificate_sha256)
             .map_err(Refusal::Jwt)?;
+        let proof = self.dpop(jwt, &claims, token, &found)?;
         jwt.check_claims(&claims, || self.req.effective_methods(self.path.query))
             .map_err(Refusal::Jwt)?;
+        if let Some(proof) = proof {
+            self.spend_proof(proof, jwt.clock_skew())?;
+        }
         if let Some(mode) = self.api.replay {
             let identity = identity.unwrap_or_else(|| signed_content_sha256(token));
             self.replay(mode, identity, exp)?;
         }
         match found {
-            Found::Header | Found::Cookie(None) => {}
+            Found::Header | Found::Dpop | Found::Cookie(None) => {}
             Found::Query(name) => self.strip_query(&name),
             Found::Cookie(Some(name)) => {
                 self.forward.remove_request_headers.push("cookie".into());
@@ -466,6 +478,87 @@ impl Checks<'_, '_> {
             .set_request_headers
             .extend(jwt.claim_headers(&claims));
         Ok(())
+    }
+
+    /// RFC 9449: a DPoP-bound token (`cnf.jkt`) comes as `Authorization: DPoP` with a proof
+    /// of its key for this request; with `dpop: required` every token does.
+    fn dpop(
+        &self,
+        jwt: &JwtPolicy,
+        claims: &Map<String, Value>,
+        token: &str,
+        found: &Found,
+    ) -> Result<Option<AcceptedProof>, Refusal> {
+        let Some(binding) = jwt.dpop() else {
+            return Ok(None);
+        };
+        let refuse = |e| Refusal::Jwt(JwtError::Dpop(e));
+        let jkt = claims.get("cnf").and_then(|c| c.get("jkt"));
+        let jkt = match (found, jkt) {
+            (Found::Dpop, Some(Value::String(jkt))) => jkt,
+            (Found::Dpop, _) => return Err(refuse(DpopError::TokenNotBound)),
+            (_, Some(_)) => return Err(refuse(DpopError::BoundTokenAsBearer)),
+            (_, None) if binding == Binding::Required => return Err(refuse(DpopError::Required)),
+            (_, None) => return Ok(None),
+        };
+        let proofs = self.req.header_values("dpop");
+        let [proof] = proofs.as_slice() else {
+            return Err(refuse(DpopError::MissingProof));
+        };
+        let forwarded = |name: &str| {
+            if !self
+                .policy
+                .client_ip
+                .is_trusted_proxy(self.req.peer_address)
+            {
+                return None;
+            }
+            let values = self.req.header_values(name);
+            values
+                .first()
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let first = |name: &str| self.req.header_values(name).first().copied();
+        let target = ProofTarget {
+            method: self.req.method,
+            scheme: forwarded("x-forwarded-proto")
+                .or_else(|| first(":scheme"))
+                .unwrap_or("http"),
+            authority: forwarded("x-forwarded-host")
+                .or_else(|| first(":authority"))
+                .or_else(|| first("host"))
+                .unwrap_or_default(),
+            path: self.path.raw,
+        };
+        check_proof(proof, token, jkt, &target, self.req.now, jwt.clock_skew())
+            .map(Some)
+            .map_err(refuse)
+    }
+
+    /// Records a proof's `jti` as used (in this Envoy's replay store, whatever the API's replay
+    /// mode): a second use of the same proof is refused.
+    fn spend_proof(&mut self, proof: AcceptedProof, skew: u64) -> Result<(), Refusal> {
+        let host = self.host;
+        let identity = TokenRef::new(&proof.jti_identity, proof.valid_until, skew);
+        let outcome = check_and_record(
+            host.replay_store(),
+            &self.policy.replay_cache,
+            host.replay_prefix(),
+            identity,
+            None,
+            ReplayMode::WithoutIp,
+            self.req.now,
+        );
+        host.note(self.forward.api, Event::Replay(outcome));
+        match outcome.verdict {
+            Verdict::FirstUse => Ok(()),
+            Verdict::Replay | Verdict::SameOwner => {
+                Err(Refusal::Jwt(JwtError::Dpop(DpopError::Replayed)))
+            }
+            other => Err(Refusal::Replay(other)),
+        }
     }
 
     /// 6. Replay: the token's signed content, bound to the client IP or used once.

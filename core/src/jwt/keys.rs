@@ -203,7 +203,7 @@ fn text<'a>(jwk: &'a serde_json::Map<String, Value>, field: &str) -> Option<&'a 
 }
 
 /// One JWK, or `None` when it is not a signature-verification key we support.
-fn parse_jwk(value: &Value) -> Option<VerificationKey> {
+pub(crate) fn parse_jwk(value: &Value) -> Option<VerificationKey> {
     let jwk = value.as_object()?;
     if text(jwk, "use").is_some_and(|u| u != "sig") {
         return None;

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod claims;
+pub mod dpop;
 pub mod envoy;
 pub mod fetch;
 pub mod keys;
@@ -79,6 +80,10 @@ pub struct JwtConfig {
     #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub certificate_bound: Option<Binding>,
+    /// RFC 9449: DPoP-bound tokens (`cnf.jkt`) need a proof of their key on every request.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub dpop: Option<Binding>,
 }
 
 /// `jwt.certificate_bound` (and, later, other sender constraints): a token that says it is
@@ -177,6 +182,8 @@ pub struct JwtPolicy {
     token_sources: Vec<sources::TokenSource>,
     /// `certificate_bound`.
     certificate_bound: Option<Binding>,
+    /// `dpop`.
+    dpop: Option<Binding>,
 }
 
 /// A token that passed: signature, time, issuer and audience.
@@ -216,6 +223,8 @@ pub enum JwtError {
     InsufficientClaims,
     /// A certificate-bound token without the certificate it names.
     CertificateBound,
+    /// A DPoP-bound token without a valid proof, or a bearer token where DPoP is required.
+    Dpop(dpop::DpopError),
 }
 
 impl JwtError {
@@ -226,6 +235,7 @@ impl JwtError {
             JwtError::Malformed => "malformed token or missing exp",
             JwtError::InsufficientClaims => "required claim missing or not matching",
             JwtError::CertificateBound => "certificate-bound token without its certificate",
+            JwtError::Dpop(e) => e.reason(),
             JwtError::Invalid(r) => match r {
                 InvalidReason::AlgorithmNotAllowed => "algorithm not allowed",
                 InvalidReason::CritHeader => "unsupported crit header",
@@ -415,7 +425,20 @@ impl JwtPolicy {
             (VerifyWith::Envoy, None) => None,
         };
 
-        let token_sources = sources::compile_sources(&cfg.token_sources, path)?;
+        let mut token_sources = sources::compile_sources(&cfg.token_sources, path)?;
+        if cfg.dpop.is_some() {
+            if envoy_provider.is_some() {
+                return Err(ConfigError::new(
+                    join(path, "dpop"),
+                    "DPoP proofs are checked by \"verify_with\": \"gateguard\" only",
+                ));
+            }
+            // `Authorization: DPoP <token>` (RFC 9449 §7.1) next to the listed places.
+            token_sources.push(sources::TokenSource::Header {
+                name: "authorization".into(),
+                scheme: Some(sources::DPOP_SCHEME.into()),
+            });
+        }
         if envoy_provider.is_some() && !sources::is_default_sources(&cfg.token_sources) {
             return Err(ConfigError::new(
                 join(path, "token_sources"),
@@ -467,6 +490,7 @@ impl JwtPolicy {
             envoy_provider,
             token_sources,
             certificate_bound: cfg.certificate_bound,
+            dpop: cfg.dpop,
         })
     }
 
@@ -504,6 +528,12 @@ impl JwtPolicy {
         } else {
             Err(JwtError::CertificateBound)
         }
+    }
+
+    /// Whether DPoP-bound tokens need a proof (`Optional`), or every token must be one
+    /// (`Required`).
+    pub fn dpop(&self) -> Option<Binding> {
+        self.dpop
     }
 
     /// Where this API's token may come from, in order.

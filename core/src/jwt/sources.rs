@@ -178,10 +178,15 @@ pub fn compile_sources(
     Ok(out)
 }
 
+/// The authentication scheme of DPoP-bound tokens (RFC 9449 §7.1).
+pub const DPOP_SCHEME: &str = "DPoP";
+
 /// Where the request's one token was found, so the pipeline can take it out of the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     Header,
+    /// `Authorization: DPoP <token>`: a proof must come with it.
+    Dpop,
     /// The query parameter to remove.
     Query(String),
     /// The cookie to remove from `Cookie` (none when it is forwarded).
@@ -212,9 +217,13 @@ pub fn find_token(
                     .filter(|(k, _)| k.eq_ignore_ascii_case(name))
                     .map(|(_, v)| v.as_str())
                     .collect();
+                let at = match scheme {
+                    Some(s) if s.eq_ignore_ascii_case(DPOP_SCHEME) => Found::Dpop,
+                    _ => Found::Header,
+                };
                 for value in values {
                     if let Some(token) = header_token(value, scheme.as_deref())? {
-                        keep(token.to_string(), Found::Header)?;
+                        keep(token.to_string(), at.clone())?;
                     }
                 }
             }
