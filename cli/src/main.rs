@@ -40,6 +40,9 @@ enum Command {
     Token(Box<token::TokenArgs>),
     /// Print the JWKS (public key set) for a local private key, for a dev identity provider.
     Jwks(token::JwksArgs),
+    /// Print a DPoP proof (RFC 9449) for one request: a JWT the client signs with the key its
+    /// token is bound to (`gateguard token --dpop-key`), sent in the `DPoP` header.
+    DpopProof(token::DpopProofArgs),
     /// Convert the portal backend's settings into a policy.
     ///
     /// Reads VALID_INPUT_PATHS, API_KEY_VALUES, TOKEN_PROTECTED_PATHS_WITH_IP and
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Thumbprint(args) => thumbprint::run(&args),
         Command::Token(args) => token::token(&args),
         Command::Jwks(args) => token::jwks(&args),
+        Command::DpopProof(args) => token::dpop_proof(&args),
         Command::ImportEnv(args) => import::env::run(&args),
         Command::ImportApim(args) => import::apim::run(&args),
         Command::HashKey { key } => {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value};
@@ -35,6 +37,39 @@ pub struct TokenArgs {
     /// a string otherwise. Repeatable.
     #[arg(long = "claim")]
     claims: Vec<String>,
+    /// Bind the token to this client key for DPoP (RFC 9449): `cnf.jkt` is the thumbprint of
+    /// its public half (private key, PKCS#8 PEM; the client signs proofs with it).
+    #[arg(long)]
+    dpop_key: Option<PathBuf>,
+    /// Algorithm of the --dpop-key (ES256, ES384, RS256, PS256 or EdDSA).
+    #[arg(long, default_value = "ES256")]
+    dpop_alg: String,
+    /// Bind the token to this client certificate (RFC 8705): `cnf["x5t#S256"]` is its SHA-256
+    /// thumbprint (PEM or DER).
+    #[arg(long)]
+    cnf_cert: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct DpopProofArgs {
+    /// The client's private key (PKCS#8 PEM), the one the token's `cnf.jkt` names.
+    #[arg(long)]
+    key: PathBuf,
+    /// ES256, ES384, RS256, PS256 or EdDSA.
+    #[arg(long, default_value = "ES256")]
+    alg: String,
+    /// The request's method (`htm`).
+    #[arg(long)]
+    method: String,
+    /// The request's URL (`htu`; a query or fragment is left out).
+    #[arg(long)]
+    url: String,
+    /// The access token the proof goes with (`ath`).
+    #[arg(long)]
+    token: Option<String>,
+    /// `jti`; random when left out. Every proof needs a new one.
+    #[arg(long)]
+    jti: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -112,8 +147,90 @@ fn mint(args: &TokenArgs) -> Result<String, String> {
         let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::from(raw));
         claims.insert(name.to_string(), value);
     }
+    let mut cnf = Map::new();
+    if let Some(path) = &args.dpop_key {
+        let jwk = public_jwk(path, algorithm(&args.dpop_alg)?)?;
+        let jkt = gateguard_core::jwt::dpop::jwk_thumbprint(&jwk)
+            .ok_or_else(|| format!("{}: no RFC 7638 thumbprint for this key", path.display()))?;
+        cnf.insert("jkt".into(), jkt.into());
+    }
+    if let Some(path) = &args.cnf_cert {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let der = gateguard_core::client_cert::pem_or_der_to_der(&bytes).map_err(|e| {
+            format!(
+                "{}: not a PEM or DER certificate: {}",
+                path.display(),
+                e.reason()
+            )
+        })?;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&der);
+        cnf.insert("x5t#S256".into(), URL_SAFE_NO_PAD.encode(digest).into());
+    }
+    if !cnf.is_empty() {
+        claims.insert("cnf".into(), Value::Object(cnf));
+    }
     let mut header = Header::new(alg);
     header.kid = args.kid.clone();
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
+}
+
+/// The public JWK of a private key file, as a JSON object.
+fn public_jwk(path: &PathBuf, alg: Algorithm) -> Result<Value, String> {
+    let key = encoding_key(path, alg)?;
+    let jwk = Jwk::from_encoding_key(&key, alg).map_err(|e| e.to_string())?;
+    serde_json::to_value(&jwk).map_err(|e| e.to_string())
+}
+
+pub fn dpop_proof(args: &DpopProofArgs) -> ExitCode {
+    match proof(args) {
+        Ok(p) => {
+            println!("{p}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateguard dpop-proof: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn proof(args: &DpopProofArgs) -> Result<String, String> {
+    let alg = algorithm(&args.alg)?;
+    if !gateguard_core::jwt::dpop::PROOF_ALGORITHMS.contains(&alg) {
+        return Err(format!(
+            "{:?} cannot sign a DPoP proof (use {})",
+            args.alg,
+            gateguard_core::jwt::dpop::PROOF_ALGS_TEXT
+        ));
+    }
+    let key = encoding_key(&args.key, alg)?;
+    let jwk = Jwk::from_encoding_key(&key, alg).map_err(|e| e.to_string())?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    let jti = match &args.jti {
+        Some(j) => j.clone(),
+        None => {
+            let mut bytes = [0u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| "no randomness for the jti".to_string())?;
+            URL_SAFE_NO_PAD.encode(bytes)
+        }
+    };
+    let htu = args.url.split(['?', '#']).next().unwrap_or_default();
+    let mut claims = Map::new();
+    claims.insert("htm".into(), args.method.clone().into());
+    claims.insert("htu".into(), htu.into());
+    claims.insert("iat".into(), now.as_secs().into());
+    claims.insert("jti".into(), jti.into());
+    if let Some(token) = &args.token {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes());
+        claims.insert("ath".into(), URL_SAFE_NO_PAD.encode(digest).into());
+    }
+    let mut header = Header::new(alg);
+    header.typ = Some("dpop+jwt".into());
+    header.jwk = Some(jwk);
     jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
 }
 

@@ -13,7 +13,7 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
 /// percent-decoded (`+` as space, as forms decode it), cut at a NUL, leading spaces dropped, a
 /// `[...]` suffix dropped (PHP, Express's qs and Rack read `key[]` as `key`), `.` and space read
 /// as `_` (PHP), compared ignoring ASCII case.
-fn spells(raw_name: &str, name: &str) -> bool {
+pub(crate) fn spells(raw_name: &str, name: &str) -> bool {
     let decoded: Vec<u8> =
         percent_encoding::percent_decode_str(&raw_name.replace('+', " ")).collect();
     let decoded = decoded.split(|&b| b == 0).next().unwrap_or_default();

@@ -439,7 +439,7 @@ impl JwtPolicy {
                 scheme: Some(sources::DPOP_SCHEME.into()),
             });
         }
-        if envoy_provider.is_some() && !sources::is_default_sources(&cfg.token_sources) {
+        if envoy_provider.is_some() && !sources::is_authorization_bearer_only(&token_sources) {
             return Err(ConfigError::new(
                 join(path, "token_sources"),
                 "with \"verify_with\": \"envoy\", Envoy's jwt_authn reads the token from \

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::JwtError;
 use crate::error::{index, join, ConfigError};
 use crate::headers::is_token;
-use crate::query::query_values;
+use crate::query::{query_values, spells};
 
 /// One entry of `jwt.token_sources`: exactly one of `header`, `query`, `cookie`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -49,6 +49,12 @@ pub fn default_sources() -> Vec<TokenSourceConfig> {
 
 pub fn is_default_sources(list: &[TokenSourceConfig]) -> bool {
     list == default_sources().as_slice()
+}
+
+/// Whether compiled sources mean the default, `Authorization: Bearer` only, however spelled.
+pub fn is_authorization_bearer_only(sources: &[TokenSource]) -> bool {
+    matches!(sources, [TokenSource::Header { name, scheme: Some(s) }]
+        if name == "authorization" && s.eq_ignore_ascii_case("bearer"))
 }
 
 /// A compiled token source.
@@ -266,14 +272,16 @@ fn checked(token: &str) -> Result<&str, JwtError> {
     Ok(token)
 }
 
-/// Every value of cookie `name` across the request's `Cookie` headers (quotes removed).
+/// Every value of cookie `name` across the request's `Cookie` headers (quotes removed), in
+/// every spelling a backend may read as it (ASP.NET compares cookie names ignoring case, PHP
+/// reads `.` as `_` and decodes them): like a query parameter's.
 fn cookie_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
     headers
         .iter()
         .filter(|(k, _)| k == "cookie")
         .flat_map(|(_, v)| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(k, _)| k.trim() == name)
+        .filter(|(k, _)| spells(k.trim(), name))
         .map(|(_, v)| {
             let v = v.trim();
             v.strip_prefix('"')
@@ -283,7 +291,8 @@ fn cookie_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str
         .collect()
 }
 
-/// The `Cookie` header without cookie `name`: `None` when nothing else is left.
+/// The `Cookie` header without cookie `name` in any spelling: `None` when nothing else is
+/// left.
 pub fn cookie_without(headers: &[(String, String)], name: &str) -> Option<String> {
     let rest: Vec<&str> = headers
         .iter()
@@ -291,7 +300,7 @@ pub fn cookie_without(headers: &[(String, String)], name: &str) -> Option<String
         .flat_map(|(_, v)| v.split(';'))
         .map(str::trim)
         .filter(|pair| !pair.is_empty())
-        .filter(|pair| pair.split_once('=').map_or(pair.trim(), |(k, _)| k.trim()) != name)
+        .filter(|pair| !spells(pair.split_once('=').map_or(*pair, |(k, _)| k).trim(), name))
         .collect();
     (!rest.is_empty()).then(|| rest.join("; "))
 }
@@ -401,6 +410,12 @@ mod tests {
             (vec![], Some("access_token=a&ACCESS_TOKEN=b")),
             (vec![], Some("access_token=")),
             (vec![("cookie", "access_token=a; access_token=b")], None),
+            (vec![("cookie", "access_token=a; ACCESS_TOKEN=b")], None),
+            (vec![("cookie", "access.token=a; access_token=b")], None),
+            (
+                vec![("cookie", "access_token=a"), ("cookie", "Access_Token=b")],
+                None,
+            ),
             (vec![("cookie", "access_token=a")], Some("access_token=a")),
             (vec![("cookie", "access_token=")], None),
         ] {
@@ -428,6 +443,11 @@ mod tests {
         assert_eq!(
             cookie_without(&headers, "access_token").as_deref(),
             Some("a=1; b=2")
+        );
+        let spelled = h(&[("cookie", "a=1; ACCESS_TOKEN=x.y.z")]);
+        assert_eq!(
+            cookie_without(&spelled, "access_token").as_deref(),
+            Some("a=1")
         );
         let only = h(&[("cookie", "access_token=x.y.z")]);
         assert_eq!(cookie_without(&only, "access_token"), None);
