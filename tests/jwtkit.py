@@ -2,6 +2,7 @@
 forge what no library would sign (alg none, r=s=0, swapped payloads)."""
 
 import base64
+import hashlib
 import json
 import time
 
@@ -75,6 +76,12 @@ class Key:
         if alg == "EdDSA":
             return self.private.sign(data)
         raise ValueError(alg)
+
+
+def x5t_s256(cert_der):
+    """RFC 8705's `cnf["x5t#S256"]` for a certificate: base64url (no padding) of the SHA-256 of
+    its DER, what an identity provider puts in a certificate-bound token."""
+    return b64(hashlib.sha256(cert_der).digest())
 
 
 def jwks(*keys):
