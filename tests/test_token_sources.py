@@ -260,12 +260,9 @@ def test_two_tokens_refused(gw, key, case):
     assert_missing(get(gw, path.format(a=a, b=b), [(n, v.format(a=a, b=b)) for n, v in items]))
 
 
-# Known gap (reported, not fixed here): the cookie source matches the cookie name exactly, while
-# ASP.NET Core (Azure Functions) reads cookie names ignoring case and PHP reads `.` as `_`. With
-# `access_token=<valid>; ACCESS_TOKEN=<anything>` gateguard verifies the first, removes it, and
-# forwards the second, unverified, under a name the backend reads as `access_token`. docs/policy.md
-# refuses two tokens "in any spelling a backend reads as the same parameter", as the query does.
-@pytest.mark.xfail(strict=True, reason="cookie token sources match only the exact cookie name")
+# ASP.NET Core (Azure Functions) reads cookie names ignoring case and PHP reads `.` as `_`: with
+# `access_token=<valid>; ACCESS_TOKEN=<anything>` a gateway matching names exactly would verify the
+# first and forward the second, unverified, under a name the backend reads as `access_token`.
 @pytest.mark.parametrize("api,cookie", [
     ("all", "access_token={a}; ACCESS_TOKEN={b}"),
     ("all", "Access_Token={b}; access_token={a}"),
