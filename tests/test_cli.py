@@ -234,3 +234,46 @@ def test_rendered_tls_listener_passes_envoy_validate(tmp_path):
     r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(out)], cwd=ROOT,
                        env=dict(os.environ, CONFIG_APP_KEY="x"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_token_bound_to_a_dpop_key_and_a_certificate_and_its_proof(tmp_path):
+    import base64
+    import hashlib
+    import time
+
+    import certs
+    import jwtkit
+
+    def b64d(part):
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    issuer, client = jwtkit.Key("rsa", "idp"), jwtkit.Key("ec", "client")
+    (tmp_path / "idp.pem").write_bytes(issuer.private_pem())
+    (tmp_path / "client.pem").write_bytes(client.private_pem())
+    ca = certs.make_ca()
+    leaf = certs.make_leaf(ca, "client.example")
+    (tmp_path / "client.crt").write_text(leaf.pem)
+    token = run("token", "--key", str(tmp_path / "idp.pem"), "--iss", "https://idp", "--aud", "api://a",
+                "--dpop-key", str(tmp_path / "client.pem"), "--cnf-cert", str(tmp_path / "client.crt")).stdout.strip()
+    claims = json.loads(b64d(token.split(".")[1]))
+    # RFC 7638: the required members of the client's public key, sorted, no whitespace.
+    jwk = client.jwk()
+    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    assert claims["cnf"]["jkt"] == jwtkit.b64(hashlib.sha256(canonical.encode()).digest())
+    assert claims["cnf"]["x5t#S256"] == jwtkit.x5t_s256(leaf.der)
+
+    url = "https://api.example.com/orders?x=1"
+    proofs = [run("dpop-proof", "--key", str(tmp_path / "client.pem"), "--method", "POST", "--url", url,
+                  "--token", token).stdout.strip() for _ in range(2)]
+    header, body = (json.loads(b64d(p)) for p in proofs[0].split(".")[:2])
+    assert header["typ"] == "dpop+jwt" and header["alg"] == "ES256"
+    assert {k: header["jwk"][k] for k in ("crv", "kty", "x", "y")} == {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    assert "d" not in header["jwk"]
+    assert body["htm"] == "POST" and body["htu"] == "https://api.example.com/orders"
+    assert body["ath"] == jwtkit.b64(hashlib.sha256(token.encode()).digest())
+    assert abs(body["iat"] - time.time()) < 60
+    # Every proof gets its own jti.
+    assert json.loads(b64d(proofs[1].split(".")[1]))["jti"] != body["jti"]
+    # A key that cannot sign proofs is refused with the reason.
+    bad = run("dpop-proof", "--key", str(tmp_path / "client.pem"), "--alg", "HS256", "--method", "GET", "--url", url)
+    assert bad.returncode == 1 and "cannot sign a DPoP proof" in bad.stderr
