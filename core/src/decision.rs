@@ -265,6 +265,18 @@ pub enum Decision {
 pub struct Pending {
     pub forward: Forward,
     pub check: RemoteCheck,
+    /// What `check` is about.
+    pub about: Subject,
+    /// Another check once this one accepted (a DPoP proof's `jti` after its token's replay
+    /// check).
+    pub then: Option<(RemoteCheck, Subject)>,
+}
+
+/// What an etcd check records: a token's use, or a DPoP proof's `jti`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Token,
+    DpopProof,
 }
 
 impl Pending {
@@ -277,12 +289,24 @@ impl Pending {
         let mut forward = self.forward;
         let api = Some(forward.api);
         match answer {
-            Ok(answer) if answer.verdict.is_accepted() => Decision::Forward(forward),
-            Ok(answer) => Decision::refuse(
-                api,
-                Refusal::Replay(answer.verdict),
-                &forward.response_headers,
-            ),
+            Ok(answer) if answer.verdict.is_accepted() => match self.then {
+                Some((check, about)) => Decision::Ask(Box::new(Pending {
+                    forward,
+                    check,
+                    about,
+                    then: None,
+                })),
+                None => Decision::Forward(forward),
+            },
+            Ok(answer) => {
+                let refusal = match (self.about, answer.verdict) {
+                    (Subject::DpopProof, Verdict::Replay) => {
+                        Refusal::Jwt(JwtError::Dpop(crate::jwt::dpop::DpopError::Replayed))
+                    }
+                    (_, verdict) => Refusal::Replay(verdict),
+                };
+                Decision::refuse(api, refusal, &forward.response_headers)
+            }
             Err(failure) => match on_unavailable {
                 OnUnavailable::Allow => {
                     forward.replay_unchecked = Some(failure);

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ApiPolicy, CompiledPolicy};
 use crate::cors::CorsVerdict;
-use crate::decision::{Decision, Forward, LocalReply, Outcome, Pending, Refusal};
+use crate::decision::{Decision, Forward, LocalReply, Outcome, Pending, Refusal, Subject};
 use crate::headers::{
     every_spelling, same_header_name, METHOD_OVERRIDE_HEADERS, METHOD_OVERRIDE_QUERY,
     PATH_OVERRIDE_HEADERS,
@@ -236,17 +236,22 @@ impl CompiledPolicy {
                 ..Forward::default()
             },
             client_ip: Err(ClientIpError::NoPeer),
-            ask_etcd: None,
+            ask_etcd: Vec::new(),
             certificate_sha256: None,
         };
         match checks.run() {
-            Ok(Passed::Forward) => match checks.ask_etcd {
-                Some(check) => Decision::Ask(Box::new(Pending {
-                    forward: checks.forward,
-                    check,
-                })),
-                None => Decision::Forward(checks.forward),
-            },
+            Ok(Passed::Forward) => {
+                let mut asks = checks.ask_etcd.into_iter();
+                match asks.next() {
+                    Some((check, about)) => Decision::Ask(Box::new(Pending {
+                        forward: checks.forward,
+                        check,
+                        about,
+                        then: asks.next(),
+                    })),
+                    None => Decision::Forward(checks.forward),
+                }
+            }
             Ok(Passed::Preflight(headers)) => Decision::Reply {
                 api: Some(api_index),
                 outcome: Outcome::Preflight,
@@ -283,9 +288,9 @@ struct Checks<'p, 'r> {
     forward: Forward,
     /// The client IP the IP filter judged, for replay's `with_ip`.
     client_ip: Result<IpAddr, ClientIpError>,
-    /// A replay check only etcd can decide (the etcd store, and a token its cache does not
-    /// know): the request waits for it once every other check passed.
-    ask_etcd: Option<RemoteCheck>,
+    /// Replay checks only etcd can decide (the etcd store, and a token or DPoP proof its cache
+    /// does not know), in order: the request waits for them once every other check passed.
+    ask_etcd: Vec<(RemoteCheck, Subject)>,
     /// SHA-256 of the client certificate the API accepted, for certificate-bound tokens.
     certificate_sha256: Option<[u8; 32]>,
 }
@@ -537,11 +542,36 @@ impl Checks<'_, '_> {
             .map_err(refuse)
     }
 
-    /// Records a proof's `jti` as used (in this Envoy's replay store, whatever the API's replay
-    /// mode): a second use of the same proof is refused.
+    /// Records a proof's `jti` as used (in the replay store, whatever the API's replay mode;
+    /// with etcd, in etcd, so every replica refuses it): a second use of the same proof is
+    /// refused.
     fn spend_proof(&mut self, proof: AcceptedProof, skew: u64) -> Result<(), Refusal> {
         let host = self.host;
         let identity = TokenRef::new(&proof.jti_identity, proof.valid_until, skew);
+        let replayed = Refusal::Jwt(JwtError::Dpop(DpopError::Replayed));
+        if self.policy.replay_store.etcd().is_some() {
+            let cached = lookup_cached(
+                host.replay_store(),
+                host.replay_prefix(),
+                identity,
+                None,
+                ReplayMode::WithoutIp,
+                self.req.now,
+            );
+            return match cached.verdict {
+                Verdict::NotKnownHere => {
+                    let check = RemoteCheck {
+                        token: identity,
+                        mode: ReplayMode::WithoutIp,
+                        ip: None,
+                    };
+                    self.ask_etcd.push((check, Subject::DpopProof));
+                    Ok(())
+                }
+                Verdict::Replay | Verdict::SameOwner => Err(replayed),
+                other => Err(Refusal::Replay(other)),
+            };
+        }
         let outcome = check_and_record(
             host.replay_store(),
             &self.policy.replay_cache,
@@ -554,9 +584,7 @@ impl Checks<'_, '_> {
         host.note(self.forward.api, Event::Replay(outcome));
         match outcome.verdict {
             Verdict::FirstUse => Ok(()),
-            Verdict::Replay | Verdict::SameOwner => {
-                Err(Refusal::Jwt(JwtError::Dpop(DpopError::Replayed)))
-            }
+            Verdict::Replay | Verdict::SameOwner => Err(replayed),
             other => Err(Refusal::Replay(other)),
         }
     }
@@ -594,11 +622,14 @@ impl Checks<'_, '_> {
             );
             if outcome.verdict == Verdict::NotKnownHere {
                 host.note(self.forward.api, Event::Replay(outcome));
-                self.ask_etcd = Some(RemoteCheck {
-                    token,
-                    mode,
-                    ip: owner,
-                });
+                self.ask_etcd.push((
+                    RemoteCheck {
+                        token,
+                        mode,
+                        ip: owner,
+                    },
+                    Subject::Token,
+                ));
                 return Ok(());
             }
             if matches!(outcome.verdict, Verdict::SameOwner | Verdict::Replay) {

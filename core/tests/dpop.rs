@@ -210,3 +210,74 @@ fn dpop_policy_errors_name_the_field() {
         .unwrap_or_default();
     assert!(err.contains("apis[0].jwt.dpop"), "{err}");
 }
+
+#[test]
+fn with_etcd_a_proof_is_spent_in_etcd_so_every_replica_refuses_it() {
+    use gateguard_core::decision::{Decision, Subject};
+    use gateguard_core::replay::etcd::{remember, Answer, Holder, OnUnavailable};
+    use gateguard_core::replay::Verdict;
+
+    let s = signer();
+    let mut d = doc(&s, "optional");
+    d["apis"][0]["replay"] = json!({"mode": "without_ip"});
+    d["replay_store"] = json!({"etcd": {"cluster": "etcd"}});
+    let p = compile(&d);
+    let h = FakeHost::new(&p, json!({"keys": [s.jwk]}));
+    let c = client();
+    let t = token(&s, json!({"cnf": {"jkt": c.jkt()}}));
+    let proof = c.proof("POST", HTU, &t, "e1");
+    let Decision::Ask(first) = dpop_call("/d/orders", &t, &proof).run(&p, &h) else {
+        panic!("expected a question for etcd");
+    };
+    // The proof first, then the token: both are etcd's to decide.
+    assert_eq!(first.about, Subject::DpopProof);
+    let (token_check, about) = first.then.clone().expect("the token's check next");
+    assert_eq!(about, Subject::Token);
+    assert_ne!(first.check.token.digest, token_check.token.digest);
+
+    // Another replica already spent the proof: refused as a DPoP failure, not a token replay.
+    let spent = Answer {
+        verdict: Verdict::Replay,
+        holder: Holder::Once,
+    };
+    let other_replica = (*first).clone();
+    refused_as_proof(&other_replica.resolve(Ok(spent), OnUnavailable::Deny));
+
+    // First use everywhere: the proof accepted, then the token's own check, then forward.
+    let fresh = Answer {
+        verdict: Verdict::FirstUse,
+        holder: Holder::Once,
+    };
+    let Decision::Ask(second) = first.resolve(Ok(fresh), OnUnavailable::Deny) else {
+        panic!("expected the token's check");
+    };
+    assert_eq!(second.about, Subject::Token);
+    assert!(second.then.is_none());
+    remember(
+        &h.store,
+        &p.replay_cache,
+        &h.prefix,
+        second.check.token,
+        &fresh,
+        NOW,
+    );
+    forward(&second.resolve(Ok(fresh), OnUnavailable::Deny));
+
+    // Once this Envoy learnt a proof is spent (the adapter remembers etcd's answers), the
+    // same proof is refused here without a round trip.
+    let t2 = token(&s, json!({"cnf": {"jkt": c.jkt()}, "jti": "t2"}));
+    let proof2 = c.proof("POST", HTU, &t2, "e2");
+    let Decision::Ask(again) = dpop_call("/d/orders", &t2, &proof2).run(&p, &h) else {
+        panic!("expected a question for etcd");
+    };
+    assert_eq!(again.about, Subject::DpopProof);
+    remember(
+        &h.store,
+        &p.replay_cache,
+        &h.prefix,
+        again.check.token,
+        &fresh,
+        NOW,
+    );
+    refused_as_proof(&dpop_call("/d/orders", &t2, &proof2).run(&p, &h));
+}
