@@ -182,12 +182,14 @@ impl CompiledPolicy {
     }
 
     /// Whether any API needs the connection's peer address: to filter or bind the client IP, or
-    /// to trust forwarded certificate headers. The audit line of a refusal reads it anyway.
+    /// to trust forwarded certificate or URL headers. The audit line of a refusal reads it anyway.
     pub fn reads_peer_address(&self) -> bool {
         self.apis.iter().any(|a| {
             a.ip_filter.is_some()
                 || a.client_certificate.is_some()
                 || a.replay == Some(ReplayMode::WithIp)
+                // A DPoP proof's URL comes from a trusted proxy's forwarded headers.
+                || a.jwt.as_ref().is_some_and(|j| j.dpop().is_some())
         })
     }
 
