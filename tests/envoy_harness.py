@@ -249,8 +249,11 @@ def request(port, method="GET", path="/", headers=None, body=None, timeout=10, h
     conn = http.client.HTTPConnection(host, port, timeout=timeout,
                                       source_address=(source, 0) if source else None)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or []) if isinstance(headers, list) else (headers or {}).items():
+        pairs = list((headers or []) if isinstance(headers, list) else (headers or {}).items())
+        # A Host given by the test replaces the one http.client would add.
+        own_host = any(name.lower() == "host" for name, _ in pairs)
+        conn.putrequest(method, path, skip_host=own_host, skip_accept_encoding=True)
+        for name, value in pairs:
             conn.putheader(name, value)
         if body is not None:
             conn.putheader("content-length", str(len(body)))

@@ -8,16 +8,14 @@ in one real Envoy with two workers, on rendered gateways:
   X-Forwarded-Host name the URL instead; `proxied_ip`: the same plus an API with an IP filter
   (which makes the filter read the connection's peer address: see PEER_NOT_READ below);
 - `ea` and `eb`: two gateways sharing one real etcd replay store, each with its own VM (its own
-  local store), as two replicas. A proof replayed to the *other* replica is not refused yet
-  (documented); each refuses a replay on itself.
+  local store), as two replicas: a proof is spent once across both.
 
 Clients hold ES256, RS256, PS256 or EdDSA keys (tests/dpopkit.py); the identity provider signs
 tokens with an Ed25519 key given inline, binding them with `cnf.jkt`. Every refusal is checked
 for its exact status, body and `WWW-Authenticate` challenge, and, for the invalid proofs, for
 the check gateguard's log names (so that a proof is refused for the property it breaks).
 
-Two bugs these tests found are marked xfail (strict, so a fix shows up): see PEER_NOT_READ and
-XFP_OVERWRITTEN."""
+"""
 
 import json
 import time
@@ -437,16 +435,6 @@ def test_no_dpop_header_is_refused(gw, idp_key, clients):
 # ---- htu behind a proxy --------------------------------------------------------------------------
 
 # Bugs found by these tests (reported, not fixed here; the tests say what docs/policy.md promises):
-PEER_NOT_READ = (
-    "bug: CompiledPolicy::reads_peer_address (core/src/pipeline.rs) ignores jwt.dpop, so for a policy "
-    "whose APIs need the peer only for DPoP src/filter.rs never reads source.address; "
-    "is_trusted_proxy(None) is false and X-Forwarded-Host/-Proto are ignored even from a listed proxy")
-XFP_OVERWRITTEN = (
-    "bug: the rendered connection manager (cli/src/render.rs: use_remote_address, no xff_num_trusted_hops) "
-    "makes Envoy overwrite X-Forwarded-Proto with the downstream connection's scheme before the filter "
-    "runs, so the trusted proxy's 'https' arrives as 'http'")
-
-
 def test_behind_the_trusted_proxy_the_forwarded_host_names_the_url_when_the_peer_is_read(gw, idp_key, clients):
     """`proxied_ip` has an API with an IP filter besides its DPoP API, so the filter reads the
     connection's peer: X-Forwarded-Host from the listed proxy names the host."""
@@ -462,7 +450,6 @@ def test_behind_the_trusted_proxy_the_forwarded_host_names_the_url_when_the_peer
     assert_invalid_proof(r)
 
 
-@pytest.mark.xfail(reason=PEER_NOT_READ, raises=AssertionError, strict=True)
 def test_behind_the_trusted_proxy_the_forwarded_host_names_the_url(gw, idp_key, clients):
     """The same on `proxied`, whose only API is the DPoP one: what docs/policy.md promises for
     any policy."""
@@ -477,27 +464,19 @@ def test_behind_the_trusted_proxy_the_forwarded_host_names_the_url(gw, idp_key, 
     assert_invalid_proof(r)
 
 
-@pytest.mark.xfail(reason=XFP_OVERWRITTEN, raises=AssertionError, strict=True)
-def test_behind_the_trusted_proxy_the_forwarded_proto_names_the_scheme_when_the_peer_is_read(gw, idp_key, clients):
-    """A TLS-terminating proxy in front: the client signs the public https URL."""
+@pytest.mark.parametrize("listener", ["proxied", "proxied_ip"])
+def test_the_proxy_hops_scheme_is_the_one_envoy_saw(gw, idp_key, clients, listener):
+    """Envoy (as rendered: use_remote_address, no trusted hops, so that it never believes a forged
+    X-Forwarded-For itself) writes X-Forwarded-Proto from its own connection: behind a proxy that
+    terminates TLS and forwards plain HTTP, the scheme is http, even from a trusted proxy
+    (docs/policy.md: re-encrypt between the proxy and Envoy)."""
     c = clients["ec"]
     t = bound_token(idp_key, c)
-    r = send(gw, "proxied_ip", "/opt/x", t, dpopkit.proof(c, "GET", PUBLIC_HTU, t), headers=FORWARDED, source=PROXY)
-    assert_upstream(r, "/opt/x")
-    r = send(gw, "proxied_ip", "/opt/x", t, dpopkit.proof(c, "GET", "http://api.example.com/opt/x", t),
+    assert_invalid_proof(send(gw, listener, "/opt/x", t, dpopkit.proof(c, "GET", PUBLIC_HTU, t),
+                              headers=FORWARDED, source=PROXY))
+    r = send(gw, listener, "/opt/x", t, dpopkit.proof(c, "GET", "http://api.example.com/opt/x", t),
              headers=FORWARDED, source=PROXY)
-    assert_invalid_proof(r)
-
-
-@pytest.mark.xfail(reason=f"{PEER_NOT_READ}; and {XFP_OVERWRITTEN}", raises=AssertionError, strict=True)
-def test_behind_the_trusted_proxy_htu_is_the_forwarded_url(gw, idp_key, clients):
-    c = clients["ec"]
-    t = bound_token(idp_key, c)
-    r = send(gw, "proxied", "/opt/x", t, dpopkit.proof(c, "GET", PUBLIC_HTU, t), headers=FORWARDED, source=PROXY)
     assert_upstream(r, "/opt/x")
-    r = send(gw, "proxied", "/opt/x", t, dpopkit.proof(c, "GET", htu(gw, "proxied", "/opt/x"), t),
-             headers=FORWARDED, source=PROXY)
-    assert_invalid_proof(r)
 
 
 @pytest.mark.parametrize("listener,source", [("direct", PROXY), ("proxied_ip", NOT_PROXY), ("proxied", NOT_PROXY)])
@@ -517,8 +496,7 @@ def test_forwarded_headers_from_an_untrusted_peer_are_ignored(gw, idp_key, clien
 
 @pytest.mark.parametrize("replica", ["ea", "eb"])
 def test_each_replica_sharing_etcd_refuses_a_replay_on_itself(gw, idp_key, clients, replica):
-    """docs/policy.md: spent `jti`s are kept in this Envoy's store only, for now; a replay to the
-    other replica is not yet refused there, and is not tested here."""
+    """Each replica refuses a replay on itself (the answer it got from etcd is cached)."""
     c = clients["ec"]
     t = bound_token(idp_key, c)
     p = dpopkit.proof(c, "GET", htu(gw, replica, "/opt/x"), t)
@@ -526,3 +504,18 @@ def test_each_replica_sharing_etcd_refuses_a_replay_on_itself(gw, idp_key, clien
     assert_refused_because(gw, lambda: send(gw, replica, "/opt/x", t, p), R_REPLAYED)
     assert_invalid_proof(send(gw, replica, "/opt/x", t, p, source=NOT_PROXY))
     assert_upstream(send(gw, replica, "/opt/x", t, dpopkit.proof(c, "GET", htu(gw, replica, "/opt/x"), t)), "/opt/x")
+
+
+@pytest.mark.parametrize("first,second", [("ea", "eb"), ("eb", "ea")])
+def test_a_proof_spent_on_one_replica_is_refused_on_the_other(gw, idp_key, clients, first, second):
+    """The proof's `jti` is spent in etcd: the other replica, which never saw it, refuses it. Both
+    replicas serve the same public host, so one proof names either."""
+    c = clients["ec"]
+    t = bound_token(idp_key, c)
+    host = {"Host": "api.example.com"}
+    p = dpopkit.proof(c, "GET", "http://api.example.com/opt/x", t)
+    assert_upstream(send(gw, first, "/opt/x", t, p, headers=host), "/opt/x")
+    assert_refused_because(gw, lambda: send(gw, second, "/opt/x", t, p, headers=host), R_REPLAYED)
+    # A fresh proof is fine on the other replica.
+    fresh = dpopkit.proof(c, "GET", "http://api.example.com/opt/x", t)
+    assert_upstream(send(gw, second, "/opt/x", t, fresh, headers=host), "/opt/x")
