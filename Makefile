@@ -39,10 +39,17 @@ $(STAMP): requirements-dev.txt
 ## The filter: target/wasm32-wasip1/release/gateguard.wasm
 build: wasm-target wasm-cc wasm-opt
 	cargo build --release --target wasm32-wasip1 -p gateguard
-	@# Only when cargo wrote a new .wasm (the stamp is older): optimise it into place.
-	@if [ ! -e $(WASM).optimised ] || [ $(WASM) -nt $(WASM).optimised ]; then \
+	@# cargo links its raw output here on every run: optimise each new one once (by content),
+	@# keep the result beside it, and put it in place (never writing through cargo's hard link).
+	@cur=$$(sha256sum $(WASM) | cut -d' ' -f1); \
+	if [ "$$cur" = "$$(cat $(WASM).opt.sha256 2>/dev/null)" ]; then :; \
+	elif [ "$$cur" = "$$(cat $(WASM).raw.sha256 2>/dev/null)" ] && [ -e $(WASM).opt ]; then \
+	  cp $(WASM).opt $(WASM).tmp && mv $(WASM).tmp $(WASM); \
+	else \
 	  echo "wasm-opt -Oz $(WASM)"; \
-	  wasm-opt $(WASM_OPT_FLAGS) $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && touch $(WASM).optimised; \
+	  wasm-opt $(WASM_OPT_FLAGS) $(WASM) -o $(WASM).opt && echo "$$cur" > $(WASM).raw.sha256 && \
+	  sha256sum $(WASM).opt | cut -d' ' -f1 > $(WASM).opt.sha256 && \
+	  cp $(WASM).opt $(WASM).tmp && mv $(WASM).tmp $(WASM); \
 	fi
 
 ## The command-line tool: target/release/gateguard
