@@ -4,52 +4,24 @@
 
 mod common;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use common::*;
-use gateguard_core::jwt::dpop::jwk_thumbprint;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use gateguard_core::jwt::dpop::client::TestClient;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const INVALID_PROOF: &str = "Invalid DPoP proof";
 const CHALLENGE: &str = "DPoP error=\"invalid_dpop_proof\", algs=\"ES256 ES384 RS256 PS256 EdDSA\"";
 
-struct Client {
-    pair: EcdsaKeyPair,
-    jwk: Value,
+fn client() -> TestClient {
+    TestClient::new()
 }
 
-fn client() -> Client {
-    let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref();
-    let jwk = json!({"kty": "EC", "crv": "P-256",
-        "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])});
-    Client { pair, jwk }
+trait Prove {
+    fn proof(&self, method: &str, htu: &str, token: &str, jti: &str) -> String;
 }
 
-impl Client {
-    fn jkt(&self) -> String {
-        jwk_thumbprint(&self.jwk).unwrap()
-    }
+impl Prove for TestClient {
     fn proof(&self, method: &str, htu: &str, token: &str, jti: &str) -> String {
-        let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk});
-        let claims = json!({"htm": method, "htu": htu, "iat": NOW, "jti": jti,
-            "ath": URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))});
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .unwrap();
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        self.proof_at(method, htu, token, jti, NOW)
     }
 }
 

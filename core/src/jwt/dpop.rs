@@ -275,5 +275,8 @@ fn normal_authority(authority: &str, scheme: &str) -> String {
     }
 }
 
+#[cfg(any(test, feature = "memory-store"))]
+pub mod client;
+
 #[cfg(test)]
 mod tests;

@@ -1,47 +1,24 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
 
 const NOW: u64 = 1_800_000_000;
 const TOKEN: &str = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2ln";
 
-struct Client {
-    pair: EcdsaKeyPair,
-    jwk: Value,
-}
+use super::client::TestClient as Client;
 
 fn client() -> Client {
-    let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    let point = pair.public_key().as_ref();
-    let jwk = json!({"kty": "EC", "crv": "P-256",
-        "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
-    Client { pair, jwk }
+    Client::new()
 }
 
-impl Client {
-    fn jkt(&self) -> String {
-        jwk_thumbprint(&self.jwk).unwrap()
-    }
+trait Proofs {
+    fn header(&self) -> Value;
+    fn claims(&self) -> Value;
+    fn proof_with(&self, change: impl FnOnce(&mut Value, &mut Value)) -> String;
+}
 
-    fn sign(&self, header: &Value, claims: &Value) -> String {
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .unwrap();
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
-    }
-
+impl Proofs for Client {
     fn header(&self) -> Value {
         json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk})
     }
