@@ -268,6 +268,26 @@ def request(port, method="GET", path="/", headers=None, body=None, timeout=10, h
         conn.close()
 
 
+JWT_CHALLENGE = 'Bearer error="invalid_token"'
+
+
+def token_request(port, path, token=None, method="GET", headers=None, scheme="Bearer"):
+    """`method` `path` with `Authorization: <scheme> <token>` (none when `token` is None)."""
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"{scheme} {token}"
+    return request(port, method, path, headers=h)
+
+
+def assert_jwt_401(r, message):
+    """A 401 from the JWT check: the JSON body, RFC 6750's challenge, nothing from upstream."""
+    assert r.status == 401, r
+    assert r.json() == {"statusCode": 401, "message": message}
+    assert r.header("www-authenticate") == JWT_CHALLENGE
+    assert r.header("content-type") == "application/json"
+    assert "demo-function-app" not in r.body
+
+
 def wait_for(predicate, timeout=30, interval=0.1):
     """Polls `predicate` until it holds or `timeout` seconds pass (bounded: tests never hang)."""
     deadline = time.time() + timeout

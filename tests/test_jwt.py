@@ -11,14 +11,13 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import ROOT, compose, free_port, gateway, request
+from envoy_harness import ROOT, assert_jwt_401, compose, free_port, gateway, request, token_request
 from idp import IdentityProvider
 
 AUD = "api://processfactorial"
 MISSING = "Missing or malformed Authorization header"
 MALFORMED = "Malformed token or missing expiration"
 INVALID = "Invalid or expired token"
-CHALLENGE = 'Bearer error="invalid_token"'
 HMAC_SECRET = b"a-shared-secret-of-at-least-32-bytes!!"
 
 
@@ -78,17 +77,10 @@ def gw(request, idp, keys, echo_upstream):
 
 
 def get(gw, path, token=None, method="GET", headers=None):
-    h = dict(headers or {})
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    return request(gw.port, method, path, headers=h)
+    return token_request(gw.port, path, token, method, headers)
 
 
-def assert_401(r, message):
-    assert r.status == 401, r
-    assert r.json() == {"statusCode": 401, "message": message}
-    assert r.header("www-authenticate") == CHALLENGE
-    assert r.header("content-type") == "application/json"
+assert_401 = assert_jwt_401
 
 
 # --- valid tokens ----------------------------------------------------------------------------

@@ -15,14 +15,14 @@ import pytest
 
 import jwtkit
 from conftest import start_envoy
-from envoy_harness import CLI, WASM, Envoy, compose, connection_manager, free_port, gateway, request
+from envoy_harness import (CLI, WASM, Envoy, assert_jwt_401, compose, connection_manager, free_port, gateway, request,
+                           token_request)
 from envoy_harness import wait_for as wait_until
 
 AUD = "api://processfactorial"
 ORIGIN = "https://portal.example.com"
 MISSING = "Missing or malformed Authorization header"
 INVALID = "Invalid or expired token"
-CHALLENGE = 'Bearer error="invalid_token"'
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +89,10 @@ def gw(request, idps, keys, echo_upstream):
 
 
 def get(gw, path, token=None, method="GET", headers=None, scheme="Bearer"):
-    h = dict(headers or {})
-    if token is not None:
-        h["Authorization"] = f"{scheme} {token}"
-    return request(gw.port, method, path, headers=h)
+    return token_request(gw.port, path, token, method, headers, scheme)
 
 
-def assert_401(r, message):
-    assert r.status == 401, r
-    assert r.json() == {"statusCode": 401, "message": message}
-    assert r.header("www-authenticate") == CHALLENGE
-    assert r.header("content-type") == "application/json"
-    assert "demo-function-app" not in r.body
+assert_401 = assert_jwt_401
 
 
 def token(gw_keys, idps, which="a", **claims):
