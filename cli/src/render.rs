@@ -1394,6 +1394,72 @@ mod tests {
         jwt.envoy_provider().unwrap().to_string()
     }
 
+    /// jwt.providers: every provider's remote JWKS gets its cluster (Entra's `entra_id` for
+    /// login.microsoftonline.com, TLS with SNI), and with "envoy" every distinct key set its
+    /// jwt_authn provider, each named as the filter looks it up.
+    #[test]
+    fn every_providers_keys_are_rendered() {
+        let providers = format!(
+            r#"{{"name": "a", "path_prefix": "/a", "jwt": {{"providers": [
+                {{"entra": {{"tenant": "contoso.onmicrosoft.com"}}, "audiences": ["api://a"]}},
+                {{"issuers": ["https://idp-b/"], "audiences": ["api://a"], "algorithms": ["RS256"],
+                  "jwks": {}}},
+                {{"issuers": ["https://idp-c/"], "audiences": ["api://a"], "algorithms": ["RS256"],
+                  "jwks": {{"inline": {JWKS}}}}}
+            ]{ENVOY}}}}}"#,
+            remote("idp_b", "https://idp-b.example.com:8443/keys", None)
+        );
+        let text = policy_of(&[providers], "");
+        let config = render_policy(&args(false, None), &text).unwrap();
+        let clusters = config["static_resources"]["clusters"].as_array().unwrap();
+        let by_name = |n: &str| clusters.iter().find(|c| c["name"] == n).unwrap().clone();
+        let entra = by_name("entra_id");
+        let address = &entra["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ["address"]["socket_address"];
+        assert_eq!(address["address"], "login.microsoftonline.com");
+        assert_eq!(address["port_value"], 443);
+        assert_eq!(
+            entra["transport_socket"]["typed_config"]["sni"],
+            "login.microsoftonline.com"
+        );
+        let b = by_name("idp_b");
+        assert_eq!(
+            b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            8443
+        );
+        let policy = gateguard_core::parse_policy(text.as_bytes(), &|_| None).unwrap();
+        let names: Vec<String> = policy.apis[0]
+            .jwt
+            .as_ref()
+            .unwrap()
+            .providers()
+            .iter()
+            .map(|p| p.envoy_provider().unwrap().to_string())
+            .collect();
+        let authn = jwt_authn_of(&config);
+        let rendered = authn["providers"].as_object().unwrap();
+        assert_eq!(rendered.len(), 3);
+        for name in &names {
+            assert_eq!(rendered[name]["payload_in_metadata"], name.as_str());
+        }
+        assert_eq!(
+            rendered[&names[0]]["remote_jwks"]["http_uri"]["uri"],
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/discovery/v2.0/keys"
+        );
+        assert_eq!(
+            rendered[&names[0]]["remote_jwks"]["http_uri"]["cluster"],
+            "entra_id"
+        );
+        let inline: Value = serde_json::from_str(
+            rendered[&names[2]]["local_jwks"]["inline_string"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(inline, serde_json::from_str::<Value>(JWKS).unwrap());
+    }
+
     #[test]
     fn jwt_authn_goes_in_front_of_gateguard_on_every_listener() {
         let text = policy_of(
