@@ -126,7 +126,7 @@ def test_each_idps_tokens_pass_with_their_issuer(gw, idps, keys, api):
     for which in ("a", "b"):
         r = get(gw, f"/{api}/x", token(keys, idps, which))
         assert r.status == 200, r
-        assert r.json()["headers"]["x-issuer"] == issuer(idps, which)
+        assert r.json()["headers"]["x-issuer"] == [issuer(idps, which)]
 
 
 @pytest.mark.parametrize("api", ["two", "by_envoy"])
