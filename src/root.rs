@@ -81,7 +81,11 @@ impl Context for GatewayRoot {
             Ok(FetchResult::Keys(set)) => {
                 log(
                     LogLevel::Info,
-                    &format!("gateguard: api={api_name} JWKS loaded: {} keys", set.len()),
+                    &format!(
+                        "gateguard: api={api_name} JWKS loaded: {} keys (cluster {})",
+                        set.len(),
+                        remote.cluster
+                    ),
                 );
                 gateway.set_keys(remote.slot, Rc::new(set));
             }

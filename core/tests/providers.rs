@@ -225,8 +225,10 @@ fn entra(entra: Value) -> Value {
 
 #[test]
 fn entra_expands_to_both_issuers_and_the_tenants_keys() {
+    // A tenant id copied in upper case is the tenant Entra names in lower case.
+    let upper = TID.to_ascii_uppercase();
     let p = compile(&one_api(
-        json!({"entra": {"tenant": TID}, "audiences": ["api://a"]}),
+        json!({"entra": {"tenant": upper}, "audiences": ["api://a"]}),
     ));
     let provider = &p.apis[0].jwt.as_ref().unwrap().providers()[0];
     match &provider.jwks {

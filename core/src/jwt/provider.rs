@@ -211,7 +211,9 @@ impl Provider {
         let mut jwks_cfg = cfg.jwks.clone();
         if let Some(entra) = &cfg.entra {
             let entra_path = join(path, "entra");
-            let tenant = entra.tenant.trim();
+            // Entra ID writes tenant ids in lower case in `iss`.
+            let tenant = entra.tenant.trim().to_ascii_lowercase();
+            let tenant = tenant.as_str();
             if !is_tenant_segment(tenant) {
                 return Err(ConfigError::new(
                     join(&entra_path, "tenant"),
