@@ -79,20 +79,21 @@ impl ConfiguredGateway {
         self.policy.apis.get(api).map_or("-", |a| a.name.as_str())
     }
 
-    pub fn set_keys(&self, api: usize, set: Rc<KeySet>) {
-        if let Some(slot) = self.keys.borrow_mut().get_mut(api) {
-            *slot = Some(set);
+    /// Key sets are held per identity provider: `slot` is `Provider::slot`.
+    pub fn set_keys(&self, slot: usize, set: Rc<KeySet>) {
+        if let Some(held) = self.keys.borrow_mut().get_mut(slot) {
+            *held = Some(set);
         }
     }
 
-    pub fn has_keys(&self, api: usize) -> bool {
-        self.keys.borrow().get(api).is_some_and(Option::is_some)
+    pub fn has_keys(&self, slot: usize) -> bool {
+        self.keys.borrow().get(slot).is_some_and(Option::is_some)
     }
 
-    pub fn take_kid_request(&self, api: usize) -> bool {
+    pub fn take_kid_request(&self, slot: usize) -> bool {
         self.kid_requests
             .borrow_mut()
-            .get_mut(api)
+            .get_mut(slot)
             .is_some_and(|r| std::mem::replace(r, false))
     }
 
@@ -105,8 +106,8 @@ impl ConfiguredGateway {
 }
 
 impl Host for ConfiguredGateway {
-    fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>> {
-        self.keys.borrow().get(api).cloned().flatten()
+    fn jwt_keys(&self, slot: usize) -> Option<Rc<KeySet>> {
+        self.keys.borrow().get(slot).cloned().flatten()
     }
 
     /// This worker's memo first (no host call, no JSON), then the cache every worker shares.
@@ -130,8 +131,8 @@ impl Host for ConfiguredGateway {
         Some(&self.token_memo)
     }
 
-    fn unknown_kid(&self, api: usize) {
-        if let Some(r) = self.kid_requests.borrow_mut().get_mut(api) {
+    fn unknown_kid(&self, slot: usize) {
+        if let Some(r) = self.kid_requests.borrow_mut().get_mut(slot) {
             *r = true;
         }
     }

@@ -28,9 +28,11 @@ use crate::metrics::{Metrics, JWKS_FETCH, JWKS_FETCH_FAILED};
 /// Replay buckets scanned (and swept) per tick for the occupancy gauge.
 const OCCUPANCY_SLICE: u32 = 512;
 
-/// One remote JWKS an API uses.
+/// One remote JWKS an identity provider of an API uses.
 struct RemoteJwks {
     api: usize,
+    /// The provider's key slot.
+    slot: usize,
     cluster: String,
     /// Who fetches it and how its keys reach every worker (lease, publish, adopt).
     jwks: SharedJwks,
@@ -79,9 +81,13 @@ impl Context for GatewayRoot {
             Ok(FetchResult::Keys(set)) => {
                 log(
                     LogLevel::Info,
-                    &format!("gateguard: api={api_name} JWKS loaded: {} keys", set.len()),
+                    &format!(
+                        "gateguard: api={api_name} JWKS loaded: {} keys (cluster {})",
+                        set.len(),
+                        remote.cluster
+                    ),
                 );
-                gateway.set_keys(remote.api, Rc::new(set));
+                gateway.set_keys(remote.slot, Rc::new(set));
             }
             Ok(FetchResult::Discovered) => {}
             Err(e) => {
@@ -92,7 +98,7 @@ impl Context for GatewayRoot {
                         "gateguard: api={api_name} JWKS fetch from cluster {} failed: {}; keeping {} (retry in {}s)",
                         remote.cluster,
                         e.reason(),
-                        if gateway.has_keys(remote.api) { "the last good key set" } else { "no key set: JWT requests get 401" },
+                        if gateway.has_keys(remote.slot) { "the last good key set" } else { "no key set: JWT requests get 401" },
                         remote.jwks.next_attempt().saturating_sub(now)
                     ),
                 );
@@ -138,27 +144,34 @@ impl RootContext for GatewayRoot {
                 }
             }
         }
-        let mut keys = Vec::with_capacity(policy.apis.len());
+        let mut keys = vec![None; policy.key_slots()];
         self.remotes.clear();
         self.in_flight.clear();
         for (i, api) in policy.apis.iter().enumerate() {
             // Envoy's jwt_authn fetches and holds the keys of an API it verifies for.
-            let own_keys = api.jwt.as_ref().filter(|j| j.envoy_provider().is_none());
-            match own_keys.map(|j| &j.jwks) {
-                Some(JwksSource::Inline(set)) => keys.push(Some(Rc::new(set.clone()))),
-                Some(JwksSource::Remote {
-                    cluster,
-                    uri,
-                    refresh_seconds,
-                }) => {
-                    keys.push(None);
-                    self.remotes.push(RemoteJwks {
+            let Some(jwt) = api.jwt.as_ref().filter(|j| !j.verified_by_envoy()) else {
+                continue;
+            };
+            for provider in jwt.providers() {
+                let slot = provider.slot();
+                match &provider.jwks {
+                    JwksSource::Inline(set) => {
+                        if let Some(k) = keys.get_mut(slot) {
+                            *k = Some(Rc::new(set.clone()));
+                        }
+                    }
+                    JwksSource::Remote {
+                        cluster,
+                        uri,
+                        refresh_seconds,
+                    } => self.remotes.push(RemoteJwks {
                         api: i,
+                        slot,
                         cluster: cluster.clone(),
                         jwks: SharedJwks::new(KEY_PREFIX, cluster, uri, *refresh_seconds),
-                    });
+                    }),
+                    JwksSource::None => {}
                 }
-                Some(JwksSource::None) | None => keys.push(None),
             }
         }
         let etcd = match etcd_credentials(&policy) {
@@ -212,9 +225,9 @@ impl GatewayRoot {
             return;
         };
         if let Some(set) = remote.jwks.adopt(&HostStore, now) {
-            gateway.set_keys(remote.api, Rc::new(set));
+            gateway.set_keys(remote.slot, Rc::new(set));
         }
-        if gateway.take_kid_request(remote.api) {
+        if gateway.take_kid_request(remote.slot) {
             remote.jwks.on_unknown_kid(now);
         }
         let Some(request) = remote.jwks.begin(&HostStore, now) else {

@@ -260,18 +260,33 @@ fn underscore_client_headers(policy: &Value) -> Vec<(String, String)> {
     out
 }
 
-/// Remote JWKS clusters named in the policy: (cluster, uri).
-fn jwks_clusters(policy: &Value) -> Vec<(String, String)> {
+/// Remote JWKS clusters of every identity provider of the policy (`entra` ones included):
+/// (cluster, uri).
+fn jwks_clusters(compiled: &CompiledPolicy) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
-    for api in policy["apis"].as_array().into_iter().flatten() {
-        let jwks = &api["jwt"]["jwks"];
-        if let (Some(cluster), Some(uri)) = (jwks["cluster"].as_str(), jwks["uri"].as_str()) {
+    let providers = compiled
+        .apis
+        .iter()
+        .filter_map(|a| a.jwt.as_ref())
+        .flat_map(|j| j.providers());
+    for provider in providers {
+        if let JwksSource::Remote { cluster, uri, .. } = &provider.jwks {
             if !out.iter().any(|(c, _)| c == cluster) {
-                out.push((cluster.to_string(), uri.to_string()));
+                out.push((cluster.clone(), uri.clone()));
             }
         }
     }
     out
+}
+
+/// The policy document's object for provider `k` of API `i`: `jwt.providers[k]`, or `jwt`
+/// itself for a single provider.
+fn provider_doc(policy: &Value, i: usize, k: usize) -> &Value {
+    let jwt = &policy["apis"][i]["jwt"];
+    match jwt["providers"].as_array() {
+        Some(list) => &list[k],
+        None => jwt,
+    }
 }
 
 /// A `jwt_authn` provider: the key set that APIs with `jwt.verify_with: "envoy"` trust, shared
@@ -305,46 +320,48 @@ fn envoy_providers(policy: &Value, compiled: &CompiledPolicy) -> Vec<EnvoyProvid
     let mut out: Vec<EnvoyProvider> = Vec::new();
     for (i, api) in compiled.apis.iter().enumerate() {
         let Some(jwt) = &api.jwt else { continue };
-        let Some(name) = jwt.envoy_provider() else {
-            continue;
-        };
-        let keys = match &jwt.jwks {
-            JwksSource::Inline(_) => {
-                ProviderKeys::Inline(policy["apis"][i]["jwt"]["jwks"]["inline"].to_string())
-            }
-            JwksSource::Remote {
-                cluster,
-                uri,
-                refresh_seconds,
-            } => ProviderKeys::Remote {
-                cluster: cluster.clone(),
-                uri: uri.clone(),
-                refresh_seconds: *refresh_seconds,
-            },
-            // HS-only APIs are refused with "envoy" when the policy is compiled.
-            JwksSource::None => continue,
-        };
-        match out.iter_mut().find(|p| p.name == name) {
-            Some(shared) => {
-                shared.clock_skew = shared.clock_skew.max(jwt.clock_skew());
-                if let (
-                    ProviderKeys::Remote {
-                        refresh_seconds: kept,
-                        ..
-                    },
-                    ProviderKeys::Remote {
-                        refresh_seconds, ..
-                    },
-                ) = (&mut shared.keys, &keys)
-                {
-                    *kept = (*kept).min(*refresh_seconds);
+        for (k, provider) in jwt.providers().iter().enumerate() {
+            let Some(name) = provider.envoy_provider() else {
+                continue;
+            };
+            let keys = match &provider.jwks {
+                JwksSource::Inline(_) => {
+                    ProviderKeys::Inline(provider_doc(policy, i, k)["jwks"]["inline"].to_string())
                 }
+                JwksSource::Remote {
+                    cluster,
+                    uri,
+                    refresh_seconds,
+                } => ProviderKeys::Remote {
+                    cluster: cluster.clone(),
+                    uri: uri.clone(),
+                    refresh_seconds: *refresh_seconds,
+                },
+                // HS-only APIs are refused with "envoy" when the policy is compiled.
+                JwksSource::None => continue,
+            };
+            match out.iter_mut().find(|p| p.name == name) {
+                Some(shared) => {
+                    shared.clock_skew = shared.clock_skew.max(jwt.clock_skew());
+                    if let (
+                        ProviderKeys::Remote {
+                            refresh_seconds: kept,
+                            ..
+                        },
+                        ProviderKeys::Remote {
+                            refresh_seconds, ..
+                        },
+                    ) = (&mut shared.keys, &keys)
+                    {
+                        *kept = (*kept).min(*refresh_seconds);
+                    }
+                }
+                None => out.push(EnvoyProvider {
+                    name: name.to_string(),
+                    keys,
+                    clock_skew: jwt.clock_skew(),
+                }),
             }
-            None => out.push(EnvoyProvider {
-                name: name.to_string(),
-                keys,
-                clock_skew: jwt.clock_skew(),
-            }),
         }
     }
     out
@@ -805,7 +822,6 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
     let router = json!({ "name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } });
     let http_filters: Vec<Value> = jwt_authn.into_iter().chain([wasm, router]).collect();
-    let policy: Value = serde_json::from_str(policy_text).map_err(|e| e.to_string())?;
 
     let access_log = args.access_log.as_ref().map(|path| {
         json!([{
@@ -893,7 +909,7 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
         up_port,
         args.upstream_sni.as_deref(),
     )];
-    for (name, uri) in jwks_clusters(&policy) {
+    for (name, uri) in jwks_clusters(compiled) {
         let (scheme, rest) = uri.split_once("://").unwrap_or(("https", &uri));
         let authority = rest.split('/').next().unwrap_or_default();
         let (host, port) = match authority.rsplit_once(':') {
@@ -1376,6 +1392,72 @@ mod tests {
         let policy = gateguard_core::parse_policy(text.as_bytes(), &|_| None).unwrap();
         let jwt = policy.apis[i].jwt.as_ref().unwrap();
         jwt.envoy_provider().unwrap().to_string()
+    }
+
+    /// jwt.providers: every provider's remote JWKS gets its cluster (Entra's `entra_id` for
+    /// login.microsoftonline.com, TLS with SNI), and with "envoy" every distinct key set its
+    /// jwt_authn provider, each named as the filter looks it up.
+    #[test]
+    fn every_providers_keys_are_rendered() {
+        let providers = format!(
+            r#"{{"name": "a", "path_prefix": "/a", "jwt": {{"providers": [
+                {{"entra": {{"tenant": "contoso.onmicrosoft.com"}}, "audiences": ["api://a"]}},
+                {{"issuers": ["https://idp-b/"], "audiences": ["api://a"], "algorithms": ["RS256"],
+                  "jwks": {}}},
+                {{"issuers": ["https://idp-c/"], "audiences": ["api://a"], "algorithms": ["RS256"],
+                  "jwks": {{"inline": {JWKS}}}}}
+            ]{ENVOY}}}}}"#,
+            remote("idp_b", "https://idp-b.example.com:8443/keys", None)
+        );
+        let text = policy_of(&[providers], "");
+        let config = render_policy(&args(false, None), &text).unwrap();
+        let clusters = config["static_resources"]["clusters"].as_array().unwrap();
+        let by_name = |n: &str| clusters.iter().find(|c| c["name"] == n).unwrap().clone();
+        let entra = by_name("entra_id");
+        let address = &entra["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ["address"]["socket_address"];
+        assert_eq!(address["address"], "login.microsoftonline.com");
+        assert_eq!(address["port_value"], 443);
+        assert_eq!(
+            entra["transport_socket"]["typed_config"]["sni"],
+            "login.microsoftonline.com"
+        );
+        let b = by_name("idp_b");
+        assert_eq!(
+            b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            8443
+        );
+        let policy = gateguard_core::parse_policy(text.as_bytes(), &|_| None).unwrap();
+        let names: Vec<String> = policy.apis[0]
+            .jwt
+            .as_ref()
+            .unwrap()
+            .providers()
+            .iter()
+            .map(|p| p.envoy_provider().unwrap().to_string())
+            .collect();
+        let authn = jwt_authn_of(&config);
+        let rendered = authn["providers"].as_object().unwrap();
+        assert_eq!(rendered.len(), 3);
+        for name in &names {
+            assert_eq!(rendered[name]["payload_in_metadata"], name.as_str());
+        }
+        assert_eq!(
+            rendered[&names[0]]["remote_jwks"]["http_uri"]["uri"],
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/discovery/v2.0/keys"
+        );
+        assert_eq!(
+            rendered[&names[0]]["remote_jwks"]["http_uri"]["cluster"],
+            "entra_id"
+        );
+        let inline: Value = serde_json::from_str(
+            rendered[&names[2]]["local_jwks"]["inline_string"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(inline, serde_json::from_str::<Value>(JWKS).unwrap());
     }
 
     #[test]

@@ -92,7 +92,7 @@ fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
     let by_envoy: Vec<&str> = policy
         .apis
         .iter()
-        .filter(|a| a.jwt.as_ref().is_some_and(|j| j.envoy_provider().is_some()))
+        .filter(|a| a.jwt.as_ref().is_some_and(|j| j.verified_by_envoy()))
         .map(|a| a.name.as_str())
         .collect();
     if !by_envoy.is_empty() {

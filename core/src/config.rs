@@ -131,6 +131,19 @@ pub struct CompiledPolicy {
     pub fingerprint: [u8; 32],
 }
 
+impl CompiledPolicy {
+    /// How many key slots the host holds: one per identity provider of every API.
+    pub fn key_slots(&self) -> usize {
+        self.apis
+            .iter()
+            .filter_map(|a| a.jwt.as_ref())
+            .flat_map(|j| j.providers())
+            .map(|p| p.slot() + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiPolicy {
     pub name: String,
@@ -222,6 +235,11 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
             ));
         }
         apis.push(compiled);
+    }
+    // Every identity provider gets its own key slot in the host (`Host::jwt_keys`).
+    let mut slots = 0;
+    for jwt in apis.iter_mut().filter_map(|a| a.jwt.as_mut()) {
+        slots = jwt.assign_slots(slots);
     }
     let replay_cache = ReplayCachePolicy::compile(&raw.replay_cache, "replay_cache")?;
     let replay_store = ReplayStore::compile(&raw.replay_store, "replay_store")?;

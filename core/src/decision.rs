@@ -130,7 +130,7 @@ impl Refusal {
             Refusal::Key(KeyError::Invalid) => MSG_KEY_INVALID,
             Refusal::Jwt(JwtError::MissingHeader) => MSG_JWT_MISSING,
             Refusal::Jwt(JwtError::Malformed) => MSG_JWT_MALFORMED,
-            Refusal::Jwt(JwtError::Invalid(_)) => MSG_JWT_INVALID,
+            Refusal::Jwt(JwtError::Invalid(_) | JwtError::OtherEntraVersion(_)) => MSG_JWT_INVALID,
             Refusal::Jwt(JwtError::InsufficientClaims) => MSG_CLAIMS,
             Refusal::Jwt(JwtError::CertificateBound) => MSG_CERTIFICATE_BOUND,
             Refusal::Jwt(JwtError::Dpop(_)) => MSG_DPOP,
@@ -176,7 +176,7 @@ impl Refusal {
     }
 
     /// A short machine reason for logs; never contains request content.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
             Refusal::NotConfigured => "no policy loaded",
             Refusal::NotFound => "no API matches the path",

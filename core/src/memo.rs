@@ -149,10 +149,13 @@ struct TokenFact {
     known: KnownToken,
 }
 
-/// What verified a token: the policy's, the key set's and the HMAC secret's fingerprints.
+/// What verified a token: the policy's fingerprint, the identity provider (its key slot), and
+/// the fingerprints of its key set and HMAC secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verifier {
     pub policy: [u8; 32],
+    /// The identity provider's key slot (`Host::jwt_keys`).
+    pub slot: usize,
     pub keys: [u8; 32],
     pub hmac: [u8; 32],
 }
@@ -178,17 +181,20 @@ fn summary(token: &str) -> u64 {
 }
 
 impl TokenMemo {
-    /// What this worker knows of `token` for `api` verified by `verifier`.
+    /// What this worker knows of `token` for `api`, if what verified it is still what would:
+    /// `current` gives the verifier of the key slot the fact names as it is now.
     pub fn get(
         &self,
         api: usize,
-        verifier: &Verifier,
         token: &str,
         now: u64,
+        current: impl FnOnce(usize) -> Option<Verifier>,
     ) -> Option<KnownToken> {
         let fact = self.0.get(&summary(token), now)?;
-        (fact.api == api && fact.verifier == *verifier && *fact.token == *token)
-            .then_some(fact.known)
+        (fact.api == api
+            && *fact.token == *token
+            && current(fact.verifier.slot) == Some(fact.verifier))
+        .then_some(fact.known)
     }
 
     pub fn learn(&self, api: usize, verifier: Verifier, token: &str, known: KnownToken, now: u64) {
@@ -262,14 +268,18 @@ mod tests {
         };
         let v = Verifier {
             policy: [1; 32],
+            slot: 0,
             keys: [2; 32],
             hmac: [3; 32],
         };
         let t = "aaa.bbb.signature-0123456789abcdef";
         m.learn(0, v, t, known(1), 0);
-        assert_eq!(m.get(0, &v, t, 99).map(|k| k.identity), Some([1; 32]));
+        assert_eq!(
+            m.get(0, t, 99, |_| Some(v)).map(|k| k.identity),
+            Some([1; 32])
+        );
         // Another API, policy, key set or secret, another token, after exp: not known.
-        assert!(m.get(1, &v, t, 0).is_none());
+        assert!(m.get(1, t, 0, |_| Some(v)).is_none());
         for other in [
             Verifier {
                 policy: [9; 32],
@@ -277,22 +287,27 @@ mod tests {
             },
             Verifier { keys: [9; 32], ..v },
             Verifier { hmac: [9; 32], ..v },
+            Verifier { slot: 1, ..v },
         ] {
-            assert!(m.get(0, &other, t, 0).is_none());
+            assert!(m.get(0, t, 0, |_| Some(other)).is_none());
         }
-        assert!(m.get(0, &v, t, 100).is_none());
+        assert!(m.get(0, t, 0, |_| None).is_none());
+        assert!(m.get(0, t, 100, |_| Some(v)).is_none());
         // Same length and same last 16 bytes, other content: the summary matches, the text not.
         let twin = "xxx.bbb.signature-0123456789abcdef";
         assert_eq!(summary(t), summary(twin));
-        assert!(m.get(0, &v, twin, 0).is_none());
+        assert!(m.get(0, twin, 0, |_| Some(v)).is_none());
         // Learning the twin evicts the first: never answers for it.
         m.learn(0, v, twin, known(2), 0);
-        assert!(m.get(0, &v, t, 0).is_none());
-        assert_eq!(m.get(0, &v, twin, 0).map(|k| k.identity), Some([2; 32]));
+        assert!(m.get(0, t, 0, |_| Some(v)).is_none());
+        assert_eq!(
+            m.get(0, twin, 0, |_| Some(v)).map(|k| k.identity),
+            Some([2; 32])
+        );
         // Short tokens work too.
         m.learn(0, v, "a.b", known(3), 0);
-        assert!(m.get(0, &v, "a.b", 0).is_some());
-        assert!(m.get(0, &v, "a.c", 0).is_none());
+        assert!(m.get(0, "a.b", 0, |_| Some(v)).is_some());
+        assert!(m.get(0, "a.c", 0, |_| Some(v)).is_none());
     }
 
     #[test]

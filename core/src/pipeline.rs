@@ -21,7 +21,7 @@ use crate::ip_filter::ClientIpError;
 use crate::jwt::dpop::{check_proof, AcceptedProof, DpopError, ProofTarget};
 use crate::jwt::sources::{cookie_without, find_token, Found};
 use crate::jwt::{
-    Binding, InvalidReason, JwtError, JwtPolicy, KeySet, VerifiedToken, MAX_CLOCK_SKEW_SECONDS,
+    Binding, InvalidReason, JwtError, JwtPolicy, KeySet, Provider, MAX_CLOCK_SKEW_SECONDS,
 };
 use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
@@ -54,13 +54,14 @@ pub struct Request<'a> {
 /// verified-token cache and the replay store (all in Envoy shared data in the filter; in
 /// memory in tests).
 pub trait Host {
-    /// The API's current key set (`None` while a remote JWKS has not been fetched yet).
-    fn jwt_keys(&self, api: usize) -> Option<Rc<KeySet>>;
+    /// The current key set of the identity provider in key slot `slot` ([`Provider::slot`];
+    /// `None` while a remote JWKS has not been fetched yet).
+    fn jwt_keys(&self, slot: usize) -> Option<Rc<KeySet>>;
     /// A cached verified token: (claims, exp), only if not expired at `now`.
     fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)>;
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>);
-    /// A token named a `kid` the API's key set lacks: the JWKS may have rotated.
-    fn unknown_kid(&self, api: usize);
+    /// A token named a `kid` the key set in `slot` lacks: the JWKS may have rotated.
+    fn unknown_kid(&self, slot: usize);
     fn replay_store(&self) -> &dyn SharedStore;
     /// Key prefix of the replay buckets in the store.
     fn replay_prefix(&self) -> &str;
@@ -89,14 +90,14 @@ pub enum Event {
 pub struct NoHost;
 
 impl Host for NoHost {
-    fn jwt_keys(&self, _api: usize) -> Option<Rc<KeySet>> {
+    fn jwt_keys(&self, _slot: usize) -> Option<Rc<KeySet>> {
         None
     }
     fn cached_token(&self, _key: &[u8; 32], _now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
         None
     }
     fn cache_token(&self, _key: &[u8; 32], _exp: u64, _claims: &Map<String, Value>) {}
-    fn unknown_kid(&self, _api: usize) {}
+    fn unknown_kid(&self, _slot: usize) {}
     fn replay_store(&self) -> &dyn SharedStore {
         &UNAVAILABLE
     }
@@ -213,7 +214,7 @@ impl CompiledPolicy {
     pub fn reads_dynamic_metadata(&self) -> bool {
         self.apis
             .iter()
-            .any(|a| a.jwt.as_ref().is_some_and(|j| j.envoy_provider().is_some()))
+            .any(|a| a.jwt.as_ref().is_some_and(JwtPolicy::verified_by_envoy))
     }
 
     pub fn evaluate(&self, req: &Request<'_>, host: &dyn Host) -> Decision {
@@ -443,7 +444,7 @@ impl Checks<'_, '_> {
             .map_err(Refusal::Jwt)?;
         let token = token.as_str();
         let api_index = self.forward.api;
-        let (claims, exp, identity) = if jwt.envoy_provider().is_some() {
+        let (claims, exp, identity) = if jwt.verified_by_envoy() {
             // Envoy checked the signature on this request; nothing to cache.
             let v = jwt
                 .verify_by_envoy(token, self.req.dynamic_metadata, self.req.now)
@@ -683,10 +684,11 @@ impl Checks<'_, '_> {
 impl CompiledPolicy {
     /// Claims, `exp` and (when worked out) the replay identity of a valid token: from what this
     /// worker already knows, from the verified-token cache, or verified now and cached. The
-    /// cache key binds the policy version, the API, the key set and HMAC secret that verified
-    /// the token (a key removed from the JWKS takes its tokens' entries with it) and the whole
-    /// token, signature included: a hit means these exact bytes verified before. The worker's
-    /// memo binds the same (it lives with this policy) and is off with the cache.
+    /// cache key binds the policy version, the API, the identity provider (the token's `iss`
+    /// picks it) with the key set and HMAC secret that verified the token (a key removed from
+    /// the JWKS takes its tokens' entries with it) and the whole token, signature included: a
+    /// hit means these exact bytes verified before, with these keys. The worker's memo binds the
+    /// same (it lives with this policy) and is off with the cache.
     fn verified_claims(
         &self,
         api_index: usize,
@@ -695,24 +697,47 @@ impl CompiledPolicy {
         now: u64,
         host: &dyn Host,
     ) -> Result<Verified, JwtError> {
-        let keys = host.jwt_keys(api_index);
-        let verifier = Verifier {
+        let verifier = |provider: &Provider, keys: Option<&KeySet>| Verifier {
             policy: self.fingerprint,
-            keys: keys.as_deref().map_or([0; 32], KeySet::fingerprint),
-            hmac: jwt.hmac_fingerprint(),
+            slot: provider.slot(),
+            keys: keys.map_or([0; 32], KeySet::fingerprint),
+            hmac: provider.hmac_fingerprint(),
         };
         let memo = host.token_memo().filter(|_| self.token_cache_slots > 0);
-        if let Some(known) = memo.and_then(|m| m.get(api_index, &verifier, token, now)) {
+        let known = memo.and_then(|m| {
+            m.get(api_index, token, now, |slot| {
+                let provider = jwt.provider_in_slot(slot)?;
+                Some(verifier(provider, host.jwt_keys(slot).as_deref()))
+            })
+        });
+        if let Some(known) = known {
             host.note(api_index, Event::JwtCacheHit);
             return Ok((known.claims, known.exp, Some(known.identity)));
         }
+        // The token's issuer picks the provider before any signature work.
+        let provider = jwt.select(token)?;
+        let keys = host.jwt_keys(provider.slot());
+        let verifier = verifier(provider, keys.as_deref());
         let mut h = Sha256::new();
         h.update(verifier.policy);
         h.update((api_index as u64).to_be_bytes());
+        h.update((verifier.slot as u64).to_be_bytes());
         h.update(verifier.keys);
         h.update(verifier.hmac);
         h.update(Sha256::digest(token.as_bytes()));
         let cache_key: [u8; 32] = h.finalize().into();
+        let verify_now = || {
+            jwt.verify_as(provider, token, keys.as_deref(), now)
+                .inspect_err(|e| {
+                    // A key set that lacks the token's key asks for a fresh one.
+                    if matches!(
+                        e,
+                        JwtError::Invalid(InvalidReason::UnknownKid | InvalidReason::NoKeySet)
+                    ) {
+                        host.unknown_kid(provider.slot());
+                    }
+                })
+        };
         let (claims, exp) = if self.token_cache_slots > 0 {
             match host.cached_token(&cache_key, now) {
                 Some(hit) => {
@@ -721,13 +746,13 @@ impl CompiledPolicy {
                 }
                 None => {
                     host.note(api_index, Event::JwtCacheMiss);
-                    let v = self.verify_now(api_index, jwt, token, keys.as_deref(), now, host)?;
+                    let v = verify_now()?;
                     host.cache_token(&cache_key, v.exp, &v.claims);
                     (Rc::new(v.claims), v.exp)
                 }
             }
         } else {
-            let v = self.verify_now(api_index, jwt, token, keys.as_deref(), now, host)?;
+            let v = verify_now()?;
             (Rc::new(v.claims), v.exp)
         };
         let Some(memo) = memo else {
@@ -741,26 +766,6 @@ impl CompiledPolicy {
         };
         memo.learn(api_index, verifier, token, known, now);
         Ok((claims, exp, Some(identity)))
-    }
-
-    /// The signature check itself; a key set that lacks the token's key asks for a fresh one.
-    fn verify_now(
-        &self,
-        api_index: usize,
-        jwt: &JwtPolicy,
-        token: &str,
-        keys: Option<&KeySet>,
-        now: u64,
-        host: &dyn Host,
-    ) -> Result<VerifiedToken, JwtError> {
-        jwt.verify(token, keys, now).inspect_err(|e| {
-            if matches!(
-                e,
-                JwtError::Invalid(InvalidReason::UnknownKid | InvalidReason::NoKeySet)
-            ) {
-                host.unknown_kid(api_index);
-            }
-        })
     }
 }
 

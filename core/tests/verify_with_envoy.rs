@@ -335,3 +335,52 @@ fn envoy_reads_the_authorization_header_only() {
         .unwrap_or_default();
     assert!(err.contains("apis[0].jwt.token_sources"), "{err}");
 }
+
+/// `jwt.providers` with "envoy": the token's `iss` picks the provider, and only what that
+/// provider's `jwt_authn` provider verified counts (another provider's payload for the same
+/// token is not a verification by the keys its issuer uses).
+#[test]
+fn each_identity_provider_reads_its_own_jwt_authn_payload() {
+    let s = signer();
+    let other_iss = "https://idp-b.example.com/";
+    let p = compile(&json!({"apis": [{
+        "name": "a", "path_prefix": "/a",
+        "jwt": {
+            "providers": [
+                {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["EdDSA"],
+                 "jwks": {"cluster": "idp", "uri": "https://idp.example.com/keys"}},
+                {"issuers": [other_iss], "audiences": ["api://a"], "algorithms": ["EdDSA"],
+                 "jwks": {"cluster": "idp_b", "uri": "https://idp-b.example.com/keys"}}
+            ],
+            "verify_with": "envoy"
+        }
+    }]}));
+    assert!(p.reads_dynamic_metadata());
+    let b = provider("idp_b", "https://idp-b.example.com/keys");
+    let h = FakeHost::new(&p, json!({"keys": [s.jwk]}));
+    let ta = token(&s, json!({}));
+    let tb = token(&s, json!({"iss": other_iss}));
+    forward(
+        &call("/a")
+            .bearer(&ta)
+            .metadata(verified(&a(), &payload_of(&ta)))
+            .run(&p, &h),
+    );
+    forward(
+        &call("/a")
+            .bearer(&tb)
+            .metadata(verified(&b, &payload_of(&tb)))
+            .run(&p, &h),
+    );
+    // B's token, verified only by A's keys: not verified for B.
+    let d = call("/a")
+        .bearer(&tb)
+        .metadata(verified(&a(), &payload_of(&tb)))
+        .run(&p, &h);
+    assert_refused(&d, 401, INVALID);
+    let d = call("/a")
+        .bearer(&ta)
+        .metadata(verified(&b, &payload_of(&ta)))
+        .run(&p, &h);
+    assert_refused(&d, 401, INVALID);
+}

@@ -8,6 +8,7 @@ pub mod dpop;
 pub mod envoy;
 pub mod fetch;
 pub mod keys;
+pub mod provider;
 pub mod shared_jwks;
 pub mod sources;
 pub mod token;
@@ -18,13 +19,14 @@ use std::collections::BTreeMap;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::error::{index, join, ConfigError};
 use crate::value::{EnvLookup, ValueSource};
+use provider::is_hmac;
 
 pub use claims::{RequiredClaim, RequiredClaimConfig};
 pub use keys::{JwksError, KeyChoiceError, KeyFamily, KeySet};
+pub use provider::{EntraConfig, EntraVersion, Provider, ProviderConfig, ENTRA_CLUSTER};
 pub use token::extract_bearer;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,9 +34,22 @@ pub use token::extract_bearer;
 #[cfg_attr(feature = "serialize", derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
+    /// A single identity provider: `issuers`, `audiences`, `algorithms`, `jwks`, `hmac_secret`
+    /// and `entra` here, or several in `providers` (not both).
+    #[serde(default)]
     pub issuers: Vec<String>,
+    #[serde(default)]
     pub audiences: Vec<String>,
+    #[serde(default)]
     pub algorithms: Vec<String>,
+    /// Microsoft Entra ID: issuers and keys worked out from the tenant.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub entra: Option<EntraConfig>,
+    /// Several identity providers; a token's `iss` picks the one that checks it.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub providers: Option<Vec<ProviderConfig>>,
     /// Required for RS/PS/ES/EdDSA; not used (and refused) when only HS algorithms are allowed.
     #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
@@ -145,7 +160,6 @@ pub struct JwksConfig {
     pub refresh_seconds: Option<u64>,
 }
 
-const DEFAULT_REFRESH_SECONDS: u64 = 3600;
 /// The largest `clock_skew_seconds` a policy may set.
 pub const MAX_CLOCK_SKEW_SECONDS: u64 = 600;
 
@@ -164,20 +178,14 @@ pub enum JwksSource {
 
 #[derive(Debug, Clone)]
 pub struct JwtPolicy {
-    issuers: Vec<String>,
-    audiences: Vec<String>,
-    algorithms: Vec<Algorithm>,
-    pub jwks: JwksSource,
+    /// At least one; no two accept the same issuer.
+    providers: Vec<Provider>,
     clock_skew: u64,
     required_claims: Vec<RequiredClaim>,
     /// (claim, lower-case header)
     claims_to_headers: Vec<(String, String)>,
-    hmac: Option<verify::VerifyingKey>,
-    /// SHA-256 of the resolved HMAC secret (zeros without one): verified-token cache entries are
-    /// bound to it, since a secret read from the environment is not in the policy text.
-    hmac_fingerprint: [u8; 32],
-    /// With `verify_with: "envoy"`: the `jwt_authn` provider whose payload this API reads.
-    envoy_provider: Option<String>,
+    /// `verify_with: "envoy"`.
+    by_envoy: bool,
     /// Where the token may come from.
     token_sources: Vec<sources::TokenSource>,
     /// `certificate_bound`.
@@ -213,7 +221,7 @@ pub enum InvalidReason {
     WrongAudience,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwtError {
     /// No header, wrong scheme, empty or several tokens.
     MissingHeader,
@@ -225,12 +233,17 @@ pub enum JwtError {
     CertificateBound,
     /// A DPoP-bound token without a valid proof, or a bearer token where DPoP is required.
     Dpop(dpop::DpopError),
+    /// No provider accepts the token's `iss`, which is the other Entra ID version of a tenant
+    /// one accepts: the reason says what to add (and names only the issuer). Refused as
+    /// [`InvalidReason::WrongIssuer`] is.
+    OtherEntraVersion(Box<str>),
 }
 
 impl JwtError {
     /// A short reason for logs; never token content.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
+            JwtError::OtherEntraVersion(hint) => hint,
             JwtError::MissingHeader => "missing or malformed Authorization header",
             JwtError::Malformed => "malformed token or missing exp",
             JwtError::InsufficientClaims => "required claim missing or not matching",
@@ -258,176 +271,57 @@ impl JwtError {
     }
 }
 
-const SUPPORTED: &str =
-    "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512";
-
-fn is_hmac(alg: Algorithm) -> bool {
-    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
-}
-
 impl JwtPolicy {
     pub fn compile(cfg: &JwtConfig, path: &str, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
-        let non_empty = |list: &Vec<String>, field: &str| {
-            if list.is_empty() {
-                return Err(ConfigError::new(
-                    join(path, field),
-                    "must list at least one value",
-                ));
-            }
-            if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
-                return Err(ConfigError::new(
-                    index(&join(path, field), i),
-                    "must not be empty",
-                ));
-            }
-            Ok(())
+        let single = ProviderConfig {
+            issuers: cfg.issuers.clone(),
+            audiences: cfg.audiences.clone(),
+            algorithms: cfg.algorithms.clone(),
+            jwks: cfg.jwks.clone(),
+            hmac_secret: cfg.hmac_secret.clone(),
+            entra: cfg.entra.clone(),
         };
-        non_empty(&cfg.issuers, "issuers")?;
-        non_empty(&cfg.audiences, "audiences")?;
-        non_empty(&cfg.algorithms, "algorithms")?;
-
-        let mut algorithms = Vec::new();
-        for (i, name) in cfg.algorithms.iter().enumerate() {
-            let alg = name.parse::<Algorithm>().map_err(|_| {
-                ConfigError::new(
-                    index(&join(path, "algorithms"), i),
-                    format!("unsupported algorithm {name:?} (supported: {SUPPORTED})"),
-                )
-            })?;
-            if !algorithms.contains(&alg) {
-                algorithms.push(alg);
-            }
-        }
-
-        let wants_hmac = algorithms.iter().any(|a| is_hmac(*a));
-        let mut hmac_fingerprint = [0u8; 32];
-        let hmac =
-            match (&cfg.hmac_secret, wants_hmac) {
-                (Some(source), true) => {
-                    let field = join(path, "hmac_secret");
-                    let secret = source.resolve(&field, env)?;
-                    // RFC 7518 §3.2: the key must be at least as long as the hash output.
-                    if secret.len() < 32 {
-                        return Err(ConfigError::new(
-                            field,
-                            "an HMAC secret needs at least 32 bytes",
-                        ));
-                    }
-                    hmac_fingerprint = Sha256::digest(secret.as_bytes()).into();
-                    Some(verify::VerifyingKey::hmac(secret.as_bytes()))
-                }
-                (None, true) => return Err(ConfigError::new(
-                    join(path, "algorithms"),
-                    "HS256/HS384/HS512 need \"hmac_secret\" (a shared secret, never a public key)",
-                )),
-                (Some(_), false) => {
+        let providers = match &cfg.providers {
+            None => vec![Provider::compile(&single, cfg.verify_with, path, env)?],
+            Some(list) => {
+                let mixed = [
+                    ("issuers", !single.issuers.is_empty()),
+                    ("audiences", !single.audiences.is_empty()),
+                    ("algorithms", !single.algorithms.is_empty()),
+                    ("jwks", single.jwks.is_some()),
+                    ("hmac_secret", single.hmac_secret.is_some()),
+                    ("entra", single.entra.is_some()),
+                ];
+                if let Some((field, _)) = mixed.iter().find(|(_, set)| *set) {
                     return Err(ConfigError::new(
-                        join(path, "hmac_secret"),
-                        "set, but no HS256/HS384/HS512 algorithm is allowed",
-                    ))
-                }
-                (None, false) => None,
-            };
-
-        let jwks_path = join(path, "jwks");
-        let asymmetric = algorithms.iter().any(|a| !is_hmac(*a));
-        let jwks = match &cfg.jwks {
-            None if asymmetric => {
-                return Err(ConfigError::new(
-                    jwks_path,
-                    "required: RS/PS/ES/EdDSA tokens are verified with the identity provider's keys",
-                ))
-            }
-            None => JwksSource::None,
-            Some(_) if !asymmetric => {
-                return Err(ConfigError::new(
-                    jwks_path,
-                    "not used when only HS256/HS384/HS512 are allowed (the hmac_secret is the key); remove it",
-                ))
-            }
-            Some(JwksConfig {
-                inline: Some(inline),
-                cluster: None,
-                uri: None,
-                refresh_seconds: None,
-            }) => {
-                let set = KeySet::from_jwks_value(inline).map_err(|e| {
-                    ConfigError::new(join(&jwks_path, "inline"), e.reason())
-                })?;
-                JwksSource::Inline(set)
-            }
-            Some(JwksConfig {
-                inline: None,
-                cluster: Some(cluster),
-                uri: Some(uri),
-                refresh_seconds,
-            }) => {
-                let refresh_seconds = &refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
-                if cluster.trim().is_empty() {
-                    return Err(ConfigError::new(join(&jwks_path, "cluster"), "must name an Envoy cluster"));
-                }
-                if fetch::split_uri(uri).is_none() {
-                    return Err(ConfigError::new(
-                        join(&jwks_path, "uri"),
-                        format!("{uri:?} is not an https:// or http:// URL"),
+                        join(path, field),
+                        "not with \"providers\": each provider lists its own (move it into \
+                         the providers it belongs to)",
                     ));
                 }
-                if *refresh_seconds == 0 || *refresh_seconds > 7 * 86_400 {
+                let providers_path = join(path, "providers");
+                if list.is_empty() {
                     return Err(ConfigError::new(
-                        join(&jwks_path, "refresh_seconds"),
-                        "must be between 1 and 604800",
+                        providers_path,
+                        "must list at least one provider",
                     ));
                 }
-                JwksSource::Remote {
-                    cluster: cluster.clone(),
-                    uri: uri.clone(),
-                    refresh_seconds: *refresh_seconds,
-                }
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    jwks_path,
-                    "needs either \"inline\" (a JWKS) or \"cluster\" and \"uri\" (fetched through Envoy), not both",
-                ))
+                let compiled = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        Provider::compile(p, cfg.verify_with, &index(&providers_path, i), env)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                provider::check_distinct_issuers(&compiled)?;
+                compiled
             }
         };
-        if let (JwksSource::Inline(set), true) = (&jwks, asymmetric) {
-            if !algorithms
-                .iter()
-                .filter(|a| !is_hmac(**a))
-                .any(|a| set.has_family(KeyFamily::for_algorithm(*a)))
-            {
-                return Err(ConfigError::new(
-                    join(&jwks_path, "inline"),
-                    "no key in the set fits any allowed algorithm",
-                ));
-            }
-        }
-
-        let envoy_provider = match (cfg.verify_with, &cfg.jwks) {
-            (VerifyWith::Gateguard, _) => None,
-            (VerifyWith::Envoy, _) if wants_hmac => return Err(ConfigError::new(
-                join(path, "verify_with"),
-                "\"envoy\" verifies with the identity provider's keys (jwks); HS256/HS384/HS512 \
-                     tokens are verified by \"gateguard\"",
-            )),
-            (VerifyWith::Envoy, Some(jwks))
-                if jwks.uri.as_deref().is_some_and(fetch::is_discovery_uri) =>
-            {
-                return Err(ConfigError::new(
-                    join(&jwks_path, "uri"),
-                    "with verify_with \"envoy\", Envoy's jwt_authn fetches this URL as the key set \
-                     and cannot follow OpenID discovery: give the discovery document's jwks_uri",
-                ))
-            }
-            (VerifyWith::Envoy, Some(jwks)) => Some(envoy::provider_name(jwks)),
-            // Refused above: an asymmetric algorithm without keys.
-            (VerifyWith::Envoy, None) => None,
-        };
+        let by_envoy = cfg.verify_with == VerifyWith::Envoy;
 
         let mut token_sources = sources::compile_sources(&cfg.token_sources, path)?;
         if cfg.dpop.is_some() {
-            if envoy_provider.is_some() {
+            if by_envoy {
                 return Err(ConfigError::new(
                     join(path, "dpop"),
                     "DPoP proofs are checked by \"verify_with\": \"gateguard\" only",
@@ -439,7 +333,7 @@ impl JwtPolicy {
                 scheme: Some(sources::DPOP_SCHEME.into()),
             });
         }
-        if envoy_provider.is_some() && !sources::is_authorization_bearer_only(&token_sources) {
+        if by_envoy && !sources::is_authorization_bearer_only(&token_sources) {
             return Err(ConfigError::new(
                 join(path, "token_sources"),
                 "with \"verify_with\": \"envoy\", Envoy's jwt_authn reads the token from \
@@ -478,20 +372,56 @@ impl JwtPolicy {
         }
 
         Ok(Self {
-            issuers: cfg.issuers.clone(),
-            audiences: cfg.audiences.clone(),
-            algorithms,
-            jwks,
+            providers,
             clock_skew: cfg.clock_skew_seconds,
             required_claims,
             claims_to_headers,
-            hmac,
-            hmac_fingerprint,
-            envoy_provider,
+            by_envoy,
             token_sources,
             certificate_bound: cfg.certificate_bound,
             dpop: cfg.dpop,
         })
+    }
+
+    /// The identity providers, in policy order.
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// Gives the providers the host's key slots `next`, `next + 1`, ...; returns the next free.
+    pub fn assign_slots(&mut self, mut next: usize) -> usize {
+        for p in &mut self.providers {
+            p.set_slot(next);
+            next += 1;
+        }
+        next
+    }
+
+    /// The provider with key slot `slot`, if it is this API's.
+    pub fn provider_in_slot(&self, slot: usize) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.slot() == slot)
+    }
+
+    /// The provider that checks `token`: the one accepting its `iss` (read from the payload,
+    /// not yet verified). Nothing is verified here; no key is looked at.
+    pub fn select(&self, token: &str) -> Result<&Provider, JwtError> {
+        let parsed = token::parse(token)?;
+        self.select_parsed(&parsed.claims)
+    }
+
+    fn select_parsed(&self, claims: &Map<String, Value>) -> Result<&Provider, JwtError> {
+        let wrong = JwtError::Invalid(InvalidReason::WrongIssuer);
+        let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
+            return Err(wrong);
+        };
+        let tid = claims.get("tid").and_then(Value::as_str);
+        self.providers
+            .iter()
+            .find(|p| p.accepts_issuer(iss, tid))
+            .ok_or_else(|| match provider::entra_hint(&self.providers, iss) {
+                Some(hint) => JwtError::OtherEntraVersion(hint.into()),
+                None => wrong,
+            })
     }
 
     /// Whether tokens may be (`Optional`) or must be (`Required`) bound to the client
@@ -541,33 +471,50 @@ impl JwtPolicy {
         &self.token_sources
     }
 
-    /// With `verify_with: "envoy"`: the `jwt_authn` provider (and metadata field) of this API.
+    /// With `verify_with: "envoy"`: the `jwt_authn` provider (and metadata field) of this API's
+    /// first identity provider (each has its own: [`Provider::envoy_provider`]).
     pub fn envoy_provider(&self) -> Option<&str> {
-        self.envoy_provider.as_deref()
+        self.providers.first().and_then(Provider::envoy_provider)
     }
 
-    pub fn hmac_fingerprint(&self) -> [u8; 32] {
-        self.hmac_fingerprint
+    /// `verify_with: "envoy"`: Envoy's `jwt_authn` checks the signatures.
+    pub fn verified_by_envoy(&self) -> bool {
+        self.by_envoy
     }
 
     pub fn clock_skew(&self) -> u64 {
         self.clock_skew
     }
 
-    /// Verifies a token: structure, algorithm, key, signature, time, issuer, audience.
-    /// `keys` is the API's current key set (`None` while a remote JWKS is not fetched yet).
+    /// Verifies a token: provider (by `iss`), structure, algorithm, key, signature, time,
+    /// issuer, audience. `keys` is the selected provider's current key set (`None` while a
+    /// remote JWKS is not fetched yet): for a policy with one provider, the API's.
     pub fn verify(
         &self,
         token: &str,
         keys: Option<&KeySet>,
         now: u64,
     ) -> Result<VerifiedToken, JwtError> {
+        let provider = self.select(token)?;
+        self.verify_as(provider, token, keys, now)
+    }
+
+    /// [`Self::verify`] with the provider already selected (by [`Self::select`]) and `keys`
+    /// its key set.
+    pub fn verify_as(
+        &self,
+        provider: &Provider,
+        token: &str,
+        keys: Option<&KeySet>,
+        now: u64,
+    ) -> Result<VerifiedToken, JwtError> {
         let parsed = token::parse(token)?;
         let invalid = JwtError::Invalid;
-        let alg = self.allowed_algorithm(&parsed)?;
+        let alg = Self::allowed_algorithm(provider, &parsed)?;
         // `jku`, `x5u`, `jwk` and `x5c` are never used: keys come only from the policy.
         let key = if is_hmac(alg) {
-            self.hmac
+            provider
+                .hmac
                 .as_ref()
                 .ok_or(invalid(InvalidReason::AlgorithmNotAllowed))?
         } else {
@@ -590,13 +537,13 @@ impl JwtPolicy {
         if !verify::signature_is_valid(parsed.signature, parsed.signing_input, key, alg) {
             return Err(invalid(InvalidReason::BadSignature));
         }
-        self.accept_claims(parsed, now)
+        self.accept_claims(provider, parsed, now)
     }
 
     /// `verify_with: "envoy"`: the same checks as [`Self::verify`], but the signature was
     /// checked by Envoy's `jwt_authn`. `metadata` is the request's dynamic metadata (serialised
-    /// `envoy.config.core.v3.Metadata`); the payload the API's provider verified there must be
-    /// this token's, claim by claim, or the token is invalid.
+    /// `envoy.config.core.v3.Metadata`); the payload the selected provider's `jwt_authn`
+    /// provider verified there must be this token's, claim by claim, or the token is invalid.
     pub fn verify_by_envoy(
         &self,
         token: &str,
@@ -604,30 +551,33 @@ impl JwtPolicy {
         now: u64,
     ) -> Result<VerifiedToken, JwtError> {
         let parsed = token::parse(token)?;
-        self.allowed_algorithm(&parsed)?;
+        let provider = self.select_parsed(&parsed.claims)?;
+        Self::allowed_algorithm(provider, &parsed)?;
         let invalid = JwtError::Invalid;
-        let provider = self
-            .envoy_provider
-            .as_deref()
+        let name = provider
+            .envoy_provider()
             .ok_or(invalid(InvalidReason::NotVerifiedByEnvoy))?;
         let payload = metadata
-            .and_then(|m| envoy::verified_payload(m, provider))
+            .and_then(|m| envoy::verified_payload(m, name))
             .ok_or(invalid(InvalidReason::NotVerifiedByEnvoy))?;
         if !envoy::same_payload(&parsed.claims, &payload) {
             return Err(invalid(InvalidReason::NotTheVerifiedToken));
         }
-        self.accept_claims(parsed, now)
+        self.accept_claims(provider, parsed, now)
     }
 
-    /// The token's `alg`, if the policy allows it and the header asks for nothing gateguard
+    /// The token's `alg`, if the provider allows it and the header asks for nothing gateguard
     /// does not understand.
-    fn allowed_algorithm(&self, parsed: &token::ParsedToken<'_>) -> Result<Algorithm, JwtError> {
+    fn allowed_algorithm(
+        provider: &Provider,
+        parsed: &token::ParsedToken<'_>,
+    ) -> Result<Algorithm, JwtError> {
         let alg = parsed
             .header
             .get("alg")
             .and_then(Value::as_str)
             .and_then(|a| a.parse::<Algorithm>().ok())
-            .filter(|a| self.algorithms.contains(a))
+            .filter(|a| provider.algorithms.contains(a))
             .ok_or(JwtError::Invalid(InvalidReason::AlgorithmNotAllowed))?;
         // RFC 7515 §4.1.11: extensions we do not understand must make the token invalid.
         if parsed.header.contains_key("crit") {
@@ -639,6 +589,7 @@ impl JwtPolicy {
     /// Time, issuer and audience of a token whose signature holds.
     fn accept_claims(
         &self,
+        provider: &Provider,
         parsed: token::ParsedToken<'_>,
         now: u64,
     ) -> Result<VerifiedToken, JwtError> {
@@ -663,19 +614,12 @@ impl JwtPolicy {
                 }
             }
         }
+        let tid = claims.get("tid").and_then(Value::as_str);
         match claims.get("iss").and_then(Value::as_str) {
-            Some(iss) if self.issuers.iter().any(|i| i == iss) => {}
+            Some(iss) if provider.accepts_issuer(iss, tid) => {}
             _ => return Err(invalid(InvalidReason::WrongIssuer)),
         }
-        let aud_ok = match claims.get("aud") {
-            Some(Value::String(a)) => self.audiences.contains(a),
-            Some(Value::Array(list)) => list
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|a| self.audiences.iter().any(|x| x == a)),
-            _ => false,
-        };
-        if !aud_ok {
+        if !provider.accepts_audience(&claims) {
             return Err(invalid(InvalidReason::WrongAudience));
         }
         Ok(VerifiedToken {

@@ -47,7 +47,12 @@ pub fn token(s: &Signer, extra: Value) -> String {
 pub type Claims = (Map<String, Value>, u64);
 
 pub struct FakeHost {
+    /// Every key slot's key set, unless `slot_keys` holds the slot's own.
     pub keys: RefCell<Option<Rc<KeySet>>>,
+    /// Key sets per key slot (one per identity provider), as the filter holds them.
+    pub slot_keys: RefCell<HashMap<usize, Rc<KeySet>>>,
+    /// The key slots `unknown_kid` was called for, in order.
+    pub kid_slots: RefCell<Vec<usize>>,
     pub cache: RefCell<HashMap<[u8; 32], Claims>>,
     pub store: MemoryStore,
     pub prefix: String,
@@ -67,6 +72,8 @@ impl FakeHost {
         ensure_buckets(&store, &prefix, policy.replay_cache.buckets()).unwrap();
         Self {
             keys: RefCell::new(Some(Rc::new(KeySet::from_jwks_value(&jwks).unwrap()))),
+            slot_keys: RefCell::default(),
+            kid_slots: RefCell::default(),
             cache: RefCell::default(),
             store,
             prefix,
@@ -84,11 +91,20 @@ impl FakeHost {
     pub fn set_keys(&self, jwks: Value) {
         *self.keys.borrow_mut() = Some(Rc::new(KeySet::from_jwks_value(&jwks).unwrap()));
     }
+
+    /// The identity provider in key slot `slot` has its own keys: `jwks`.
+    pub fn set_slot_keys(&self, slot: usize, jwks: Value) {
+        let set = Rc::new(KeySet::from_jwks_value(&jwks).unwrap());
+        self.slot_keys.borrow_mut().insert(slot, set);
+    }
 }
 
 impl Host for FakeHost {
-    fn jwt_keys(&self, _api: usize) -> Option<Rc<KeySet>> {
-        self.keys.borrow().clone()
+    fn jwt_keys(&self, slot: usize) -> Option<Rc<KeySet>> {
+        match self.slot_keys.borrow().get(&slot) {
+            Some(set) => Some(set.clone()),
+            None => self.keys.borrow().clone(),
+        }
     }
     fn cached_token(&self, key: &[u8; 32], now: u64) -> Option<(Rc<Map<String, Value>>, u64)> {
         self.cache
@@ -100,8 +116,9 @@ impl Host for FakeHost {
     fn cache_token(&self, key: &[u8; 32], exp: u64, claims: &Map<String, Value>) {
         self.cache.borrow_mut().insert(*key, (claims.clone(), exp));
     }
-    fn unknown_kid(&self, _api: usize) {
+    fn unknown_kid(&self, slot: usize) {
         self.unknown_kids.set(self.unknown_kids.get() + 1);
+        self.kid_slots.borrow_mut().push(slot);
     }
     fn replay_store(&self) -> &dyn SharedStore {
         &self.store
