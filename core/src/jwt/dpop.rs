@@ -11,7 +11,7 @@ use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::keys::{parse_jwk, KeyFamily};
+use super::keys::{parse_jwk_checked, KeyFamily, PointCheck};
 use super::verify::signature_is_valid;
 
 /// Algorithms a proof may be signed with: asymmetric only (RFC 9449 §4.2), as advertised in the
@@ -211,7 +211,8 @@ fn public_key(jwk: &Value, alg: Algorithm) -> Result<super::verify::VerifyingKey
     if PRIVATE_MEMBERS.iter().any(|m| object.contains_key(*m)) {
         return Err(DpopError::Key);
     }
-    let key = parse_jwk(jwk).ok_or(DpopError::Key)?;
+    // The proof's signature check validates the point (ring), so it is not checked twice.
+    let key = parse_jwk_checked(jwk, PointCheck::AtVerification).ok_or(DpopError::Key)?;
     if key.family != KeyFamily::for_algorithm(alg) || key.alg.is_some_and(|a| a != alg) {
         return Err(DpopError::Key);
     }

@@ -204,6 +204,20 @@ fn text<'a>(jwk: &'a serde_json::Map<String, Value>, field: &str) -> Option<&'a 
 
 /// One JWK, or `None` when it is not a signature-verification key we support.
 pub(crate) fn parse_jwk(value: &Value) -> Option<VerificationKey> {
+    parse_jwk_checked(value, PointCheck::Now)
+}
+
+/// When an EC point is checked to be on its curve: when the key is loaded (a JWKS: refused
+/// once, not at every request), or only by the verification itself (ring checks the point on
+/// every verification; a DPoP proof's key is used once, and the check costs as much as the
+/// verification).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PointCheck {
+    Now,
+    AtVerification,
+}
+
+pub(crate) fn parse_jwk_checked(value: &Value, check: PointCheck) -> Option<VerificationKey> {
     let jwk = value.as_object()?;
     if text(jwk, "use").is_some_and(|u| u != "sig") {
         return None;
@@ -231,7 +245,7 @@ pub(crate) fn parse_jwk(value: &Value) -> Option<VerificationKey> {
                 return None;
             }
             let sec1: Vec<u8> = [&[0x04][..], &x, &y].concat();
-            if !point_is_on_curve(family, &sec1) {
+            if check == PointCheck::Now && !point_is_on_curve(family, &sec1) {
                 return None;
             }
             (family, VerifyingKey::Ec(sec1))

@@ -215,3 +215,21 @@ fn every_broken_property_is_refused_one_at_a_time() {
         assert_eq!(check(&c, junk), Err(DpopError::Malformed), "{junk:.20}");
     }
 }
+
+#[test]
+fn a_key_off_its_curve_never_verifies() {
+    let c = client();
+    // y + 1: no longer on P-256; ring's verification refuses it.
+    let mut y = URL_SAFE_NO_PAD
+        .decode(c.jwk["y"].as_str().unwrap())
+        .unwrap();
+    y[31] ^= 1;
+    let mut jwk = c.jwk.clone();
+    jwk["y"] = json!(URL_SAFE_NO_PAD.encode(&y));
+    let proof = c.proof_with(|h, _| h["jwk"] = jwk.clone());
+    let jkt = jwk_thumbprint(&jwk).unwrap();
+    assert_eq!(
+        check_proof(&proof, TOKEN, &jkt, &target(), NOW, 60),
+        Err(DpopError::BadSignature)
+    );
+}
