@@ -288,6 +288,22 @@ def assert_jwt_401(r, message):
     assert "demo-function-app" not in r.body
 
 
+def refusal_reason(envoy, mark, timeout=10):
+    """The `reason` of the first refusal gateguard logged after `mark` (an offset in Envoy's
+    log: its JSON audit line), waiting a bounded time for Envoy to write it."""
+    found = []
+
+    def logged():
+        for line in envoy.log_text()[mark:].splitlines():
+            if '"gateguard":"refused"' in line:
+                found.append(json.loads(line[line.index("{"):]))
+                return True
+        return False
+
+    assert wait_for(logged, timeout=timeout, interval=0.05), "no refusal logged"
+    return found[0]["reason"]
+
+
 def wait_for(predicate, timeout=30, interval=0.1):
     """Polls `predicate` until it holds or `timeout` seconds pass (bounded: tests never hang)."""
     deadline = time.time() + timeout

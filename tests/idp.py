@@ -88,3 +88,14 @@ if __name__ == "__main__":
         idp.server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def start_all(keys):
+    """One identity provider per named key ({name: jwtkit.Key}), each serving that key's JWKS."""
+    import jwtkit
+    return {name: IdentityProvider(jwtkit.jwks(key)).start() for name, key in keys.items()}
+
+
+def stop_all(servers):
+    for server in servers.values():
+        server.stop()

@@ -183,19 +183,7 @@ def log_mark(gw):
 
 
 def refusal_reason(gw, mark, timeout=10):
-    """The `reason` of the first refusal gateguard logged after `mark` (its audit line, JSON),
-    waiting a bounded time for Envoy to write it."""
-    found = []
-
-    def logged():
-        for line in gw.log_text()[mark:].splitlines():
-            if '"gateguard":"refused"' in line:
-                found.append(json.loads(line[line.index("{"):]))
-                return True
-        return False
-
-    assert envoy_harness.wait_for(logged, timeout=timeout, interval=0.05), "no refusal logged"
-    return found[0]["reason"]
+    return envoy_harness.refusal_reason(gw, mark, timeout)
 
 
 def assert_refused_because(gw, send_request, reason):

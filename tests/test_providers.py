@@ -32,12 +32,10 @@ def keys():
 
 @pytest.fixture(scope="module")
 def idps(keys):
-    from idp import IdentityProvider
-    servers = {"a": IdentityProvider(jwtkit.jwks(keys["a"])).start(),
-               "b": IdentityProvider(jwtkit.jwks(keys["b"])).start()}
+    import idp
+    servers = idp.start_all({"a": keys["a"], "b": keys["b"]})
     yield servers
-    for s in servers.values():
-        s.stop()
+    idp.stop_all(servers)
 
 
 def issuer(idps, which):
@@ -100,18 +98,7 @@ def assert_401(r):
 
 
 def refusal_reason(gw, mark, timeout=10):
-    """The `reason` of the first refusal gateguard logged after `mark` (its JSON audit line)."""
-    found = []
-
-    def logged():
-        for line in gw.log_text()[mark:].splitlines():
-            if '"gateguard":"refused"' in line:
-                found.append(json.loads(line[line.index("{"):]))
-                return True
-        return False
-
-    assert envoy_harness.wait_for(logged, timeout=timeout, interval=0.05), "no refusal logged"
-    return found[0]["reason"]
+    return envoy_harness.refusal_reason(gw, mark, timeout)
 
 
 def refused_for(gw, path, t):

@@ -32,12 +32,10 @@ def keys():
 
 @pytest.fixture(scope="module")
 def idps(keys):
-    from idp import IdentityProvider
-    servers = {"a": IdentityProvider(jwtkit.jwks(keys["a"])).start(),
-               "b": IdentityProvider(jwtkit.jwks(keys["b"])).start()}
+    import idp
+    servers = idp.start_all({"a": keys["a"], "b": keys["b"]})
     yield servers
-    for s in servers.values():
-        s.stop()
+    idp.stop_all(servers)
 
 
 def issuers(idps):
