@@ -121,8 +121,7 @@ fn binding_needs_the_apis_client_certificate() {
         "jwt": {"issuers": [ISS], "audiences": ["api://a"], "algorithms": ["RS256"],
                 "jwks": {"cluster": "c", "uri": "https://idp/keys"}, "certificate_bound": "required"}}]});
     let err = gateguard_core::parse_policy(doc.to_string().as_bytes(), &|_| None)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("apis[0].jwt.certificate_bound"), "{err}");
     let doc = json!({"apis": [{"name": "b", "path_prefix": "/b",

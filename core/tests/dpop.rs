@@ -203,7 +203,7 @@ fn with_etcd_a_proof_is_spent_in_etcd_so_every_replica_refuses_it() {
     };
     // The proof first, then the token: both are etcd's to decide.
     assert_eq!(first.about, Subject::DpopProof);
-    let (token_check, about) = first.then.clone().expect("the token's check next");
+    let (token_check, about) = first.then.expect("the token's check next");
     assert_eq!(about, Subject::Token);
     assert_ne!(first.check.token.digest, token_check.token.digest);
 
