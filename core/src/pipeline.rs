@@ -715,7 +715,8 @@ impl CompiledPolicy {
             return Ok((known.claims, known.exp, Some(known.identity)));
         }
         // The token's issuer picks the provider before any signature work.
-        let provider = jwt.select(token)?;
+        // Parsed once: the same parse serves the signature check on a cache miss.
+        let (provider, parsed) = jwt.select(token)?;
         let keys = host.jwt_keys(provider.slot());
         let verifier = verifier(provider, keys.as_deref());
         let mut h = Sha256::new();
@@ -727,7 +728,7 @@ impl CompiledPolicy {
         h.update(Sha256::digest(token.as_bytes()));
         let cache_key: [u8; 32] = h.finalize().into();
         let verify_now = || {
-            jwt.verify_as(provider, token, keys.as_deref(), now)
+            jwt.verify_as(provider, parsed, keys.as_deref(), now)
                 .inspect_err(|e| {
                     // A key set that lacks the token's key asks for a fresh one.
                     if matches!(

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::Algorithm;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::keys::{parse_jwk_checked, KeyFamily, PointCheck};
+use super::token::json_part;
 use super::verify::signature_is_valid;
 
 /// Algorithms a proof may be signed with: asymmetric only (RFC 9449 §4.2), as advertised in the
@@ -129,8 +130,8 @@ pub fn check_proof(
     else {
         return Err(DpopError::Malformed);
     };
-    let header = json_object(header_b64)?;
-    let claims = json_object(claims_b64)?;
+    let header = json_part(header_b64).ok_or(DpopError::Malformed)?;
+    let claims = json_part(claims_b64).ok_or(DpopError::Malformed)?;
 
     if header.get("typ").and_then(Value::as_str) != Some("dpop+jwt") {
         return Err(DpopError::Type);
@@ -190,16 +191,6 @@ pub fn check_proof(
         jti_identity: h.finalize().into(),
         valid_until,
     })
-}
-
-fn json_object(part: &str) -> Result<Map<String, Value>, DpopError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| DpopError::Malformed)?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(DpopError::Malformed),
-    }
 }
 
 /// Members a public JWK may not have: private parts (RSA, EC, OKP) and symmetric keys.

@@ -403,10 +403,15 @@ impl JwtPolicy {
     }
 
     /// The provider that checks `token`: the one accepting its `iss` (read from the payload,
-    /// not yet verified). Nothing is verified here; no key is looked at.
-    pub fn select(&self, token: &str) -> Result<&Provider, JwtError> {
+    /// not yet verified), with the parsed token for [`Self::verify_as`]. Nothing is verified
+    /// here; no key is looked at.
+    pub fn select<'t>(
+        &self,
+        token: &'t str,
+    ) -> Result<(&Provider, token::ParsedToken<'t>), JwtError> {
         let parsed = token::parse(token)?;
-        self.select_parsed(&parsed.claims)
+        let provider = self.select_parsed(&parsed.claims)?;
+        Ok((provider, parsed))
     }
 
     fn select_parsed(&self, claims: &Map<String, Value>) -> Result<&Provider, JwtError> {
@@ -495,8 +500,8 @@ impl JwtPolicy {
         keys: Option<&KeySet>,
         now: u64,
     ) -> Result<VerifiedToken, JwtError> {
-        let provider = self.select(token)?;
-        self.verify_as(provider, token, keys, now)
+        let (provider, parsed) = self.select(token)?;
+        self.verify_as(provider, parsed, keys, now)
     }
 
     /// [`Self::verify`] with the provider already selected (by [`Self::select`]) and `keys`
@@ -504,11 +509,10 @@ impl JwtPolicy {
     pub fn verify_as(
         &self,
         provider: &Provider,
-        token: &str,
+        parsed: token::ParsedToken<'_>,
         keys: Option<&KeySet>,
         now: u64,
     ) -> Result<VerifiedToken, JwtError> {
-        let parsed = token::parse(token)?;
         let invalid = JwtError::Invalid;
         let alg = Self::allowed_algorithm(provider, &parsed)?;
         // `jku`, `x5u`, `jwk` and `x5c` are never used: keys come only from the policy.

@@ -74,13 +74,16 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, JwtError> {
 }
 
 fn json_object(part: &str) -> Result<Map<String, Value>, JwtError> {
-    // Strict base64url: no padding, no '+' or '/', no non-canonical trailing bits.
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| JwtError::Malformed)?;
+    json_part(part).ok_or(JwtError::Malformed)
+}
+
+/// One part of a compact JWS: strict base64url (no padding, no '+' or '/', no non-canonical
+/// trailing bits) of a JSON object. For tokens and DPoP proofs alike.
+pub(crate) fn json_part(part: &str) -> Option<Map<String, Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
     match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(JwtError::Malformed),
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
     }
 }
 
