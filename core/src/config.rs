@@ -10,11 +10,17 @@ use sha2::{Digest, Sha256};
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{CorsConfig, CorsPolicy};
 use crate::error::{index, join, without_secrets, ConfigError};
+use crate::header_rules::{HeaderRules, HeaderRulesConfig};
 use crate::headers::{check_upstream_header_name, is_header_value};
 use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterPolicy};
 use crate::jwt::{JwtConfig, JwtPolicy};
+use crate::limits::{LimitsConfig, LimitsPolicy};
 use crate::locate::locate;
+use crate::methods::MethodsPolicy;
 use crate::path::validate_prefix;
+use crate::rate_limit::{
+    CallLimit, CallLimitConfig, CounterStoreConfig, CounterStorePolicy, LimitKey, LimitKind,
+};
 use crate::replay::etcd::{ReplayStore, ReplayStoreConfig};
 use crate::replay::{ReplayCacheConfig, ReplayCachePolicy, ReplayConfig, ReplayMode};
 use crate::subscription_key::{SubscriptionKeyConfig, SubscriptionKeyPolicy};
@@ -59,6 +65,13 @@ pub struct PolicyConfig {
     )]
     #[serde(default)]
     pub token_cache: TokenCacheConfig,
+    /// The rate-limit and quota counters: how many live callers the store holds.
+    #[cfg_attr(
+        feature = "serialize",
+        serde(skip_serializing_if = "crate::serialize::is_default")
+    )]
+    #[serde(default)]
+    pub limit_counters: CounterStoreConfig,
 }
 
 /// The verified-token cache: a fixed number of shared-data slots.
@@ -114,6 +127,22 @@ pub struct ApiConfig {
     )]
     #[serde(default)]
     pub inject_headers: BTreeMap<String, ValueSource>,
+    /// Methods the API serves; any other gets 405.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub headers: Option<HeaderRulesConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub rate_limit: Option<CallLimitConfig>,
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub quota: Option<CallLimitConfig>,
 }
 
 /// A policy the filter can enforce: every field validated, every list compiled.
@@ -126,6 +155,8 @@ pub struct CompiledPolicy {
     pub replay_store: ReplayStore,
     /// Slots of the verified-token cache; 0 disables it.
     pub token_cache_slots: u32,
+    /// Where rate-limit and quota counters live.
+    pub limit_counters: CounterStorePolicy,
     /// SHA-256 of the policy document: verified-token cache entries are bound to it, so a
     /// changed policy never serves a token verified under the old one.
     pub fingerprint: [u8; 32],
@@ -156,6 +187,12 @@ pub struct ApiPolicy {
     pub replay: Option<ReplayMode>,
     /// (lower-case name, value), applied upstream after the client's copies are removed.
     pub inject_headers: Vec<(String, String)>,
+    pub methods: Option<MethodsPolicy>,
+    pub limits: Option<LimitsPolicy>,
+    pub headers: Option<HeaderRules>,
+    /// The rate limit, then the quota: each counted when its caller is known (docs/policy.md,
+    /// "Rate limits and quotas").
+    pub call_limits: Vec<CallLimit>,
 }
 
 /// Parses and compiles a policy document. Errors carry the JSON path and, where it can be
@@ -249,12 +286,15 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
             "must be at most 1000000 (each slot may hold up to 8 KiB)",
         ));
     }
+    let limit_counters =
+        CounterStorePolicy::compile(raw.limit_counters.max_entries, "limit_counters")?;
     Ok(CompiledPolicy {
         apis,
         client_ip,
         replay_cache,
         replay_store,
         token_cache_slots: raw.token_cache.max_entries,
+        limit_counters,
         fingerprint: [0; 32],
     })
 }
@@ -343,6 +383,55 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         inject_headers.push((lower, value));
     }
 
+    let methods = api
+        .methods
+        .as_ref()
+        .map(|m| MethodsPolicy::compile(m, &join(path, "methods")))
+        .transpose()?;
+    let limits = api
+        .limits
+        .as_ref()
+        .map(|l| LimitsPolicy::compile(l, &join(path, "limits")))
+        .transpose()?;
+    // Headers the API reads or sets itself: forbidding one would refuse every request.
+    let mut owned: Vec<&str> = inject_headers.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(keys) = &subscription_key {
+        owned.push(keys.header_name());
+    }
+    if let Some(jwt) = &jwt {
+        owned.extend(jwt.consumed_header_names());
+    }
+    let headers = api
+        .headers
+        .as_ref()
+        .map(|h| HeaderRules::compile(h, &join(path, "headers"), &owned))
+        .transpose()?;
+    let mut call_limits = Vec::new();
+    for (field, kind, cfg) in [
+        ("rate_limit", LimitKind::Rate, &api.rate_limit),
+        ("quota", LimitKind::Quota, &api.quota),
+    ] {
+        let Some(cfg) = cfg else { continue };
+        let field = join(path, field);
+        let limit = CallLimit::compile(cfg, kind, &field)?;
+        let missing = match limit.by {
+            LimitKey::SubscriptionKey if subscription_key.is_none() => Some("subscription_key"),
+            LimitKey::Subject if jwt.is_none() => Some("jwt"),
+            _ => None,
+        };
+        if let Some(missing) = missing {
+            return Err(ConfigError::new(
+                join(&field, "by"),
+                format!(
+                    "{:?} needs \"{missing}\" on this API: calls are counted by a credential it \
+                     validates",
+                    limit.by.name()
+                ),
+            ));
+        }
+        call_limits.push(limit);
+    }
+
     Ok(ApiPolicy {
         name: api.name.clone(),
         path_prefix: api.path_prefix.clone(),
@@ -353,6 +442,10 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
         jwt,
         replay,
         inject_headers,
+        methods,
+        limits,
+        headers,
+        call_limits,
     })
 }
 

@@ -1,10 +1,16 @@
 //! What the gateway does with a request, and the one place where every refusal is mapped to
 //! its status, message, stat and log reason (docs/policy.md lists them check by check).
 
+use std::borrow::Cow;
+
 use crate::client_cert::{AcceptedCertificate, CertError};
+use crate::header_rules::HeaderError;
 use crate::ip_filter::ClientIpError;
 use crate::jwt::JwtError;
+use crate::limits::LimitError;
+use crate::methods::MethodError;
 use crate::path::PathError;
+use crate::rate_limit::{hh_mm_ss, LimitKind, Standing};
 use crate::replay::etcd::{Answer, Failure, OnUnavailable, RemoteCheck};
 use crate::replay::Verdict;
 use crate::subscription_key::KeyError;
@@ -23,6 +29,13 @@ pub enum Outcome {
     ReplayDenied,
     ReplayStoreFull,
     ReplayUnavailable,
+    MethodDenied,
+    LimitDenied,
+    HeaderDenied,
+    RateLimited,
+    QuotaExceeded,
+    /// The rate-limit counters could not count (store full or unusable): refused, fail closed.
+    LimitUnavailable,
     NotFound,
     BadRequest,
     /// No policy loaded: no counter (counters are defined from the policy), but the filter
@@ -32,7 +45,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Outcomes counted per API.
-    pub const PER_API: [Outcome; 11] = [
+    pub const PER_API: [Outcome; 17] = [
         Outcome::Allowed,
         Outcome::Preflight,
         Outcome::CorsDenied,
@@ -44,6 +57,12 @@ impl Outcome {
         Outcome::ReplayDenied,
         Outcome::ReplayStoreFull,
         Outcome::ReplayUnavailable,
+        Outcome::MethodDenied,
+        Outcome::LimitDenied,
+        Outcome::HeaderDenied,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::LimitUnavailable,
     ];
     /// Outcomes counted before any API is known.
     pub const GLOBAL: [Outcome; 2] = [Outcome::NotFound, Outcome::BadRequest];
@@ -61,6 +80,12 @@ impl Outcome {
             Outcome::ReplayDenied => "replay_denied",
             Outcome::ReplayStoreFull => "replay_store_full",
             Outcome::ReplayUnavailable => "replay_unavailable",
+            Outcome::MethodDenied => "method_denied",
+            Outcome::LimitDenied => "limit_denied",
+            Outcome::HeaderDenied => "header_denied",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::LimitUnavailable => "limit_unavailable",
             Outcome::NotFound => "not_found",
             Outcome::BadRequest => "bad_request",
             Outcome::NotConfigured => "not_configured",
@@ -81,6 +106,27 @@ pub enum Refusal {
     Key(KeyError),
     Jwt(JwtError),
     Replay(Verdict),
+    /// Not one of the API's methods; `allow` is the `Allow` header.
+    Method {
+        why: MethodError,
+        allow: String,
+    },
+    Limit(LimitError),
+    Header(HeaderError),
+    /// Over the rate limit (429) or the quota (403) until `retry_after` seconds from now.
+    OverLimit {
+        kind: LimitKind,
+        limit: u32,
+        retry_after: u64,
+    },
+    /// The counters could not count this call: `full` (every slot of its bucket holds another
+    /// live caller) for `retry_after` seconds, or the store failed.
+    LimitUnavailable {
+        kind: LimitKind,
+        full: Option<u64>,
+    },
+    /// Calls are counted by subject, and the valid token has no `sub` to count them by.
+    NoSubject,
 }
 
 pub const MSG_NOT_CONFIGURED: &str = "Gateway not configured";
@@ -100,6 +146,11 @@ pub const MSG_REPLAY_FULL: &str = "Replay protection unavailable: token store is
 pub const MSG_REPLAY_UNAVAILABLE: &str = "Replay protection unavailable";
 pub const MSG_DPOP: &str = "Invalid DPoP proof";
 pub const MSG_CERTIFICATE_BOUND: &str = "Certificate-bound token presented without its certificate";
+pub const MSG_METHOD: &str = "Method not allowed";
+pub const MSG_HEADERS_TOO_LARGE: &str = "Request header fields too large";
+pub const MSG_BODY_TOO_LARGE: &str = "Request entity too large";
+pub const MSG_LIMIT_UNAVAILABLE: &str = "Rate limit unavailable";
+pub const MSG_LIMIT_FULL: &str = "Rate limit unavailable: counter store is full";
 pub const MSG_REPLAY_ETCD_UNAVAILABLE: &str =
     "Replay protection unavailable: the shared replay store did not answer";
 
@@ -115,11 +166,51 @@ impl Refusal {
             Refusal::Jwt(_) => 401,
             Refusal::Replay(Verdict::Replay | Verdict::MissingIp | Verdict::Expired) => 401,
             Refusal::Replay(_) => 503,
+            Refusal::Method { .. } => 405,
+            Refusal::Limit(e) if e.is_body() => 413,
+            Refusal::Limit(_) => 431,
+            Refusal::Header(_) => 400,
+            Refusal::OverLimit {
+                kind: LimitKind::Rate,
+                ..
+            } => 429,
+            Refusal::OverLimit {
+                kind: LimitKind::Quota,
+                ..
+            }
+            | Refusal::NoSubject => 403,
+            Refusal::LimitUnavailable { .. } => 503,
         }
     }
 
-    pub fn message(&self) -> &'static str {
-        match self {
+    pub fn message(&self) -> Cow<'static, str> {
+        let constant = match self {
+            Refusal::Header(e) => return Cow::Owned(e.message()),
+            Refusal::OverLimit {
+                kind: LimitKind::Rate,
+                retry_after,
+                ..
+            } => {
+                return Cow::Owned(format!(
+                    "Rate limit is exceeded. Try again in {retry_after} seconds."
+                ))
+            }
+            Refusal::OverLimit {
+                kind: LimitKind::Quota,
+                retry_after,
+                ..
+            } => {
+                return Cow::Owned(format!(
+                    "Out of call volume quota. Quota will be replenished in {}.",
+                    hh_mm_ss(*retry_after)
+                ))
+            }
+            Refusal::Method { .. } => MSG_METHOD,
+            Refusal::Limit(e) if e.is_body() => MSG_BODY_TOO_LARGE,
+            Refusal::Limit(_) => MSG_HEADERS_TOO_LARGE,
+            Refusal::LimitUnavailable { full: Some(_), .. } => MSG_LIMIT_FULL,
+            Refusal::LimitUnavailable { full: None, .. } => MSG_LIMIT_UNAVAILABLE,
+            Refusal::NoSubject => MSG_CLAIMS,
             Refusal::NotConfigured => MSG_NOT_CONFIGURED,
             Refusal::NotFound => MSG_NOT_FOUND,
             Refusal::BadPath(_) => MSG_BAD_PATH,
@@ -139,7 +230,8 @@ impl Refusal {
             Refusal::Replay(Verdict::StoreFull) => MSG_REPLAY_FULL,
             Refusal::Replay(Verdict::EtcdUnavailable) => MSG_REPLAY_ETCD_UNAVAILABLE,
             Refusal::Replay(_) => MSG_REPLAY_UNAVAILABLE,
-        }
+        };
+        Cow::Borrowed(constant)
     }
 
     pub fn outcome(&self) -> Outcome {
@@ -156,6 +248,19 @@ impl Refusal {
             Refusal::Replay(Verdict::Replay | Verdict::MissingIp) => Outcome::ReplayDenied,
             Refusal::Replay(Verdict::StoreFull) => Outcome::ReplayStoreFull,
             Refusal::Replay(_) => Outcome::ReplayUnavailable,
+            Refusal::Method { .. } => Outcome::MethodDenied,
+            Refusal::Limit(_) => Outcome::LimitDenied,
+            Refusal::Header(_) => Outcome::HeaderDenied,
+            Refusal::OverLimit {
+                kind: LimitKind::Rate,
+                ..
+            } => Outcome::RateLimited,
+            Refusal::OverLimit {
+                kind: LimitKind::Quota,
+                ..
+            } => Outcome::QuotaExceeded,
+            Refusal::LimitUnavailable { .. } => Outcome::LimitUnavailable,
+            Refusal::NoSubject => Outcome::ClaimsDenied,
         }
     }
 
@@ -172,6 +277,19 @@ impl Refusal {
             Refusal::Jwt(JwtError::InsufficientClaims) => "claims",
             Refusal::Jwt(_) => "jwt",
             Refusal::Replay(_) => "replay",
+            Refusal::Method { .. } => "methods",
+            Refusal::Limit(_) => "limits",
+            Refusal::Header(_) => "headers",
+            Refusal::OverLimit {
+                kind: LimitKind::Rate,
+                ..
+            }
+            | Refusal::LimitUnavailable {
+                kind: LimitKind::Rate,
+                ..
+            } => "rate_limit",
+            Refusal::OverLimit { .. } | Refusal::LimitUnavailable { .. } => "quota",
+            Refusal::NoSubject => "claims",
         }
     }
 
@@ -188,11 +306,42 @@ impl Refusal {
             Refusal::Key(e) => e.reason(),
             Refusal::Jwt(e) => e.reason(),
             Refusal::Replay(v) => v.reason(),
+            Refusal::Method { why, .. } => why.reason(),
+            Refusal::Limit(e) => e.reason(),
+            Refusal::Header(e) => e.reason(),
+            Refusal::OverLimit {
+                kind: LimitKind::Rate,
+                ..
+            } => "rate limit exceeded",
+            Refusal::OverLimit { .. } => "quota exceeded",
+            Refusal::LimitUnavailable { full: Some(_), .. } => "counter store full",
+            Refusal::LimitUnavailable { full: None, .. } => "counter store unusable",
+            Refusal::NoSubject => "token has no sub to count its calls by",
         }
     }
 
     /// Extra response headers the refusal carries (RFC 6750 for JWT refusals).
     pub fn headers(&self) -> Vec<(String, String)> {
+        match self {
+            Refusal::Method { allow, .. } => return vec![("allow".to_string(), allow.clone())],
+            Refusal::OverLimit {
+                limit, retry_after, ..
+            } => {
+                let mut headers = vec![("retry-after".to_string(), retry_after.to_string())];
+                let standing = Standing {
+                    limit: *limit,
+                    remaining: 0,
+                    reset: *retry_after,
+                };
+                headers.extend(standing.headers());
+                return headers;
+            }
+            Refusal::LimitUnavailable {
+                full: Some(retry_after),
+                ..
+            } => return vec![("retry-after".to_string(), retry_after.to_string())],
+            _ => {}
+        }
         if let Refusal::Jwt(JwtError::Dpop(_)) = self {
             let challenge = format!(
                 r#"DPoP error="invalid_dpop_proof", algs="{}""#,
@@ -201,7 +350,9 @@ impl Refusal {
             return vec![("www-authenticate".to_string(), challenge)];
         }
         let challenge = match self {
-            Refusal::Jwt(JwtError::InsufficientClaims) => r#"Bearer error="insufficient_scope""#,
+            Refusal::Jwt(JwtError::InsufficientClaims) | Refusal::NoSubject => {
+                r#"Bearer error="insufficient_scope""#
+            }
             Refusal::Jwt(_)
             | Refusal::Replay(Verdict::Replay | Verdict::MissingIp | Verdict::Expired) => {
                 r#"Bearer error="invalid_token""#
@@ -213,7 +364,8 @@ impl Refusal {
 
     /// APIM's error shape: `{"statusCode": N, "message": "..."}`.
     pub fn body(&self) -> String {
-        // Built by hand to keep APIM's key order; messages are constants, escaped anyway.
+        // Built by hand to keep APIM's key order; a message may name a header (from the
+        // policy, never from the request), escaped anyway.
         let message = serde_json::Value::from(self.message());
         format!(r#"{{"statusCode":{},"message":{message}}}"#, self.status())
     }
@@ -243,6 +395,9 @@ pub struct Forward {
     /// etcd could not decide and `on_unavailable` is `allow`: forwarded unchecked (counted
     /// and logged by the adapter).
     pub replay_unchecked: Option<Failure>,
+    /// `limits.max_body_bytes`: the adapter counts the body as it streams and refuses it the
+    /// moment it goes over ([`crate::limits::BodyCounter`]).
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,7 +490,14 @@ impl Decision {
     pub fn refuse(api: Option<usize>, refusal: Refusal, cors: &[(String, String)]) -> Self {
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         headers.extend(refusal.headers());
-        headers.extend(cors.iter().cloned());
+        // The response headers gathered so far (CORS, the standing of a limit that passed),
+        // unless the refusal says otherwise (a limit that refused states its own standing).
+        let own = headers.len();
+        for (name, value) in cors {
+            if !headers.iter().take(own).any(|(n, _)| n == name) {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
         Decision::Reply {
             api,
             outcome: refusal.outcome(),

@@ -26,6 +26,8 @@ use crate::jwt::{
 use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
+use crate::rate_limit::store::{count_call, Count};
+use crate::rate_limit::{Caller, LimitKey, Standing};
 use crate::replay::etcd::{lookup_cached, RemoteCheck};
 use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef, Verdict};
 use crate::shared_data::{SetError, SharedStore, StoreError};
@@ -74,6 +76,10 @@ pub trait Host {
     /// Tokens this worker already saw verified ([`TokenMemo`]), if the host keeps them.
     fn token_memo(&self) -> Option<&TokenMemo> {
         None
+    }
+    /// Where rate-limit and quota counters live: the same shared data as the replay store.
+    fn counter_store(&self) -> &dyn SharedStore {
+        self.replay_store()
     }
 }
 
@@ -191,6 +197,7 @@ impl CompiledPolicy {
                 || a.replay == Some(ReplayMode::WithIp)
                 // A DPoP proof's URL comes from a trusted proxy's forwarded headers.
                 || a.jwt.as_ref().is_some_and(|j| j.dpop().is_some())
+                || a.call_limits.iter().any(|l| l.by == LimitKey::ClientIp)
         })
     }
 
@@ -241,6 +248,9 @@ impl CompiledPolicy {
             client_ip: Err(ClientIpError::NoPeer),
             ask_etcd: Vec::new(),
             certificate_sha256: None,
+            key_sha256: None,
+            claims: None,
+            standing: None,
         };
         match checks.run() {
             Ok(Passed::Forward) => {
@@ -296,6 +306,12 @@ struct Checks<'p, 'r> {
     ask_etcd: Vec<(RemoteCheck, Subject)>,
     /// SHA-256 of the client certificate the API accepted, for certificate-bound tokens.
     certificate_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the subscription key the API accepted, for limits counted by key.
+    key_sha256: Option<[u8; 32]>,
+    /// The valid token's claims, for limits counted by subject.
+    claims: Option<Rc<Map<String, Value>>>,
+    /// Of the limits this request counted against, the tightest (its response headers).
+    standing: Option<Standing>,
 }
 
 impl Checks<'_, '_> {
@@ -304,9 +320,15 @@ impl Checks<'_, '_> {
             return Ok(Passed::Preflight(preflight));
         }
         self.ip_filter()?;
+        self.methods()?;
+        self.limits()?;
+        self.header_rules()?;
+        self.count_calls(LimitKey::ClientIp)?;
         self.client_certificate()?;
         self.subscription_key()?;
+        self.count_calls(LimitKey::SubscriptionKey)?;
         self.jwt_and_replay()?;
+        self.count_calls(LimitKey::Subject)?;
         self.gateway_headers();
         Ok(Passed::Forward)
     }
@@ -348,6 +370,93 @@ impl Checks<'_, '_> {
             Ok(_) => Err(Refusal::Ip(None)),
             Err(e) => Err(Refusal::Ip(Some(e))),
         }
+    }
+
+    /// Methods: the request's method and every method an override names must be listed.
+    fn methods(&mut self) -> Result<(), Refusal> {
+        let Some(methods) = &self.api.methods else {
+            return Ok(());
+        };
+        methods
+            .admits(&self.req.effective_methods(self.path.query))
+            .map_err(|why| Refusal::Method {
+                why,
+                allow: methods.allow_header().to_string(),
+            })
+    }
+
+    /// Limits: header sizes and `Content-Length` now; the body as it streams (the adapter
+    /// counts it against `forward.max_body_bytes`).
+    fn limits(&mut self) -> Result<(), Refusal> {
+        let Some(limits) = &self.api.limits else {
+            return Ok(());
+        };
+        limits
+            .check_headers(self.req.headers)
+            .map_err(Refusal::Limit)?;
+        self.forward.max_body_bytes = limits.max_body_bytes;
+        Ok(())
+    }
+
+    /// Header rules: required, forbidden, patterns.
+    fn header_rules(&mut self) -> Result<(), Refusal> {
+        let Some(rules) = &self.api.headers else {
+            return Ok(());
+        };
+        rules.check(self.req.headers).map_err(Refusal::Header)
+    }
+
+    /// Rate limit, then quota, of the limits counted `by` this caller, now that it is known
+    /// (the client IP after the IP filter; a subscription key or a subject once valid).
+    fn count_calls(&mut self, by: LimitKey) -> Result<(), Refusal> {
+        for limit in self.api.call_limits.iter().filter(|l| l.by == by) {
+            let kind = limit.kind;
+            let unavailable = || Refusal::LimitUnavailable { kind, full: None };
+            let caller = match by {
+                LimitKey::ClientIp => Caller::Ip(self.client_ip.map_err(|_| unavailable())?),
+                LimitKey::SubscriptionKey => {
+                    Caller::Key(self.key_sha256.as_ref().ok_or_else(unavailable)?)
+                }
+                LimitKey::Subject => {
+                    let claims = self.claims.as_deref().ok_or_else(unavailable)?;
+                    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+                    let sub = text("sub")
+                        .filter(|s| !s.is_empty())
+                        .ok_or(Refusal::NoSubject)?;
+                    Caller::Subject {
+                        iss: text("iss").unwrap_or_default(),
+                        sub,
+                    }
+                }
+            };
+            let id = limit.counter_id(&self.api.name, &caller);
+            let store = self.host.counter_store();
+            let counters = &self.policy.limit_counters;
+            match count_call(store, counters, id, limit.calls, limit.period, self.req.now) {
+                Count::Counted(standing) => {
+                    let tightest = self.standing.map_or(standing, |s| s.tighter(standing));
+                    self.standing = Some(tightest);
+                    let response = &mut self.forward.response_headers;
+                    response.retain(|(n, _)| !n.starts_with("x-ratelimit-"));
+                    response.extend(tightest.headers());
+                }
+                Count::Exceeded { limit, retry_after } => {
+                    return Err(Refusal::OverLimit {
+                        kind,
+                        limit,
+                        retry_after,
+                    })
+                }
+                Count::Full { retry_after } => {
+                    return Err(Refusal::LimitUnavailable {
+                        kind,
+                        full: Some(retry_after),
+                    })
+                }
+                Count::Unavailable => return Err(unavailable()),
+            }
+        }
+        Ok(())
     }
 
     /// 3. Client certificate, from the sources the policy lists.
@@ -404,7 +513,10 @@ impl Checks<'_, '_> {
             return Ok(());
         };
         let values = self.req.header_values(keys.header_name());
-        keys.check(&values, self.path.query).map_err(Refusal::Key)?;
+        let digest = keys
+            .accept(&values, self.path.query)
+            .map_err(Refusal::Key)?;
+        self.key_sha256 = Some(digest);
         self.forward
             .remove_request_headers
             .push(keys.header_name().to_string());
@@ -485,6 +597,14 @@ impl Checks<'_, '_> {
         self.forward
             .set_request_headers
             .extend(jwt.claim_headers(&claims));
+        if self
+            .api
+            .call_limits
+            .iter()
+            .any(|l| l.by == LimitKey::Subject)
+        {
+            self.claims = Some(claims);
+        }
         Ok(())
     }
 

@@ -107,6 +107,15 @@ impl SubscriptionKeyPolicy {
     /// The header wins over the query parameter; two different values of either are refused
     /// as invalid (a backend might read the other one).
     pub fn check(&self, header_values: &[&str], query: Option<&str>) -> Result<(), KeyError> {
+        self.accept(header_values, query).map(|_| ())
+    }
+
+    /// As [`Self::check`], with the accepted key's SHA-256 (what limits count a key by).
+    pub fn accept(
+        &self,
+        header_values: &[&str],
+        query: Option<&str>,
+    ) -> Result<[u8; 32], KeyError> {
         let presented: Vec<u8> = match header_values {
             [one] if !one.trim().is_empty() => one.trim().as_bytes().to_vec(),
             [] | [_] => {
@@ -131,7 +140,7 @@ impl SubscriptionKeyPolicy {
             matched |= h.ct_eq(&digest);
         }
         if bool::from(matched) {
-            Ok(())
+            Ok(digest)
         } else {
             Err(KeyError::Invalid)
         }

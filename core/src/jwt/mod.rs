@@ -669,6 +669,26 @@ impl JwtPolicy {
     pub fn claim_header_names(&self) -> impl Iterator<Item = &str> {
         self.claims_to_headers.iter().map(|(_, h)| h.as_str())
     }
+
+    /// Every header this API's JWT step reads or sets: its token headers (and `cookie`), `dpop`,
+    /// and the claim headers.
+    pub fn consumed_header_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .token_sources
+            .iter()
+            .map(|s| match s {
+                sources::TokenSource::Header { name, .. } => name.as_str(),
+                sources::TokenSource::Cookie { .. } => "cookie",
+                sources::TokenSource::Query(_) => "",
+            })
+            .filter(|n| !n.is_empty())
+            .collect();
+        if self.dpop.is_some() {
+            names.push("dpop");
+        }
+        names.extend(self.claim_header_names());
+        names
+    }
 }
 
 #[cfg(test)]
