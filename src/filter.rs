@@ -4,11 +4,12 @@ use std::rc::Rc;
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
+use gateguard_core::limits::{BodyCounter, LimitError};
 use gateguard_core::replay::etcd::{Call, Failure, OnUnavailable};
 use gateguard_core::shared_data::SharedStore;
 use gateguard_core::{Outcome, Refusal, Request};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, BufferType};
 
 use crate::configured::ConfiguredGateway;
 use crate::etcd;
@@ -21,6 +22,9 @@ pub struct RequestFilter {
     response_headers: Vec<(String, String)>,
     /// The request is paused while etcd decides its token (the etcd replay store).
     waiting: Option<(etcd::Waiting, AuditFacts)>,
+    /// `limits.max_body_bytes` of the API that forwarded the request: its body, counted as it
+    /// streams.
+    body: Option<(usize, BodyCounter)>,
 }
 
 impl RequestFilter {
@@ -29,6 +33,7 @@ impl RequestFilter {
             gateway,
             response_headers: Vec::new(),
             waiting: None,
+            body: None,
         }
     }
 
@@ -81,6 +86,9 @@ impl RequestFilter {
                 }
                 apply(&forward);
                 record_decision(gateway.api_name(forward.api), decision_outcome, None);
+                self.body = forward
+                    .max_body_bytes
+                    .map(|max| (forward.api, BodyCounter::new(max)));
                 self.response_headers = forward.response_headers;
                 Action::Continue
             }
@@ -108,6 +116,44 @@ impl RequestFilter {
     }
 }
 
+impl RequestFilter {
+    /// Counts `len` more bytes of the body against the API's `max_body_bytes`; over it, the
+    /// request is refused with 413 at once (what went upstream so far is reset by Envoy with
+    /// the stream) and `false` says so.
+    fn count_body(&mut self, gateway: &ConfiguredGateway, len: usize) -> bool {
+        let Some((api, counter)) = self.body.as_mut() else {
+            return true;
+        };
+        if counter.add(len).is_ok() {
+            return true;
+        }
+        let api = *api;
+        self.body = None;
+        let refusal = Refusal::Limit(LimitError::BodyTooLarge);
+        let decision = Decision::refuse(Some(api), refusal, &self.response_headers);
+        self.response_headers.clear();
+        let audit = || {
+            let peer = property_string(&["source", "address"]);
+            let headers = host::header_pairs(MapType::HttpRequestHeaders);
+            let request = Request {
+                method: "",
+                path: "",
+                headers: &headers,
+                peer_address: peer.as_deref(),
+                peer_certificate: None,
+                dynamic_metadata: None,
+                now: 0,
+            };
+            AuditFacts {
+                client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+                request_id: header(&headers, "x-request-id").map(str::to_string),
+            }
+        };
+        self.conclude(gateway, decision, audit, host::now());
+        false
+    }
+}
+
 impl Context for RequestFilter {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(gateway) = self.gateway.clone() else {
@@ -130,7 +176,10 @@ impl Context for RequestFilter {
                         self.conclude(&gateway, decision, || facts, host::now())
                     }
                 };
-                if action == Action::Continue {
+                // What arrived of the body while the request waited is buffered by Envoy, and
+                // passes on unseen when it resumes: counted here, all at once.
+                let buffered = host::buffer_len(BufferType::HttpRequestBody).unwrap_or(0);
+                if action == Action::Continue && self.count_body(&gateway, buffered) {
                     host::resume_request();
                 }
             }
@@ -192,6 +241,20 @@ impl HttpContext for RequestFilter {
             }
         };
         self.conclude(&gateway, decision, audit, now)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        // A request waiting for etcd stays paused: Envoy resumes a request whose body filter
+        // says Continue, and that would send it upstream before etcd decided. Envoy buffers
+        // the body meanwhile (within its buffer limits).
+        if self.waiting.is_some() {
+            return Action::Pause;
+        }
+        match self.gateway.clone() {
+            Some(gateway) if self.count_body(&gateway, body_size) => Action::Continue,
+            Some(_) => Action::Pause,
+            None => Action::Continue,
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -84,10 +84,7 @@ pub fn policy(apis: Vec<ApiConfig>) -> PolicyConfig {
     PolicyConfig {
         schema: Some("./gateguard.schema.json".into()),
         apis,
-        client_ip: Default::default(),
-        replay_cache: Default::default(),
-        replay_store: Default::default(),
-        token_cache: Default::default(),
+        ..PolicyConfig::default()
     }
 }
 

@@ -201,6 +201,7 @@ impl Api {
             jwt: self.jwt.clone(),
             replay: None,
             inject_headers: self.inject_headers.clone(),
+            ..ApiConfig::default()
         }
     }
 }

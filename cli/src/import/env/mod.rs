@@ -104,6 +104,7 @@ fn api_config(api: &PlannedApi, args: &Args, jwt: Option<&JwtConfig>) -> ApiConf
         jwt: protection.map(|(_, jwt)| jwt.clone()),
         replay: protection.map(|(mode, _)| ReplayConfig { mode }),
         inject_headers: BTreeMap::from([(args.key_header.clone(), key)]),
+        ..ApiConfig::default()
     }
 }
 
