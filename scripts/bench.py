@@ -110,6 +110,13 @@ def gateguard_policy():
     }]}
 
 
+def rate_limited_policy(by):
+    """gateguard_policy with a rate limit no benchmark reaches: the cost of counting each call."""
+    policy = gateguard_policy()
+    policy["apis"][0]["rate_limit"] = {"by": by, "calls": 1_000_000_000, "renewal_period_seconds": 3600}
+    return policy
+
+
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://bench"
 
@@ -332,6 +339,8 @@ def main():
         "nochecks": ([wasm_filter(nochecks)], None, checks),
         "native": (native, cors_policy, {**checks, **bearer}),
         "gateguard": ([wasm_filter(gateguard_policy())], None, checks),
+        "rate_limit_key": ([wasm_filter(rate_limited_policy("subscription_key"))], None, checks),
+        "rate_limit_ip": ([wasm_filter(rate_limited_policy("client_ip"))], None, checks),
         "jwt_cached": ([wasm_filter(jwt_policy(key))], None, bearer),
         "jwt_replay_with_ip": ([wasm_filter(jwt_policy(key, replay="with_ip"))], None, bearer),
         "warm": ([wasm_filter(warm_policy(key))], None, {**checks, **bearer}),
@@ -448,6 +457,10 @@ def main():
         f"({by['native_jwt_cold'][3]:.0f} µs per request); jwt_authn + gateguard (`verify_with: \"envoy\"`) "
         f"{by['hybrid_jwt_cold'][1]:,.0f} req/s ({by['hybrid_jwt_cold'][3]:.0f} µs), gateguard verifying by itself "
         f"(jwt_cold, cache off) {by['jwt_cold'][1]:,.0f} req/s.\n"
+        f"- A rate limit on top of CORS + IP filter + subscription key (gateguard), counted in shared data with "
+        f"compare-and-swap: by subscription key {1e6 / by['rate_limit_key'][1] - 1e6 / by['gateguard'][1]:+.1f} µs per request "
+        f"(throughput ratio with / without: {by['rate_limit_key'][1] / by['gateguard'][1]:.2f}), by client IP "
+        f"{1e6 / by['rate_limit_ip'][1] - 1e6 / by['gateguard'][1]:+.1f} µs ({by['rate_limit_ip'][1] / by['gateguard'][1]:.2f}).\n"
         f"- DPoP (the bound RS256 token cached, a never-used ES256 proof per request): {by['dpop'][1]:,.0f} req/s, "
         f"{by['dpop'][1] / by['jwt_cached'][1]:.2f}x the same token sent as a plain bearer token (jwt_cached, "
         f"{by['jwt_cached'][1]:,.0f} req/s); the proof costs {1e6 / by['dpop'][1] - 1e6 / by['jwt_cached'][1]:.0f} µs per request."

@@ -18,8 +18,9 @@ pub const SLOTS: usize = 32;
 pub const ENTRY_LEN: usize = 28;
 const FORMAT_VERSION: u8 = 1;
 pub const MAX_BUCKETS: u32 = 65_536;
-/// Supported `max_entries`: at most ~7.6 live counters per bucket on average, so that a bucket
-/// of 32 is full before the store is with negligible probability (Poisson tail < 1e-9).
+/// Supported `max_entries`: at most 65,536 buckets of at most ~7.6 live counters on average, so
+/// that a bucket of 32 is full before the store is with negligible probability (Poisson tail
+/// below 1e-10).
 pub const MAX_COUNTERS: u64 = 500_000;
 /// A failed CAS means another worker counted in the same bucket meanwhile; bounded by
 /// contention, not time.
@@ -32,9 +33,10 @@ pub struct CounterStorePolicy {
 }
 
 impl CounterStorePolicy {
-    /// Buckets: `2 × max_entries / SLOTS` rounded up to a power of two, so the average bucket is
-    /// at most half full when `max_entries` callers are live. Worst case (every slot of every
-    /// bucket live): `buckets × 32 × 28` bytes, 14.7 MB at the default 100,000.
+    /// Buckets: `4 × max_entries / SLOTS` rounded up to a power of two, so the average bucket
+    /// holds at most 8 of its 32 slots when `max_entries` callers are live (a bucket full then:
+    /// Poisson tail P(X ≥ 33 | λ = 8) ≈ 3e-11). Worst case (every slot of every bucket live):
+    /// `buckets × (1 + 32 × 28)` bytes, 14.7 MB at the default 100,000.
     pub fn compile(max_entries: u64, path: &str) -> Result<Self, ConfigError> {
         if max_entries == 0 || max_entries > MAX_COUNTERS {
             return Err(ConfigError::new(
@@ -42,7 +44,7 @@ impl CounterStorePolicy {
                 format!("must be 1 to {MAX_COUNTERS}"),
             ));
         }
-        let wanted = (2 * max_entries).div_ceil(SLOTS as u64).next_power_of_two();
+        let wanted = (4 * max_entries).div_ceil(SLOTS as u64).next_power_of_two();
         let buckets = u32::try_from(wanted.min(u64::from(MAX_BUCKETS))).unwrap_or(MAX_BUCKETS);
         Ok(Self { buckets })
     }

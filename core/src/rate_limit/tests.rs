@@ -235,8 +235,9 @@ fn limits_and_the_store_size_are_validated() {
     let err = CounterStorePolicy::compile(0, "limit_counters").unwrap_err();
     assert_eq!(err.path, "limit_counters.max_entries");
     assert!(CounterStorePolicy::compile(MAX_COUNTERS + 1, "limit_counters").is_err());
-    assert_eq!(store_policy(100_000).buckets(), 8192);
-    assert_eq!(store_policy(MAX_COUNTERS).buckets(), 32_768);
+    assert_eq!(store_policy(100_000).buckets(), 16_384);
+    assert_eq!(store_policy(100_000).max_store_bytes(), 14_696_448);
+    assert_eq!(store_policy(MAX_COUNTERS).buckets(), 65_536);
 }
 
 #[test]
