@@ -36,6 +36,20 @@ pub struct HeaderRulesConfig {
     pub patterns: BTreeMap<String, String>,
 }
 
+/// Headers Envoy itself sets on every request before the filter runs (in the configuration
+/// `gateguard render` writes): forbidding one would refuse every request.
+const SET_BY_ENVOY: [&str; 3] = [
+    "x-request-id",
+    "x-forwarded-proto",
+    "x-envoy-external-address",
+];
+
+/// Whether a request header is the one a rule names: in every spelling a backend folds together,
+/// and `host` is HTTP/2's `:authority`, which is how Envoy hands an HTTP/1 `Host` to filters.
+fn names(rule: &str, header: &str) -> bool {
+    same_header_name(rule, header) || (rule == "host" && header == ":authority")
+}
+
 /// Longest pattern accepted: with the value bounded by Envoy's header limit, matching stays in
 /// microseconds.
 pub const MAX_PATTERN_LEN: usize = 1024;
@@ -120,6 +134,12 @@ impl HeaderRules {
                     format!("{n} is also required ({r}): no request could pass"),
                 ));
             }
+            if SET_BY_ENVOY.iter().any(|e| same_header_name(e, &n)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("Envoy sets {n} on every request before gateguard runs: no request could pass"),
+                ));
+            }
             if let Some(o) = owned.iter().find(|o| same_header_name(o, &n)) {
                 return Err(ConfigError::new(
                     field,
@@ -175,13 +195,14 @@ impl HeaderRules {
     /// Required first, then forbidden, then patterns, each in the policy's order.
     pub fn check(&self, headers: &[(String, String)]) -> Result<(), HeaderError> {
         for name in &self.required {
-            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            let present = |k: &String| k.eq_ignore_ascii_case(name) || names(name, k);
+            if !headers.iter().any(|(k, _)| present(k)) {
                 return Err(HeaderError::Missing(name.clone()));
             }
         }
         for name in &self.forbidden {
             // A backend that folds `x_debug` into `x-debug` must not see it either.
-            if headers.iter().any(|(k, _)| same_header_name(k, name)) {
+            if headers.iter().any(|(k, _)| names(name, k)) {
                 return Err(HeaderError::NotAllowed(name.clone()));
             }
         }
@@ -190,7 +211,7 @@ impl HeaderRules {
             // would reach a backend joined to the first (`a, b`), which the pattern never saw.
             let mut values = headers
                 .iter()
-                .filter(|(k, _)| same_header_name(k, name))
+                .filter(|(k, _)| names(name, k))
                 .map(|(_, v)| v);
             let Some(value) = values.next() else {
                 continue;
@@ -298,6 +319,36 @@ mod tests {
                 ("x_correlation_id", "evil")
             ]))
             .is_err());
+    }
+
+    #[test]
+    fn host_is_the_authority_envoy_hands_the_filter() {
+        let r = rules(serde_json::json!({"required": ["Host"], "patterns": {"host": "api\\.contoso\\.com(:443)?"}}))
+            .unwrap();
+        assert_eq!(
+            r.check(&headers(&[(":authority", "api.contoso.com")])),
+            Ok(())
+        );
+        assert_eq!(
+            r.check(&headers(&[(":authority", "evil.example")])),
+            Err(HeaderError::Invalid("host".into()))
+        );
+        assert_eq!(
+            r.check(&headers(&[])),
+            Err(HeaderError::Missing("host".into()))
+        );
+    }
+
+    #[test]
+    fn headers_envoy_sets_itself_cannot_be_forbidden() {
+        for name in [
+            "x-request-id",
+            "X-Forwarded-Proto",
+            "x_envoy_external_address",
+        ] {
+            let err = rules(serde_json::json!({"forbidden": [name]})).unwrap_err();
+            assert!(err.reason.contains("Envoy sets"), "{name}: {}", err.reason);
+        }
     }
 
     #[test]
