@@ -178,8 +178,9 @@ impl Context for RequestFilter {
                 };
                 // What arrived of the body while the request waited is buffered by Envoy, and
                 // passes on unseen when it resumes: counted here, all at once.
-                let buffered = host::buffer_len(BufferType::HttpRequestBody).unwrap_or(0);
-                if action == Action::Continue && self.count_body(&gateway, buffered) {
+                let buffered = || host::buffer_len(BufferType::HttpRequestBody).unwrap_or(0);
+                let counted = self.body.is_none() || self.count_body(&gateway, buffered());
+                if action == Action::Continue && counted {
                     host::resume_request();
                 }
             }
@@ -254,6 +255,16 @@ impl HttpContext for RequestFilter {
             Some(gateway) if self.count_body(&gateway, body_size) => Action::Continue,
             Some(_) => Action::Pause,
             None => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // As for the body: trailers that said Continue would resume a request etcd has not
+        // decided yet.
+        if self.waiting.is_some() {
+            Action::Pause
+        } else {
+            Action::Continue
         }
     }
 
