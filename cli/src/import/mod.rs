@@ -88,6 +88,7 @@ pub fn policy(apis: Vec<ApiConfig>) -> PolicyConfig {
         replay_cache: Default::default(),
         replay_store: Default::default(),
         token_cache: Default::default(),
+        log: None,
     }
 }
 
