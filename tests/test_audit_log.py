@@ -160,7 +160,9 @@ def gw(request, echo_upstream, jwt_key, tmp_path_factory):
     request.addfinalizer(collector.stop)
     # Departs from the rendered config: the doc's OpenTelemetry log on the masked IPv4 gateway.
     with_otel(config, "masked4", collector.port)
-    envoy = start_envoy(request, config, env={KEY_ENV: HASH_KEY})
+    # Access-log files are written out every 10 s by default: every 0.5 s here, for quick tests.
+    envoy = start_envoy(request, config, env={KEY_ENV: HASH_KEY},
+                        extra_args=["--file-flush-interval-msec", "500"])
     envoy.ports, envoy.access, envoy.collector = ports, access, collector
     return envoy
 
@@ -194,7 +196,7 @@ def access_lines(gw, name, predicate, count=1):
         found[:] = [l for l in lines if predicate(l)]
         return len(found) >= count
 
-    assert wait_for(written, timeout=10, interval=0.1), \
+    assert wait_for(written, timeout=20, interval=0.1), \
         f"{name}: fewer than {count} matching access-log lines"
     return found
 
