@@ -60,6 +60,7 @@ impl RequestFilter {
                     api: api.map_or("-", |i| gateway.api_name(i)),
                     client_ip: facts.client_ip,
                     request_id: facts.request_id.as_deref(),
+                    every_request: gateway.policy.log.every_request(),
                 };
                 answer(&audit, decision_outcome, refusal.as_ref(), &reply);
                 Action::Pause
@@ -69,9 +70,12 @@ impl RequestFilter {
                 if let Some(cert) = &forward.expiring_certificate {
                     warn_expiring_certificate(gateway, forward.api, cert, now);
                 }
-                if let Some(failure) = &forward.replay_unchecked {
+                // An allowed request reads its client IP only for a warning, or when the policy
+                // asks for an audit trail of every request (`log`): a filter-state write costs.
+                let every_request = gateway.policy.log.every_request();
+                let facts = (forward.replay_unchecked.is_some() || every_request).then(audit);
+                if let (Some(failure), Some(facts)) = (&forward.replay_unchecked, &facts) {
                     gateway.metrics.add(Some(forward.api), REPLAY_UNCHECKED, 1);
-                    let facts = audit();
                     log(
                         LogLevel::Warn,
                         &serde_json::json!({
@@ -85,7 +89,16 @@ impl RequestFilter {
                     );
                 }
                 apply(&forward);
-                record_decision(gateway.api_name(forward.api), decision_outcome, None);
+                let client_ip = facts
+                    .as_ref()
+                    .and_then(|f| f.client_ip.as_deref())
+                    .filter(|_| every_request);
+                record_decision(
+                    gateway.api_name(forward.api),
+                    decision_outcome,
+                    None,
+                    client_ip,
+                );
                 self.body = forward
                     .max_body_bytes
                     .map(|max| (forward.api, BodyCounter::new(max)));
@@ -145,7 +158,10 @@ impl RequestFilter {
                 now: 0,
             };
             AuditFacts {
-                client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+                client_ip: gateway
+                    .policy
+                    .client_ip(&request)
+                    .map(|ip| gateway.policy.log.client_ip(ip)),
                 request_id: header(&headers, "x-request-id").map(str::to_string),
             }
         };
@@ -237,7 +253,10 @@ impl HttpContext for RequestFilter {
                 ..request
             };
             AuditFacts {
-                client_ip: gateway.policy.client_ip(&request).map(|ip| ip.to_string()),
+                client_ip: gateway
+                    .policy
+                    .client_ip(&request)
+                    .map(|ip| gateway.policy.log.client_ip(ip)),
                 request_id: header(&headers, "x-request-id").map(str::to_string),
             }
         };
@@ -284,6 +303,7 @@ impl HttpContext for RequestFilter {
 /// What the audit line of a request says about its client, collected while its headers are at
 /// hand (a request that waits for etcd is answered after they are gone).
 struct AuditFacts {
+    /// As the policy's `log.client_ip` shows it (full, masked or hashed).
     client_ip: Option<String>,
     request_id: Option<String>,
 }
@@ -331,6 +351,7 @@ fn refuse_unconfigured() {
             api: "-",
             client_ip: None,
             request_id: request_id.as_deref(),
+            every_request: false,
         };
         answer(&audit, outcome, refusal.as_ref(), &reply);
     }
@@ -339,8 +360,12 @@ fn refuse_unconfigured() {
 /// What the audit line of a refusal says besides the refusal itself.
 struct Audit<'a> {
     api: &'a str,
+    /// As the policy's `log.client_ip` shows it.
     client_ip: Option<String>,
     request_id: Option<&'a str>,
+    /// The policy has a `log` block: replies that are not refusals (preflights) record the
+    /// client IP too.
+    every_request: bool,
 }
 
 /// Sends a reply the gateway makes itself: a refusal first gets its audit line (one JSON line,
@@ -358,17 +383,27 @@ fn answer(audit: &Audit<'_>, outcome: Outcome, refusal: Option<&Refusal>, reply:
         });
         log(LogLevel::Info, &line.to_string());
     }
-    record_decision(audit.api, outcome, refusal.map(Refusal::reason));
+    let client_ip = audit
+        .client_ip
+        .as_deref()
+        .filter(|_| refusal.is_some() || audit.every_request);
+    record_decision(audit.api, outcome, refusal.map(Refusal::reason), client_ip);
     host::send_response(reply.status, &reply.headers, &reply.body);
 }
 
 /// The decision as filter state, for Envoy's access log:
-/// `%FILTER_STATE(wasm.gateguard_outcome:PLAIN)%`, `wasm.gateguard_api`, `wasm.gateguard_reason`.
-fn record_decision(api: &str, outcome: Outcome, reason: Option<&str>) {
+/// `%FILTER_STATE(wasm.gateguard_outcome:PLAIN)%`, `wasm.gateguard_api`, `wasm.gateguard_reason`,
+/// and `wasm.gateguard_client_ip` (as `log.client_ip` shows it, so the access log needs no raw
+/// `%DOWNSTREAM_REMOTE_ADDRESS%`): on refusals always, on other requests only with a `log`
+/// block (docs/operations.md, "Audit trail").
+fn record_decision(api: &str, outcome: Outcome, reason: Option<&str>, client_ip: Option<&str>) {
     host::set_property(&["gateguard_api"], api.as_bytes());
     host::set_property(&["gateguard_outcome"], outcome.name().as_bytes());
     if let Some(reason) = reason {
         host::set_property(&["gateguard_reason"], reason.as_bytes());
+    }
+    if let Some(client_ip) = client_ip {
+        host::set_property(&["gateguard_client_ip"], client_ip.as_bytes());
     }
 }
 

@@ -111,9 +111,13 @@ const JWKS_FETCH_TIMEOUT: &str = "5s";
 const HEADERS_WITH_UNDERSCORES_ACTION: &str = "DROP_HEADER";
 
 /// The `--access-log` line: the status, then the decision the filter records as filter state.
+/// The client IP is the filter's (as the policy's `log.client_ip` shows it), never Envoy's raw
+/// address; the request id matches the refusal's log line; the reason, free text, comes last.
 const ACCESS_LOG_FORMAT: &str = concat!(
     "%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outcome:PLAIN)% ",
     "api=%FILTER_STATE(wasm.gateguard_api:PLAIN)% ",
+    "client_ip=%FILTER_STATE(wasm.gateguard_client_ip:PLAIN)% ",
+    "request_id=%REQ(X-REQUEST-ID)% ",
     "reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n"
 );
 
@@ -1027,6 +1031,10 @@ mod tests {
             assert!(line.starts_with(
                 "%RESPONSE_CODE% outcome=%FILTER_STATE(wasm.gateguard_outcome:PLAIN)% api="
             ));
+            // The filter's client IP (masked or hashed as the policy says), never Envoy's own.
+            assert!(line.contains(" client_ip=%FILTER_STATE(wasm.gateguard_client_ip:PLAIN)% "));
+            assert!(!line.contains("DOWNSTREAM"), "{line}");
+            assert!(line.ends_with(" reason=%FILTER_STATE(wasm.gateguard_reason:PLAIN)%\n"));
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{LogConfig, LogPolicy};
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{CorsConfig, CorsPolicy};
 use crate::error::{index, join, without_secrets, ConfigError};
@@ -72,6 +73,10 @@ pub struct PolicyConfig {
     )]
     #[serde(default)]
     pub limit_counters: CounterStoreConfig,
+    /// How the audit trail shows client IPs (docs/policy.md, "Audit log").
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub log: Option<LogConfig>,
 }
 
 /// The verified-token cache: a fixed number of shared-data slots.
@@ -160,6 +165,8 @@ pub struct CompiledPolicy {
     /// SHA-256 of the policy document: verified-token cache entries are bound to it, so a
     /// changed policy never serves a token verified under the old one.
     pub fingerprint: [u8; 32],
+    /// How the audit trail shows client IPs.
+    pub log: LogPolicy,
 }
 
 impl CompiledPolicy {
@@ -296,6 +303,7 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         token_cache_slots: raw.token_cache.max_entries,
         limit_counters,
         fingerprint: [0; 32],
+        log: LogPolicy::compile(raw.log.as_ref(), "log", env)?,
     })
 }
 
@@ -511,6 +519,25 @@ mod tests {
         assert!(err.reason.contains("trailing"), "{}", err.reason);
         let err = parse("[]").unwrap_err();
         assert_eq!(err.path, "");
+    }
+
+    #[test]
+    fn log_block_is_optional_and_its_key_comes_from_the_environment() {
+        let p = parse(r#"{"apis":[{"name":"a","path_prefix":"/api"}]}"#).unwrap();
+        assert!(!p.log.every_request());
+        let text = r#"{"apis":[{"name":"a","path_prefix":"/api"}],
+            "log":{"client_ip":"hashed","hash_key":{"env":"LOG_KEY"}}}"#;
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.path, "log.hash_key");
+        assert!(err.reason.contains("LOG_KEY"), "{}", err.reason);
+        assert_eq!(err.line, Some(2));
+        let env = |k: &str| (k == "LOG_KEY").then(|| "k".repeat(32));
+        let p = parse_policy(text.as_bytes(), &env).unwrap();
+        assert!(p.log.every_request());
+        let err =
+            parse(r#"{"apis":[{"name":"a","path_prefix":"/api"}],"log":{"client_ip":"hidden"}}"#)
+                .unwrap_err();
+        assert_eq!(err.path, "log.client_ip");
     }
 
     #[test]

@@ -55,11 +55,12 @@ pub fn join(prefix: &str, field: &str) -> String {
     }
 }
 
-/// Whether a JSON path lies where a policy keeps secrets: an HMAC secret or an injected
-/// header's value (`apis[0].jwt.hmac_secret`, `apis[1].inject_headers.x-functions-key`).
+/// Whether a JSON path lies where a policy keeps secrets: an HMAC secret, the audit log's hash
+/// key or an injected header's value (`apis[0].jwt.hmac_secret`, `log.hash_key`,
+/// `apis[1].inject_headers.x-functions-key`).
 pub fn is_secret_path(path: &str) -> bool {
     path.split(['.', '['])
-        .any(|segment| segment == "hmac_secret" || segment == "inject_headers")
+        .any(|segment| matches!(segment, "hmac_secret" | "hash_key" | "inject_headers"))
 }
 
 /// A parser error's path and message with the values they quote replaced by `***` when the
@@ -73,19 +74,20 @@ pub fn without_secrets(path: String, reason: String) -> (String, String) {
     (secret_path_masked(path), reason_masked(&reason))
 }
 
-/// `…hmac_secret.<key>` and `…inject_headers.<header>.<key>` keep `<key>` only when it is
-/// `value` or `env`.
+/// `…hmac_secret.<key>`, `log.hash_key.<key>` and `…inject_headers.<header>.<key>` keep
+/// `<key>` only when it is `value` or `env`.
 fn secret_path_masked(path: String) -> String {
     let Some(at) = path
         .rfind("hmac_secret")
+        .or_else(|| path.rfind("hash_key"))
         .or_else(|| path.rfind("inject_headers"))
     else {
         return path;
     };
     let (head, tail) = path.split_at(at);
     let mut segments: Vec<&str> = tail.split('.').collect();
-    // hmac_secret.<key>, or inject_headers.<header>.<key>
-    let keyed = if tail.starts_with("hmac_secret") {
+    // hmac_secret.<key> or hash_key.<key>, or inject_headers.<header>.<key>
+    let keyed = if tail.starts_with("hmac_secret") || tail.starts_with("hash_key") {
         2
     } else {
         3
@@ -151,6 +153,7 @@ mod tests {
         assert!(is_secret_path("apis[0].jwt.hmac_secret"));
         assert!(is_secret_path("apis[0].inject_headers"));
         assert!(is_secret_path("apis[3].inject_headers.x-functions-key"));
+        assert!(is_secret_path("log.hash_key"));
         assert!(!is_secret_path("apis[0].jwt.issuers[0]"));
         assert!(!is_secret_path("apis[0].name"));
     }
@@ -200,6 +203,8 @@ mod tests {
             masked("apis[0].jwt.hmac_secret.s3cret"),
             "apis[0].jwt.hmac_secret.***"
         );
+        assert_eq!(masked("log.hash_key.env"), "log.hash_key.env");
+        assert_eq!(masked("log.hash_key.s3cret"), "log.hash_key.***");
         assert_eq!(
             masked("apis[1].inject_headers.x-k"),
             "apis[1].inject_headers.x-k"

@@ -1,6 +1,7 @@
 //! gateguard's policy engine: request facts in, decision out. No proxy-wasm dependency, so
 //! everything here is tested natively; the filter crate is a thin adapter around it.
 
+pub mod audit;
 pub mod client_cert;
 pub mod config;
 pub mod cors;

@@ -184,7 +184,8 @@ impl Scanner<'_> {
 const JWK_PRIVATE: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "k", "oth"];
 
 /// Byte ranges of the values in `text` that may hold secrets, for printing a policy's lines
-/// with them masked: every value under `"value"`, `"hmac_secret"` or `"inject_headers"` (but
+/// with them masked: every value under `"value"`, `"hmac_secret"`, `"hash_key"` or
+/// `"inject_headers"` (but
 /// an `"env"` variable name), unknown keys next to them, the private members of a JWK under
 /// `"jwks"`, and a `"keys_sha256"` entry that is not a SHA-256 hash (a raw subscription key
 /// pasted there). Strings are covered without their quotes. It reads broken JSON too (syntax
@@ -208,7 +209,8 @@ struct Frame {
     /// The member being read (objects only).
     key: Option<String>,
     expect_key: bool,
-    /// Inside `value`, `hmac_secret` or `inject_headers`: every value is secret but `env`.
+    /// Inside `value`, `hmac_secret`, `hash_key` or `inject_headers`: every value is secret but
+    /// `env`.
     secret: bool,
     /// The `inject_headers` object itself: keys are header names, every value is secret.
     headers: bool,
@@ -281,7 +283,7 @@ impl SecretScan<'_> {
             key: None,
             expect_key: object,
             secret: parent.is_some_and(|p| p.secret)
-                || matches!(key, "value" | "hmac_secret" | "inject_headers")
+                || matches!(key, "value" | "hmac_secret" | "hash_key" | "inject_headers")
                 || (jwks && JWK_PRIVATE.contains(&key)),
             headers: key == "inject_headers",
             jwks,
@@ -306,7 +308,7 @@ impl SecretScan<'_> {
         let key = frame.key.as_deref().unwrap_or("");
         let secret = frame.headers
             || (frame.secret && !(frame.object && key == "env"))
-            || matches!(key, "value" | "hmac_secret" | "inject_headers")
+            || matches!(key, "value" | "hmac_secret" | "hash_key" | "inject_headers")
             || (frame.jwks && JWK_PRIVATE.contains(&key))
             || ((frame.hashes || key == "keys_sha256") && !is_sha256_hex(&text));
         if secret {
@@ -394,6 +396,14 @@ mod tests {
     fn secret_values_in_odd_shapes() {
         // A bare string, a number, a typo'd key, an escaped key, nested arrays.
         assert_eq!(secrets(r#"{"hmac_secret": "bare"}"#), ["bare"]);
+        assert_eq!(
+            secrets(r#"{"log": {"client_ip": "hashed", "hash_key": "bare-key"}}"#),
+            ["bare-key"]
+        );
+        assert_eq!(
+            secrets(r#"{"log": {"hash_key": {"env": "NAME", "kee": "typo"}}}"#),
+            ["kee", "typo"]
+        );
         assert_eq!(
             secrets(r#"{"hmac_secret": {"value": 1234567}}"#),
             ["1234567"]

@@ -247,6 +247,11 @@ mod tests {
                 r#""jwt": {{"issuers": ["i"], "audiences": ["a"], "algorithms": ["HS256"], "hmac_secret": {secret}}}"#
             ))
         };
+        let log = |key: &str| {
+            format!(
+                r#"{{"apis": [{{"name": "a", "path_prefix": "/a"}}], "log": {{"client_ip": "hashed", "hash_key": {key}}}}}"#
+            )
+        };
         for text in [
             api(r#""inject_headers": "s3cret-s3cret""#),
             api(r#""inject_headers": {"x-k": "s3cret-s3cret"}"#),
@@ -258,6 +263,11 @@ mod tests {
             jwt(r#"{"value": "s3cret-s3cret"}"#),
             jwt(r#"{"value": 731337}"#),
             jwt(r#"{"s3cret-s3cret": "x"}"#),
+            log(r#""s3cret-s3cret""#),
+            log(r#"{"value": "s3cret-s3cret"}"#),
+            log(r#"{"value": 731337}"#),
+            log(r#"{"s3cret-s3cret": "x"}"#),
+            log(r#"{"env": "K", "s3cret-s3cret": "x"}"#),
         ] {
             let e = crate::parse_policy(text.as_bytes(), &|_| None).unwrap_err();
             let shown = e.to_string();
