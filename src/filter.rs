@@ -146,24 +146,17 @@ impl RequestFilter {
         let decision = Decision::refuse(Some(api), refusal, &self.response_headers);
         self.response_headers.clear();
         let audit = || {
-            let peer = property_string(&["source", "address"]);
             let headers = host::header_pairs(MapType::HttpRequestHeaders);
             let request = Request {
                 method: "",
                 path: "",
                 headers: &headers,
-                peer_address: peer.as_deref(),
+                peer_address: None,
                 peer_certificate: None,
                 dynamic_metadata: None,
                 now: 0,
             };
-            AuditFacts {
-                client_ip: gateway
-                    .policy
-                    .client_ip(&request)
-                    .map(|ip| gateway.policy.log.client_ip(ip)),
-                request_id: header(&headers, "x-request-id").map(str::to_string),
-            }
+            audit_facts(gateway, &request)
         };
         self.conclude(gateway, decision, audit, host::now());
         false
@@ -244,22 +237,7 @@ impl HttpContext for RequestFilter {
             now,
         };
         let decision = gateway.policy.evaluate(&request, gateway.as_ref());
-        let audit = || {
-            let peer = peer
-                .clone()
-                .or_else(|| property_string(&["source", "address"]));
-            let request = Request {
-                peer_address: peer.as_deref(),
-                ..request
-            };
-            AuditFacts {
-                client_ip: gateway
-                    .policy
-                    .client_ip(&request)
-                    .map(|ip| gateway.policy.log.client_ip(ip)),
-                request_id: header(&headers, "x-request-id").map(str::to_string),
-            }
-        };
+        let audit = || audit_facts(&gateway, &request);
         self.conclude(&gateway, decision, audit, now)
     }
 
@@ -306,6 +284,26 @@ struct AuditFacts {
     /// As the policy's `log.client_ip` shows it (full, masked or hashed).
     client_ip: Option<String>,
     request_id: Option<String>,
+}
+
+/// The audit facts of a request: its client IP as the policy's `log.client_ip` shows it (the
+/// peer address read now if the request did not need it), and its request id.
+fn audit_facts(gateway: &ConfiguredGateway, request: &Request<'_>) -> AuditFacts {
+    let peer = match request.peer_address {
+        Some(peer) => Some(peer.to_string()),
+        None => property_string(&["source", "address"]),
+    };
+    let request = Request {
+        peer_address: peer.as_deref(),
+        ..*request
+    };
+    AuditFacts {
+        client_ip: gateway
+            .policy
+            .client_ip(&request)
+            .map(|ip| gateway.policy.log.client_ip(ip)),
+        request_id: header(request.headers, "x-request-id").map(str::to_string),
+    }
 }
 
 /// Counts every request with a soon-expiring certificate; logs once per certificate per day
