@@ -275,6 +275,8 @@ def pair(request, key, etcd):
     `on_unavailable: allow` (their own names and prefix)."""
     ports = {"a": free_port(), "a_open": free_port(), "b": free_port()}
     main = policy(key)
+    main["apis"].append({**jwt_api("quota_once", "without_ip", key),
+                         "quota": {"by": "subject", "calls": 2, "renewal_period_seconds": 3600}})
     main["apis"].append({**jwt_api("body_once", "without_ip", key), "limits": {"max_body_bytes": BODY_LIMIT}})
     opened = policy(key, names=("open_once", "open_withip"), prefix="/gateguard/open/", on_unavailable="allow")
     a, start_a = envoy_of(request, [("main", ports["a"], main, {"etcd": etcd.endpoint}),
@@ -524,6 +526,34 @@ def test_a_body_crossing_the_limit_after_etcd_decided_is_refused_then(pair, etcd
         assert seen.done.wait(10), seen
         assert not seen.complete and seen.answered is None and seen.body_bytes <= BODY_LIMIT, seen
     assert counter(pair.a, "body_once", "limit_denied") == denied + 2
+
+
+def test_a_token_etcd_refuses_does_not_spend_the_subjects_quota(pair, etcd, key):
+    """Calls counted by subject count valid tokens only (docs/policy.md, "Rate limits and
+    quotas"): a token etcd says was spent on the other gateway, or one etcd could not decide,
+    is refused and spends nothing."""
+    sub = f"quota-{uuid.uuid4().hex[:8]}"
+
+    def token():
+        _counter[0] += 1
+        claims = jwtkit.claims(ISS, AUD, ttl=600, sub=sub, jti=f"q{_counter[0]}-{time.time_ns()}")
+        return jwtkit.token(key, claims)
+
+    spent = token()
+    assert call(pair.ports["a"], "/quota_once/x", spent).status == 200
+    r = call(pair.ports["b"], "/quota_once/x", spent)
+    assert r.status == 401 and r.json() == REPLAY, r
+    with Stopped(etcd):
+        assert_unavailable_in_time(call(pair.ports["b"], "/quota_once/x", token()), MAIN_TIMEOUT_MS)
+    # Each gateway counts alone: on B the subject still has both calls.
+    remaining = []
+    for _ in range(2):
+        r = call(pair.ports["b"], "/quota_once/x", token())
+        assert r.status == 200, r
+        remaining.append(r.headers.get("x-ratelimit-remaining"))
+    assert remaining == ["1", "0"]
+    r = call(pair.ports["b"], "/quota_once/x", token())
+    assert r.status == 403 and r.json()["message"].startswith("Out of call volume quota."), r
 
 
 # After the lease test on purpose: a restarted etcd grants every lease its full TTL again.
