@@ -5,6 +5,7 @@ use std::rc::Rc;
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
 use gateguard_core::limits::{BodyCounter, LimitError};
+use gateguard_core::pipeline::Host;
 use gateguard_core::replay::etcd::{Call, Failure, OnUnavailable};
 use gateguard_core::shared_data::SharedStore;
 use gateguard_core::{Outcome, Refusal, Request};
@@ -111,6 +112,8 @@ impl RequestFilter {
                     let decision = pending.resolve(
                         Err(Failure::NotSent { call: Call::Txn }),
                         OnUnavailable::Deny,
+                        gateway.counter_store(),
+                        now,
                     );
                     return self.conclude(gateway, decision, audit, now);
                 };
@@ -120,7 +123,12 @@ impl RequestFilter {
                         Action::Pause
                     }
                     etcd::Progress::Done(pending, result) => {
-                        let decision = pending.resolve(result, etcd_policy.on_unavailable);
+                        let decision = pending.resolve(
+                            result,
+                            etcd_policy.on_unavailable,
+                            gateway.counter_store(),
+                            now,
+                        );
                         self.conclude(gateway, decision, audit, now)
                     }
                 }
@@ -181,8 +189,14 @@ impl Context for RequestFilter {
                         return;
                     }
                     etcd::Progress::Done(pending, result) => {
-                        let decision = pending.resolve(result, etcd_policy.on_unavailable);
-                        self.conclude(&gateway, decision, || facts, host::now())
+                        let now = host::now();
+                        let decision = pending.resolve(
+                            result,
+                            etcd_policy.on_unavailable,
+                            gateway.counter_store(),
+                            now,
+                        );
+                        self.conclude(&gateway, decision, || facts, now)
                     }
                 };
                 // What arrived of the body while the request waited is buffered by Envoy, and

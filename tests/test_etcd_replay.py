@@ -6,9 +6,11 @@ A `without_ip` token is accepted once across both gateways, even when 64 uses ra
 `with_ip` token belongs to the first client IP on either; a restarted gateway still knows every
 live token; etcd's keys expire with their tokens through shared leases; a token this gateway
 already decided costs no etcd call; etcd down, silent or not configured → 503 under `deny`
-within `timeout_ms`, unchecked and counted under `allow`, and service resumes by itself; etcd
-over TLS, with client certificates, and with its own users (credentials from Envoy's
-environment).
+within `timeout_ms`, unchecked and counted under `allow`, and service resumes by itself; a
+request with a body never goes upstream before etcd decided, and its body goes whole once it did
+(counted once against `limits.max_body_bytes`); calls counted by subject count only tokens etcd
+accepted; etcd over TLS, with client certificates, and with its own users (credentials from
+Envoy's environment).
 
 Client IPs are X-Forwarded-For values: every request comes from 127.0.0.1, the proxy the
 policies trust. etcd is started once for the module, each group of Envoys once for its group."""
@@ -17,12 +19,17 @@ import http.client
 import json
 import math
 import re
+import select
+import signal
+import socket
 import subprocess
 import time
+import uuid
 
 import pytest
 
 import jwtkit
+import upstream
 from certs import make_ca, make_leaf
 from conftest import start_envoy
 import envoy_harness
@@ -44,6 +51,8 @@ SLACK = 60
 MARGIN = 1.5
 MAIN_TIMEOUT_MS = 1000
 X, Y = "203.0.113.10", "203.0.113.11"
+# limits.max_body_bytes of the API that checks bodies and replay.
+BODY_LIMIT = 1000
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +101,9 @@ def fresh(key, exp=None):
 
 
 class Answer:
-    def __init__(self, status, body, seconds):
+    def __init__(self, status, body, seconds, headers=None):
         self.status, self.body, self.seconds = status, body, seconds
+        self.headers = headers or {}
 
     def json(self):
         return json.loads(self.body)
@@ -121,10 +131,78 @@ def call(port, path, token, ip=X, conn=None, timeout=20):
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": ip})
         r = conn.getresponse()
         body = r.read().decode("utf-8", "replace")
-        return Answer(r.status, body, time.monotonic() - started)
+        return Answer(r.status, body, time.monotonic() - started, {k.lower(): v for k, v in r.getheaders()})
     finally:
         if own:
             conn.close()
+
+
+def post(port, path, token, body, ip=X, timeout=20):
+    """POST `path` with `token` and `body` (Content-Length) for client `ip`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        started = time.monotonic()
+        conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": ip,
+                                                       "Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        text = r.read().decode("utf-8", "replace")
+        return Answer(r.status, text, time.monotonic() - started, {k.lower(): v for k, v in r.getheaders()})
+    finally:
+        conn.close()
+
+
+class ChunkedPost:
+    """A POST whose chunked body the test sends piece by piece on a raw connection, so that
+    pieces can arrive while the request waits for etcd and after."""
+
+    def __init__(self, port, path, token, ip=X):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.started = time.monotonic()
+        head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Transfer-Encoding: chunked",
+                f"Authorization: Bearer {token}", f"X-Forwarded-For: {ip}"]
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+
+    def answered(self):
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def send(self, chunk):
+        """One chunk (b"" ends the body); False once the gateway answered or closed."""
+        if self.answered():
+            return False
+        try:
+            self.sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            return False
+        return True
+
+    def answer(self):
+        try:
+            r = http.client.HTTPResponse(self.sock)
+            r.begin()
+            text = r.read().decode("utf-8", "replace")
+            return Answer(r.status, text, time.monotonic() - self.started, {k.lower(): v for k, v in r.getheaders()})
+        finally:
+            self.sock.close()
+
+
+def probe():
+    """A marker for the query string, to find what of a request reached the upstream
+    (tests/upstream.py `received`)."""
+    return f"probe={uuid.uuid4().hex}"
+
+
+class Stopped:
+    """etcd frozen (SIGSTOP) for the block: its port still accepts, nothing answers."""
+
+    def __init__(self, etcd):
+        self.etcd = etcd
+
+    def __enter__(self):
+        self.etcd.proc.send_signal(signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc):
+        self.etcd.proc.send_signal(signal.SIGCONT)
 
 
 def counter(envoy, api, name):
@@ -199,6 +277,9 @@ def pair(request, key, etcd):
     `on_unavailable: allow` (their own names and prefix)."""
     ports = {"a": free_port(), "a_open": free_port(), "b": free_port()}
     main = policy(key)
+    main["apis"].append({**jwt_api("quota_once", "without_ip", key),
+                         "quota": {"by": "subject", "calls": 2, "renewal_period_seconds": 3600}})
+    main["apis"].append({**jwt_api("body_once", "without_ip", key), "limits": {"max_body_bytes": BODY_LIMIT}})
     opened = policy(key, names=("open_once", "open_withip"), prefix="/gateguard/open/", on_unavailable="allow")
     a, start_a = envoy_of(request, [("main", ports["a"], main, {"etcd": etcd.endpoint}),
                                     ("open", ports["a_open"], opened, {"etcd": etcd.endpoint})])
@@ -327,6 +408,157 @@ def test_a_restarted_gateway_still_knows_spent_and_owned_tokens(pair, key):
     assert r.status == 401 and r.json() == REPLAY, r
     assert call(port, "/withip/x", owned, ip=X).status == 200
     assert call(port, "/once/x", fresh(key)).status == 200
+
+
+# ---- request bodies while etcd decides -----------------------------------------------------------
+
+def test_a_request_with_a_body_waits_for_a_stopped_etcd_and_never_reaches_upstream(pair, etcd, key):
+    """A body arriving while the request waits for etcd must not resume it (a body callback
+    answering Continue would resume a request paused at its headers, sending it upstream before
+    etcd decided). Envoy 1.40 does not call the body callback of a request paused at its headers
+    (proxy-wasm-cpp-host turns that pause into StopAllIterationAndWatermark: the body waits in
+    Envoy and reaches the filter after the resume), so this holds with or without the filter's
+    Pause while waiting; it is the contract, whatever the host."""
+    port = pair.ports["a"]
+    unavailable = counter(pair.a, "once", "replay_unavailable")
+    with Stopped(etcd):
+        marker = probe()
+        r = post(port, f"/once/x?{marker}", fresh(key), b"x" * 4096)
+        assert_unavailable_in_time(r, MAIN_TIMEOUT_MS)
+        assert upstream.received(marker) == []
+        # The body in pieces, some of them arriving while the request waits.
+        marker = probe()
+        p = ChunkedPost(port, f"/once/x?{marker}", fresh(key))
+        for piece in (b"a" * 500, b"b" * 500, b""):
+            assert p.send(piece)
+            time.sleep(0.1)
+        assert_unavailable_in_time(p.answer(), MAIN_TIMEOUT_MS)
+        assert upstream.received(marker) == []
+    assert counter(pair.a, "once", "replay_unavailable") == unavailable + 2
+
+
+def test_with_on_unavailable_allow_a_body_goes_upstream_whole_after_the_timeout(pair, etcd, key):
+    with Stopped(etcd):
+        marker = probe()
+        body = b"allowed-" * 512
+        r = post(pair.ports["a_open"], f"/open_once/x?{marker}", fresh(key), body)
+    assert r.status == 200 and json.loads(r.body)["body"] == body.decode(), r
+    [seen] = upstream.received(marker)
+    assert (seen.complete, seen.body_bytes) == (True, len(body)), seen
+
+
+def test_a_body_reaches_upstream_whole_once_etcd_accepts_the_token(pair, etcd, key):
+    port = pair.ports["b"]
+    marker = probe()
+    body = b"0123456789abcdef" * 256
+    r = post(port, f"/once/x?{marker}", fresh(key), body)
+    assert r.status == 200 and json.loads(r.body)["body"] == body.decode(), r
+    [seen] = upstream.received(marker)
+    assert (seen.complete, seen.body_bytes) == (True, len(body)), seen
+    # A chunked body: its first piece arrives while etcd is frozen, the rest once the request
+    # went upstream.
+    marker = probe()
+    pieces = [b"first-" * 100, b"second-" * 100, b"third-" * 100]
+    with Stopped(etcd):
+        p = ChunkedPost(port, f"/once/x?{marker}", fresh(key))
+        assert p.send(pieces[0])
+        time.sleep(0.3)
+    assert wait_for_upstream(marker), "the request did not go upstream once etcd answered"
+    for piece in pieces[1:] + [b""]:
+        assert p.send(piece)
+        time.sleep(0.05)
+    r = p.answer()
+    assert r.status == 200, r
+    assert json.loads(r.body)["body"] == b"".join(pieces).decode(), r
+    [seen] = upstream.received(marker)
+    assert (seen.complete, seen.body_bytes) == (True, sum(map(len, pieces))), seen
+
+
+def wait_for_upstream(marker, timeout=5):
+    return envoy_harness.wait_for(lambda: upstream.received(marker), timeout=timeout, interval=0.02)
+
+
+def frozen_then_streamed(pair, etcd, key, port, path, during, after):
+    """POSTs a chunked body to `path`: the pieces `during` arrive while etcd is frozen (the
+    request waits), the pieces `after` once it went upstream or was answered. Returns the answer."""
+    with Stopped(etcd):
+        p = ChunkedPost(port, path, fresh(key))
+        for piece in during:
+            assert p.send(piece)
+            time.sleep(0.1)
+    marker = path.split("?", 1)[1]
+    # Then the rest, once the request went upstream (or was answered already).
+    envoy_harness.wait_for(lambda: upstream.received(marker) or p.answered(), timeout=5, interval=0.02)
+    for piece in after:
+        if not p.send(piece):
+            break
+        time.sleep(0.1)
+    return p.answer()
+
+
+def test_a_body_that_arrived_while_etcd_decided_is_counted_once_against_the_limit(pair, etcd, key):
+    port = pair.ports["a"]
+    # Exactly at the limit, part of it held while etcd decides: counted once, it passes.
+    marker = probe()
+    pieces = [b"a" * 400, b"b" * 400, b"c" * 200]
+    r = frozen_then_streamed(pair, etcd, key, port, f"/body_once/x?{marker}", pieces[:1], pieces[1:] + [b""])
+    assert r.status == 200 and json.loads(r.body)["body"] == b"".join(pieces).decode(), r
+    [seen] = upstream.received(marker)
+    assert (seen.complete, seen.body_bytes) == (True, BODY_LIMIT), seen
+    marker = probe()
+    body = b"d" * BODY_LIMIT
+    r = post(port, f"/body_once/x?{marker}", fresh(key), body)
+    assert r.status == 200 and json.loads(r.body)["body"] == body.decode(), r
+
+
+def test_a_body_crossing_the_limit_after_etcd_decided_is_refused_then(pair, etcd, key):
+    port = pair.ports["a"]
+    denied = counter(pair.a, "body_once", "limit_denied")
+    marker = probe()
+    r = frozen_then_streamed(pair, etcd, key, port, f"/body_once/x?{marker}", [b"e" * 400],
+                             [b"f" * 400, b"g" * 400, b"h" * 400, b""])
+    assert r.status == 413 and r.json() == {"statusCode": 413, "message": "Request entity too large"}, r
+    records = upstream.received(marker)
+    assert len(records) <= 1, records
+    for seen in records:
+        assert seen.done.wait(10), seen
+        assert not seen.complete and seen.answered is None and seen.body_bytes <= BODY_LIMIT, seen
+    # Over the limit already while etcd decided: refused once it resumes, never forwarded whole.
+    marker = probe()
+    r = frozen_then_streamed(pair, etcd, key, port, f"/body_once/x?{marker}", [b"i" * 700, b"j" * 700], [b""])
+    assert r.status == 413, r
+    for seen in upstream.received(marker):
+        assert seen.done.wait(10), seen
+        assert not seen.complete and seen.answered is None and seen.body_bytes <= BODY_LIMIT, seen
+    assert counter(pair.a, "body_once", "limit_denied") == denied + 2
+
+
+def test_a_token_etcd_refuses_does_not_spend_the_subjects_quota(pair, etcd, key):
+    """Calls counted by subject count valid tokens only (docs/policy.md, "Rate limits and
+    quotas"): a token etcd says was spent on the other gateway, or one etcd could not decide,
+    is refused and spends nothing."""
+    sub = f"quota-{uuid.uuid4().hex[:8]}"
+
+    def token():
+        _counter[0] += 1
+        claims = jwtkit.claims(ISS, AUD, ttl=600, sub=sub, jti=f"q{_counter[0]}-{time.time_ns()}")
+        return jwtkit.token(key, claims)
+
+    spent = token()
+    assert call(pair.ports["a"], "/quota_once/x", spent).status == 200
+    r = call(pair.ports["b"], "/quota_once/x", spent)
+    assert r.status == 401 and r.json() == REPLAY, r
+    with Stopped(etcd):
+        assert_unavailable_in_time(call(pair.ports["b"], "/quota_once/x", token()), MAIN_TIMEOUT_MS)
+    # Each gateway counts alone: on B the subject still has both calls.
+    remaining = []
+    for _ in range(2):
+        r = call(pair.ports["b"], "/quota_once/x", token())
+        assert r.status == 200, r
+        remaining.append(r.headers.get("x-ratelimit-remaining"))
+    assert remaining == ["1", "0"]
+    r = call(pair.ports["b"], "/quota_once/x", token())
+    assert r.status == 403 and r.json()["message"].startswith("Out of call volume quota."), r
 
 
 # After the lease test on purpose: a restarted etcd grants every lease its full TTL again.

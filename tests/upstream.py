@@ -1,9 +1,13 @@
 """A small real HTTP upstream that echoes the request it got as JSON (the demo "function app").
 
-Tests read the echoed headers to see what the gateway injected, stripped or rewrote.
+Tests read the echoed headers to see what the gateway injected, stripped or rewrote, and
+`received(marker)` for what reached it at all: every request it saw (its path holding `marker`),
+how many body bytes arrived, whether the body arrived whole and what it answered, including
+requests whose connection was cut before the body ended, which no client ever sees echoed.
 Run standalone: python3 tests/upstream.py PORT
 """
 
+import collections
 import hashlib
 import os
 import json
@@ -11,6 +15,37 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What this process's upstreams received, newest last (bounded: a session sends thousands).
+_RECEIVED = collections.deque(maxlen=4096)
+_RECEIVED_LOCK = threading.Lock()
+
+
+class Received:
+    """One request as the upstream saw it. `body_bytes` grows as the body arrives; `complete`
+    says the whole body arrived (Content-Length reached, or the last chunk); `answered` is the
+    status the upstream sent (None: it never answered); `done` is set once either is final."""
+
+    def __init__(self, method, path, headers):
+        self.method, self.path, self.headers = method, path, headers
+        self.body_bytes = 0
+        self.complete = False
+        self.answered = None
+        self.done = threading.Event()
+
+    def __repr__(self):
+        return (f"<Received {self.method} {self.path} body_bytes={self.body_bytes} "
+                f"complete={self.complete} answered={self.answered}>")
+
+
+def received(marker):
+    """Every request whose path holds `marker` that reached any upstream of this process."""
+    with _RECEIVED_LOCK:
+        return [r for r in _RECEIVED if marker in r.path]
+
+
+class Truncated(Exception):
+    """The connection ended before the body did."""
 
 
 SECRET_HEADERS = {"x-functions-key"}
@@ -23,18 +58,26 @@ class EchoHandler(BaseHTTPRequestHandler):
     mask_secrets = False
 
     def _echo(self):
-        if "sleep=" in self.path:  # a slow function: ?sleep=SECONDS (at most 5)
-            try:
-                time.sleep(min(float(self.path.split("sleep=")[1].split("&")[0]), 5.0))
-            except ValueError:
-                pass
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
         headers = {}
         for name, value in self.headers.items():
             if self.mask_secrets and name.lower() in SECRET_HEADERS:
                 value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:12] + "..."
             headers.setdefault(name.lower(), []).append(value)
+        record = Received(self.command, self.path, headers)
+        with _RECEIVED_LOCK:
+            _RECEIVED.append(record)
+        if "sleep=" in self.path:  # a slow function: ?sleep=SECONDS (at most 5)
+            try:
+                time.sleep(min(float(self.path.split("sleep=")[1].split("&")[0]), 5.0))
+            except ValueError:
+                pass
+        try:
+            body = self._read_body(record)
+        except (Truncated, OSError, ValueError):
+            self.close_connection = True
+            record.done.set()
+            return
+        record.complete = True
         payload = json.dumps(
             {
                 "app": "demo-function-app",
@@ -50,6 +93,43 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+        record.answered = 200
+        record.done.set()
+
+    def _read_body(self, record):
+        """The request body, Content-Length or chunked, counted into `record` as it arrives."""
+        def read(n):
+            data = self.rfile.read(n)
+            record.body_bytes += len(data)
+            if len(data) < n:
+                raise Truncated()
+            return data
+
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                line = self.rfile.readline(1024)
+                if not line.endswith(b"\n"):
+                    raise Truncated()
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    break
+                parts.append(read(size))
+                if self.rfile.readline(8) not in (b"\r\n", b"\n"):
+                    raise Truncated()
+            while True:  # trailers, up to the empty line
+                line = self.rfile.readline(8192)
+                if not line.endswith(b"\n"):
+                    raise Truncated()
+                if line in (b"\r\n", b"\n"):
+                    break
+            return b"".join(parts)
+        length = int(self.headers.get("content-length") or 0)
+        parts = []
+        while length > 0:
+            parts.append(read(min(length, 65536)))
+            length -= len(parts[-1])
+        return b"".join(parts)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _echo
 

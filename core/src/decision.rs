@@ -10,9 +10,11 @@ use crate::jwt::JwtError;
 use crate::limits::LimitError;
 use crate::methods::MethodError;
 use crate::path::PathError;
-use crate::rate_limit::{hh_mm_ss, LimitKind, Standing};
+use crate::rate_limit::store::{count_call, Count, CounterStorePolicy};
+use crate::rate_limit::{hh_mm_ss, CallCount, LimitKind, Standing};
 use crate::replay::etcd::{Answer, Failure, OnUnavailable, RemoteCheck};
 use crate::replay::Verdict;
+use crate::shared_data::SharedStore;
 use crate::subscription_key::KeyError;
 
 /// One Envoy counter each: `gateguard.<api>.<name>` (or `gateguard.<name>` without an API).
@@ -398,6 +400,57 @@ pub struct Forward {
     /// `limits.max_body_bytes`: the adapter counts the body as it streams and refuses it the
     /// moment it goes over ([`crate::limits::BodyCounter`]).
     pub max_body_bytes: Option<u64>,
+    /// Of the rate limits and quotas the request counted against, the tightest: its
+    /// `x-ratelimit-*` response headers.
+    pub standing: Option<Standing>,
+}
+
+impl Forward {
+    /// Counts this request against each of `calls` (a rate limit, then a quota) at `now`: the
+    /// tightest standing goes on the response's headers; the first limit with no call left, or
+    /// a store that cannot count, refuses.
+    pub fn count_calls(
+        &mut self,
+        store: &dyn SharedStore,
+        counters: &CounterStorePolicy,
+        calls: &[CallCount],
+        now: u64,
+    ) -> Result<(), Refusal> {
+        for call in calls {
+            let kind = call.limit.kind;
+            match count_call(
+                store,
+                counters,
+                call.id,
+                call.limit.calls,
+                call.limit.period,
+                now,
+            ) {
+                Count::Counted(standing) => {
+                    let tightest = self.standing.map_or(standing, |s| s.tighter(standing));
+                    self.standing = Some(tightest);
+                    self.response_headers
+                        .retain(|(n, _)| !n.starts_with("x-ratelimit-"));
+                    self.response_headers.extend(tightest.headers());
+                }
+                Count::Exceeded { limit, retry_after } => {
+                    return Err(Refusal::OverLimit {
+                        kind,
+                        limit,
+                        retry_after,
+                    })
+                }
+                Count::Full { retry_after } => {
+                    return Err(Refusal::LimitUnavailable {
+                        kind,
+                        full: Some(retry_after),
+                    })
+                }
+                Count::Unavailable => return Err(Refusal::LimitUnavailable { kind, full: None }),
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -425,6 +478,12 @@ pub struct Pending {
     /// Another check once this one accepted (a DPoP proof's `jti` after its token's replay
     /// check).
     pub then: Option<(RemoteCheck, Subject)>,
+    /// Calls counted by subject: the token is valid only once etcd accepted it, so they are
+    /// counted then, and a token etcd refuses spends nothing (docs/policy.md, "Rate limits and
+    /// quotas").
+    pub count_after: Vec<CallCount>,
+    /// The counter store `count_after` counts in.
+    pub counters: CounterStorePolicy,
 }
 
 /// What an etcd check records: a token's use, or a DPoP proof's `jti`.
@@ -435,14 +494,23 @@ pub enum Subject {
 }
 
 impl Pending {
-    /// The decision once etcd answered (or could not): its verdict, or `on_unavailable`.
+    /// The decision once etcd answered (or could not): its verdict, or `on_unavailable`. A
+    /// request that goes upstream then counts its `count_after` calls in `store` at `now`.
     pub fn resolve(
         self,
         answer: Result<Answer, Failure>,
         on_unavailable: OnUnavailable,
+        store: &dyn SharedStore,
+        now: u64,
     ) -> Decision {
         let mut forward = self.forward;
         let api = Some(forward.api);
+        let (calls, counters) = (self.count_after, self.counters);
+        let counted =
+            |mut forward: Forward| match forward.count_calls(store, &counters, &calls, now) {
+                Ok(()) => Decision::Forward(forward),
+                Err(refusal) => Decision::refuse(api, refusal, &forward.response_headers),
+            };
         match answer {
             Ok(answer) if answer.verdict.is_accepted() => match self.then {
                 Some((check, about)) => Decision::Ask(Box::new(Pending {
@@ -450,8 +518,10 @@ impl Pending {
                     check,
                     about,
                     then: None,
+                    count_after: calls,
+                    counters,
                 })),
-                None => Decision::Forward(forward),
+                None => counted(forward),
             },
             Ok(answer) => {
                 let refusal = match (self.about, answer.verdict) {
@@ -465,7 +535,7 @@ impl Pending {
             Err(failure) => match on_unavailable {
                 OnUnavailable::Allow => {
                     forward.replay_unchecked = Some(failure);
-                    Decision::Forward(forward)
+                    counted(forward)
                 }
                 OnUnavailable::Deny => Decision::refuse(
                     api,

@@ -26,8 +26,7 @@ use crate::jwt::{
 use crate::memo::{KnownToken, ReplayMemo, TokenMemo, Verifier};
 use crate::path::{normalize, prefix_matches, RequestPath};
 use crate::query::{query_values, strip_query_param};
-use crate::rate_limit::store::{count_call, Count};
-use crate::rate_limit::{Caller, LimitKey, Standing};
+use crate::rate_limit::{CallCount, Caller, LimitKey};
 use crate::replay::etcd::{lookup_cached, RemoteCheck};
 use crate::replay::{check_and_record, ReplayMode, ReplayOutcome, TokenRef, Verdict};
 use crate::shared_data::{SetError, SharedStore, StoreError};
@@ -250,7 +249,7 @@ impl CompiledPolicy {
             certificate_sha256: None,
             key_sha256: None,
             claims: None,
-            standing: None,
+            count_after: Vec::new(),
         };
         match checks.run() {
             Ok(Passed::Forward) => {
@@ -261,6 +260,8 @@ impl CompiledPolicy {
                         check,
                         about,
                         then: asks.next(),
+                        count_after: checks.count_after,
+                        counters: self.limit_counters,
                     })),
                     None => Decision::Forward(checks.forward),
                 }
@@ -310,8 +311,8 @@ struct Checks<'p, 'r> {
     key_sha256: Option<[u8; 32]>,
     /// The valid token's claims, for limits counted by subject.
     claims: Option<Rc<Map<String, Value>>>,
-    /// Of the limits this request counted against, the tightest (its response headers).
-    standing: Option<Standing>,
+    /// Calls counted by subject while etcd has yet to accept the token: counted once it has.
+    count_after: Vec<CallCount>,
 }
 
 impl Checks<'_, '_> {
@@ -407,8 +408,23 @@ impl Checks<'_, '_> {
     }
 
     /// Rate limit, then quota, of the limits counted `by` this caller, now that it is known
-    /// (the client IP after the IP filter; a subscription key or a subject once valid).
+    /// (the client IP after the IP filter; a subscription key or a subject once valid). A
+    /// token etcd has yet to accept is not known valid: its calls wait for etcd's answer
+    /// ([`Pending::resolve`]), so a token etcd refuses spends nothing.
     fn count_calls(&mut self, by: LimitKey) -> Result<(), Refusal> {
+        let calls = self.calls_by(by)?;
+        if by == LimitKey::Subject && !self.ask_etcd.is_empty() {
+            self.count_after = calls;
+            return Ok(());
+        }
+        let store = self.host.counter_store();
+        self.forward
+            .count_calls(store, &self.policy.limit_counters, &calls, self.req.now)
+    }
+
+    /// The calls this request makes against the limits counted `by` this caller.
+    fn calls_by(&self, by: LimitKey) -> Result<Vec<CallCount>, Refusal> {
+        let mut calls = Vec::new();
         for limit in self.api.call_limits.iter().filter(|l| l.by == by) {
             let kind = limit.kind;
             let unavailable = || Refusal::LimitUnavailable { kind, full: None };
@@ -429,34 +445,12 @@ impl Checks<'_, '_> {
                     }
                 }
             };
-            let id = limit.counter_id(&self.api.name, &caller);
-            let store = self.host.counter_store();
-            let counters = &self.policy.limit_counters;
-            match count_call(store, counters, id, limit.calls, limit.period, self.req.now) {
-                Count::Counted(standing) => {
-                    let tightest = self.standing.map_or(standing, |s| s.tighter(standing));
-                    self.standing = Some(tightest);
-                    let response = &mut self.forward.response_headers;
-                    response.retain(|(n, _)| !n.starts_with("x-ratelimit-"));
-                    response.extend(tightest.headers());
-                }
-                Count::Exceeded { limit, retry_after } => {
-                    return Err(Refusal::OverLimit {
-                        kind,
-                        limit,
-                        retry_after,
-                    })
-                }
-                Count::Full { retry_after } => {
-                    return Err(Refusal::LimitUnavailable {
-                        kind,
-                        full: Some(retry_after),
-                    })
-                }
-                Count::Unavailable => return Err(unavailable()),
-            }
+            calls.push(CallCount {
+                limit: *limit,
+                id: limit.counter_id(&self.api.name, &caller),
+            });
         }
-        Ok(())
+        Ok(calls)
     }
 
     /// 3. Client certificate, from the sources the policy lists.

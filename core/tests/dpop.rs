@@ -213,14 +213,14 @@ fn with_etcd_a_proof_is_spent_in_etcd_so_every_replica_refuses_it() {
         holder: Holder::Once,
     };
     let other_replica = (*first).clone();
-    refused_as_proof(&other_replica.resolve(Ok(spent), OnUnavailable::Deny));
+    refused_as_proof(&other_replica.resolve(Ok(spent), OnUnavailable::Deny, &h.store, NOW));
 
     // First use everywhere: the proof accepted, then the token's own check, then forward.
     let fresh = Answer {
         verdict: Verdict::FirstUse,
         holder: Holder::Once,
     };
-    let Decision::Ask(second) = first.resolve(Ok(fresh), OnUnavailable::Deny) else {
+    let Decision::Ask(second) = first.resolve(Ok(fresh), OnUnavailable::Deny, &h.store, NOW) else {
         panic!("expected the token's check");
     };
     assert_eq!(second.about, Subject::Token);
@@ -233,7 +233,7 @@ fn with_etcd_a_proof_is_spent_in_etcd_so_every_replica_refuses_it() {
         &fresh,
         NOW,
     );
-    forward(&second.resolve(Ok(fresh), OnUnavailable::Deny));
+    forward(&second.resolve(Ok(fresh), OnUnavailable::Deny, &h.store, NOW));
 
     // Once this Envoy learnt a proof is spent (the adapter remembers etcd's answers), the
     // same proof is refused here without a round trip.

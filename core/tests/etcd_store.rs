@@ -66,6 +66,8 @@ fn a_token_the_cache_does_not_know_waits_for_etcd_with_the_request_fully_checked
     let d = p.resolve(
         answered(Verdict::FirstUse, Holder::Once),
         OnUnavailable::Deny,
+        &h.store,
+        NOW,
     );
     assert_eq!(forward(&d), &expected);
 }
@@ -77,7 +79,12 @@ fn etcd_refusals_keep_the_contract_statuses_and_the_cors_headers() {
     let h = FakeHost::new(&p, json!({"keys": [s.jwk]}));
     let t = token(&s, json!({}));
     let ask = || pending(call("/a/x").bearer(&t).header("origin", ORIGIN).run(&p, &h));
-    let replay = ask().resolve(answered(Verdict::Replay, Holder::Once), OnUnavailable::Deny);
+    let replay = ask().resolve(
+        answered(Verdict::Replay, Holder::Once),
+        OnUnavailable::Deny,
+        &h.store,
+        NOW,
+    );
     assert_refused(&replay, 401, "Token replay detected");
     assert_eq!(replay.outcome(), Outcome::ReplayDenied);
     assert_eq!(
@@ -85,7 +92,7 @@ fn etcd_refusals_keep_the_contract_statuses_and_the_cors_headers() {
         Some(ORIGIN)
     );
     let timeout = Failure::Timeout { call: Call::Txn };
-    let down = ask().resolve(Err(timeout.clone()), OnUnavailable::Deny);
+    let down = ask().resolve(Err(timeout.clone()), OnUnavailable::Deny, &h.store, NOW);
     let r = reply(&down);
     assert_eq!(r.status, 503);
     assert!(
@@ -96,12 +103,14 @@ fn etcd_refusals_keep_the_contract_statuses_and_the_cors_headers() {
     assert_eq!(down.outcome(), Outcome::ReplayUnavailable);
     assert_eq!(header(r, "access-control-allow-origin"), Some(ORIGIN));
     // `allow`: through, marked unchecked for the counter and the log line.
-    let allowed = ask().resolve(Err(timeout.clone()), OnUnavailable::Allow);
+    let allowed = ask().resolve(Err(timeout.clone()), OnUnavailable::Allow, &h.store, NOW);
     assert_eq!(forward(&allowed).replay_unchecked, Some(timeout));
     // `allow` is about etcd not answering, never about etcd saying no.
     let replay = ask().resolve(
         answered(Verdict::Replay, Holder::Once),
         OnUnavailable::Allow,
+        &h.store,
+        NOW,
     );
     assert_refused(&replay, 401, "Token replay detected");
 }
@@ -183,6 +192,82 @@ fn the_cache_answers_what_etcd_confirmed_without_a_round_trip() {
         &h,
     );
     assert!(matches!(no_ip, Decision::Reply { .. }), "{no_ip:?}");
+}
+
+#[test]
+fn calls_counted_by_subject_wait_for_etcd_so_a_token_it_refuses_spends_nothing() {
+    // docs/policy.md, "Rate limits and quotas": a subject's calls are counted once its token is
+    // known valid, and with the etcd store that is once etcd accepted it.
+    let s = signer();
+    let quota = |on_unavailable: &str| {
+        let mut doc = policy_doc(&s, 1000);
+        doc["replay_store"] =
+            json!({"etcd": {"cluster": "etcd", "on_unavailable": on_unavailable}});
+        doc["apis"][1]["quota"] =
+            json!({"by": "subject", "calls": 1, "renewal_period_seconds": 60});
+        compile(&doc)
+    };
+    let p = quota("deny");
+    let h = FakeHost::new(&p, json!({"keys": [s.jwk]}));
+    let ask = |jti: &str| {
+        let t = token(&s, json!({"aud": "api://b", "jti": jti}));
+        pending(call("/b/x").bearer(&t).run(&p, &h))
+    };
+    // Spent on another replica, or not decided at all: refused, and the subject's call is left.
+    let d = ask("spent").resolve(
+        answered(Verdict::Replay, Holder::Once),
+        OnUnavailable::Deny,
+        &h.store,
+        NOW,
+    );
+    assert_refused(&d, 401, "Token replay detected");
+    let timeout = Failure::Timeout { call: Call::Txn };
+    let d = ask("down").resolve(Err(timeout.clone()), OnUnavailable::Deny, &h.store, NOW);
+    assert_eq!(reply(&d).status, 503);
+    let d = ask("first").resolve(
+        answered(Verdict::FirstUse, Holder::Once),
+        OnUnavailable::Deny,
+        &h.store,
+        NOW,
+    );
+    let headers = &forward(&d).response_headers;
+    assert!(
+        headers.contains(&("x-ratelimit-remaining".into(), "0".into())),
+        "{headers:?}"
+    );
+    // The call is spent now: the next token etcd accepts is over the quota.
+    let d = ask("second").resolve(
+        answered(Verdict::FirstUse, Holder::Once),
+        OnUnavailable::Deny,
+        &h.store,
+        NOW + 1,
+    );
+    assert_refused(
+        &d,
+        403,
+        "Out of call volume quota. Quota will be replenished in 00:00:59.",
+    );
+    assert_eq!(d.outcome(), Outcome::QuotaExceeded);
+
+    // `allow`: a request forwarded unchecked is served, so it counts.
+    let p = quota("allow");
+    let h = FakeHost::new(&p, json!({"keys": [s.jwk]}));
+    let t = token(&s, json!({"aud": "api://b", "jti": "unchecked"}));
+    let d = pending(call("/b/x").bearer(&t).run(&p, &h)).resolve(
+        Err(timeout.clone()),
+        OnUnavailable::Allow,
+        &h.store,
+        NOW,
+    );
+    assert_eq!(forward(&d).replay_unchecked, Some(timeout.clone()));
+    let t = token(&s, json!({"aud": "api://b", "jti": "unchecked-2"}));
+    let d = pending(call("/b/x").bearer(&t).run(&p, &h)).resolve(
+        Err(timeout),
+        OnUnavailable::Allow,
+        &h.store,
+        NOW,
+    );
+    assert_eq!(reply(&d).status, 403);
 }
 
 #[test]

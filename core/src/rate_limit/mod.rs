@@ -164,6 +164,13 @@ fn ip_counted(ip: IpAddr) -> Vec<u8> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CounterId(pub [u8; 16]);
 
+/// One call to count: a limit, and the counter of the caller it is counted for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallCount {
+    pub limit: CallLimit,
+    pub id: CounterId,
+}
+
 /// The rate-limit headers of a response: `x-ratelimit-limit`, `-remaining`, `-reset` (seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {
