@@ -10,7 +10,7 @@ use gateguard_core::replay::etcd::{Call, Failure, OnUnavailable};
 use gateguard_core::shared_data::SharedStore;
 use gateguard_core::{Outcome, Refusal, Request};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType};
+use proxy_wasm::types::Action;
 
 use crate::configured::ConfiguredGateway;
 use crate::etcd;
@@ -199,11 +199,9 @@ impl Context for RequestFilter {
                         self.conclude(&gateway, decision, || facts, now)
                     }
                 };
-                // What arrived of the body while the request waited is buffered by Envoy, and
-                // passes on unseen when it resumes: counted here, all at once.
-                let buffered = || host::buffer_len(BufferType::HttpRequestBody).unwrap_or(0);
-                let counted = self.body.is_none() || self.count_body(&gateway, buffered());
-                if action == Action::Continue && counted {
+                // The body that arrived meanwhile reaches `on_http_request_body` after this
+                // resume, and is counted there (tests/test_etcd_replay.py pins it).
+                if action == Action::Continue {
                     host::resume_request();
                 }
             }
@@ -256,9 +254,10 @@ impl HttpContext for RequestFilter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        // A request waiting for etcd stays paused: Envoy resumes a request whose body filter
-        // says Continue, and that would send it upstream before etcd decided. Envoy buffers
-        // the body meanwhile (within its buffer limits).
+        // A request waiting for etcd stays paused. Envoy's Wasm host holds the body of a
+        // request whose headers paused (it delivers it after the resume), so this is a guard:
+        // a body or trailers callback that said Continue would resume the request in Envoy
+        // before etcd decided.
         if self.waiting.is_some() {
             return Action::Pause;
         }

@@ -183,11 +183,6 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
-    fn proxy_get_buffer_status(
-        buffer_type: u32,
-        return_buffer_size: *mut usize,
-        return_flags: *mut u32,
-    ) -> u32;
     fn proxy_get_status(
         return_code: *mut u32,
         return_message_data: *mut *mut u8,
@@ -334,16 +329,6 @@ pub fn buffer(kind: BufferType, start: usize, max: usize) -> Option<Vec<u8>> {
     // SAFETY: see `owned`.
     let status = unsafe { proxy_get_buffer_bytes(kind as u32, start, max, &mut data, &mut size) };
     owned(status, data, size)
-}
-
-/// How many bytes a buffer holds now (the request body Envoy buffered while the filter paused
-/// it), without copying them into the VM.
-pub fn buffer_len(kind: BufferType) -> Option<usize> {
-    let mut size: usize = 0;
-    let mut flags: u32 = 0;
-    // SAFETY: both pointers are to live locals for the duration of the call.
-    let status = unsafe { proxy_get_buffer_status(kind as u32, &mut size, &mut flags) };
-    (status == 0).then_some(size)
 }
 
 pub fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
