@@ -5,6 +5,7 @@ pub mod client_cert;
 pub mod config;
 pub mod cors;
 pub mod decision;
+pub mod deploy;
 pub mod error;
 pub mod headers;
 pub mod hex;

@@ -84,6 +84,8 @@ pub fn policy(apis: Vec<ApiConfig>) -> PolicyConfig {
     PolicyConfig {
         schema: Some("./gateguard.schema.json".into()),
         apis,
+        listener: None,
+        upstream: None,
         client_ip: Default::default(),
         replay_cache: Default::default(),
         replay_store: Default::default(),
