@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gateguard_core::deploy::{UpstreamClientCert, UpstreamTls, SYSTEM_CA_BUNDLE};
+use gateguard_core::deploy::{
+    ListenerPolicy, UpstreamClientCert, UpstreamPolicy, UpstreamTls, SYSTEM_CA_BUNDLE,
+};
 use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{EtcdPolicy, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::CompiledPolicy;
@@ -621,8 +623,9 @@ fn check_deploy_args(args: &Args, compiled: &CompiledPolicy) -> Result<(), Strin
 
 /// Under --filter-only, the policy's `listener` and `upstream` must be the ones the running
 /// configuration was rendered with: they live in envoy.yaml, which --filter-only leaves alone, so
-/// a change there would be announced and never applied. The running policy is the one in
-/// DIR/gateguard-filter.yaml (none yet: nothing to compare).
+/// a change there would be announced and never applied. They are read from the policy in
+/// DIR/gateguard-filter.yaml (no file yet: nothing to compare). When that policy cannot be read
+/// (a hand-edited file Envoy refused), nothing is refused: --filter-only is how it gets repaired.
 fn check_deploy_unchanged(dir: &std::path::Path, compiled: &CompiledPolicy) -> Result<(), String> {
     let path = dir.join(FILTER_FILE);
     let text = match std::fs::read_to_string(&path) {
@@ -630,23 +633,28 @@ fn check_deploy_unchanged(dir: &std::path::Path, compiled: &CompiledPolicy) -> R
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let running = running_policy(&text).map_err(|e| {
-        format!(
-            "{}: cannot read the policy it holds ({e}): render the full configuration \
-             (without --filter-only)",
-            path.display()
-        )
-    })?;
+    let (listener, upstream) = match running_deploy(&text) {
+        Ok(sections) => sections,
+        Err(e) => {
+            eprintln!(
+                "gateguard render: warning: {}: cannot read listener and upstream from the \
+                 policy it holds ({e}); if this policy changes them, render the full \
+                 configuration and restart Envoy",
+                path.display()
+            );
+            return Ok(());
+        }
+    };
     for (section, what, changed) in [
         (
             "listener",
             "the TLS listener",
-            running.listener != compiled.listener,
+            listener != compiled.listener,
         ),
         (
             "upstream",
             "the function_app cluster",
-            running.upstream != compiled.upstream,
+            upstream != compiled.upstream,
         ),
     ] {
         if changed {
@@ -660,14 +668,20 @@ fn check_deploy_unchanged(dir: &std::path::Path, compiled: &CompiledPolicy) -> R
     Ok(())
 }
 
-/// The policy a filter file written by `write_filter_file` embeds, compiled.
-fn running_policy(filter_file: &str) -> Result<CompiledPolicy, String> {
+/// `listener` and `upstream` of the policy a filter file written by `write_filter_file` embeds,
+/// compiled; the rest of that policy may be wrong.
+fn running_deploy(filter_file: &str) -> Result<(ListenerPolicy, UpstreamPolicy), String> {
     let doc: Value = serde_norway::from_str(filter_file).map_err(|e| e.to_string())?;
     let text = doc["resources"][0]["typed_config"]["config"]["configuration"]["value"]
         .as_str()
         .ok_or("no embedded policy")?;
-    let lenient = |_: &str| Some(PLACEHOLDER.to_string());
-    gateguard_core::parse_policy(text.as_bytes(), &lenient).map_err(|e| e.to_string())
+    let raw = gateguard_core::config::parse_raw(text).map_err(|e| e.to_string())?;
+    let listener = ListenerPolicy::compile(raw.listener.as_ref(), "listener");
+    let upstream = UpstreamPolicy::compile(raw.upstream.as_ref(), "upstream");
+    Ok((
+        listener.map_err(|e| e.to_string())?,
+        upstream.map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Variables the filter reads from Envoy's environment to log in to etcd (docs/policy.md, "Replay

@@ -401,5 +401,15 @@ fn filter_only_refuses_a_policy_that_changes_listener_or_upstream() {
             )
         );
     }
+
+    // A policy Envoy would refuse (hand-edited into the file) still tells its upstream...
+    let broken = running.replace(r#""path_prefix": "/a""#, r#""path_prefix": "a""#);
+    assert!(gateguard_core::parse_policy(broken.as_bytes(), &|_| None).is_err());
+    write_filter_file(&args(false, Some(dir.clone())), &dir, &broken, false).unwrap();
+    check_deploy_unchanged(&dir, &compiled(&running)).unwrap();
+    check_deploy_unchanged(&dir, &compiled(&upstream(""))).unwrap_err();
+    // ...and a file that is not a policy at all does not stand in the way of its repair.
+    std::fs::write(dir.join(FILTER_FILE), "resources: [{}]\n").unwrap();
+    check_deploy_unchanged(&dir, &compiled(&upstream(""))).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
