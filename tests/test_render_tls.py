@@ -95,7 +95,8 @@ def listeners(request, pki, echo_upstream):
         # No `listener`: render's default, TLS 1.2 up.
         "default": ECHO,
         "tls13": dict(ECHO, listener={"tls": {"min_version": "1.3"}}),
-        "ciphers": dict(ECHO, listener={"tls": {"cipher_suites": ["ECDHE-ECDSA-AES256-GCM-SHA384"]}}),
+        "ciphers": dict(ECHO, listener={"tls": {"cipher_suites": ["ECDHE-ECDSA-AES256-GCM-SHA384",
+                                                                   "ECDHE-ECDSA-CHACHA20-POLY1305"]}}),
         "legacy": ECHO,
     }
     configs = [gateway(name, http_port, policies[name], echo_upstream, tls_listen=f"127.0.0.1:{tls_port}",
@@ -145,18 +146,51 @@ def test_min_version_1_3_refuses_a_tls_1_2_client(listeners, pki):
 
 def test_cipher_suites_limit_what_tls_1_2_negotiates(listeners, pki):
     aes128 = tls_client(pki, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256")
-    # The default listener takes that suite; the one limited to AES-256 refuses it.
+    # The default listener takes that suite; the one limited to AES-256 and ChaCha20 refuses it.
     assert tls_get(listeners.tls["default"], aes128) == ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", 200)
     with pytest.raises(ssl.SSLError) as refused:
         tls_get(listeners.tls["ciphers"], aes128)
     assert "HANDSHAKE_FAILURE" in str(refused.value).upper(), refused.value
-    offering_both = tls_client(pki, ssl.TLSVersion.TLSv1_2,
-                               "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384")
-    assert tls_get(listeners.tls["ciphers"], offering_both) == \
+    # The policy's order is the preference, whatever the client's.
+    client_prefers_chacha = tls_client(pki, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256:"
+                                       "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384")
+    assert tls_get(listeners.tls["ciphers"], client_prefers_chacha) == \
         ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", 200)
+    chacha = tls_client(pki, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-CHACHA20-POLY1305")
+    assert tls_get(listeners.tls["ciphers"], chacha) == ("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", 200)
     # TLS 1.3 is not limited by it.
     version, _, status = tls_get(listeners.tls["ciphers"], tls_client(pki, ssl.TLSVersion.TLSv1_3))
     assert (version, status) == ("TLSv1.3", 200)
+
+
+def test_render_refuses_what_would_run_otherwise_than_the_policy_says(tmp_path):
+    # What render refuses, it refuses before writing anything; each refusal is unit-tested in
+    # cli/src/render/tests/tls.rs.
+    out = tmp_path / "envoy.yaml"
+
+    def rendered(policy, *options):
+        path = tmp_path / "policy.json"
+        path.write_text(json.dumps(policy))
+        return subprocess.run([str(CLI), "render", "--policy", str(path), "--out", str(out), *options],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    r = rendered(ECHO, "--upstream", f"{APP}:443")
+    assert r.returncode == 2 and "port 443 is HTTPS's, and the policy has no upstream.tls" in r.stderr, r.stderr
+    r = rendered(dict(ECHO, listener={"tls": {"min_version": "1.3"}}))
+    assert r.returncode == 2 and "the policy sets listener.tls, for the TLS listener" in r.stderr, r.stderr
+    r = rendered(dict(ECHO, upstream={"tls": {"sni": APP}}), "--upstream-sni", APP, "--upstream", f"{APP}:443")
+    assert r.returncode == 2 and "--upstream-sni and the policy's upstream.tls" in r.stderr, r.stderr
+    # The policy's own contradictions are refused as validate and the filter refuse them.
+    r = rendered(dict(ECHO, upstream={"tls": {"sni": APP, "client_certificate": {"cert_file": "/c.pem"}}}),
+                 "--upstream", f"{APP}:443")
+    assert r.returncode == 1, r.stderr
+    assert "upstream.tls.client_certificate: cert_file needs key_file (its private key)" in r.stderr
+    assert not out.exists()
+    # The shorthand renders, and says what it stands for.
+    r = rendered(ECHO, "--upstream-sni", APP, "--upstream", f"{APP}:443")
+    assert r.returncode == 0, r.stderr
+    assert f'stands for the policy\'s "upstream": {{"tls": {{"sni": "{APP}"}}}}' in r.stderr
+    assert f"host_rewrite_literal: {APP}" in out.read_text()
 
 
 def envoy_validate(config, tmp_path):
