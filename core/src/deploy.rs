@@ -16,9 +16,9 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// TLS 1.2 cipher suites a listener may offer, by their OpenSSL-style names (those of Envoy's
 /// documentation, defaults and logs), with their IANA names: BoringSSL's TLS 1.2 suites for
-/// certificates, Envoy's default server list. Left out of what BoringSSL accepts: 3DES (64-bit
-/// blocks, Sweet32), pre-shared-key suites (Envoy holds no pre-shared keys) and the two
-/// CBC-SHA256 suites BoringSSL keeps only as deprecated.
+/// certificates, from which Envoy's defaults are drawn. Left out of what BoringSSL accepts:
+/// 3DES (64-bit blocks, Sweet32), pre-shared-key suites (Envoy holds no pre-shared keys) and the
+/// two CBC-SHA256 suites BoringSSL keeps only as deprecated.
 pub const TLS12_CIPHER_SUITES: [(&str, &str); 14] = [
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
