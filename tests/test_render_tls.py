@@ -12,7 +12,10 @@ CA (CERT_REQUIRED) and echoes the SNI, the client certificate's CN and the Host 
 gateway's certificate from files and from an SDS file (replaced without a restart) reaches it;
 without one the upstream refuses the handshake (503); a server certificate from another CA or for
 another name is refused by Envoy (its ssl.fail_verify_* counters say which); upstream
-`min_version` holds; Envoy's --mode validate accepts what render writes."""
+`min_version` holds; Envoy's --mode validate accepts what render writes.
+
+What render refuses it refuses before writing anything, and the filter refuses the policy's own
+contradictions too, with the field's path in Envoy's log."""
 
 import http.client
 import json
@@ -27,7 +30,7 @@ import pytest
 from certs import make_ca, make_leaf
 from conftest import start_envoy
 from envoy_harness import (CLI, ENVOY, ROOT, compose, connection_manager, free_port, gateway,
-                           listener, render, request, wait_for)
+                           listener, render, request, run_with_policy_text, wait_for)
 import upstream
 
 APP = "contoso-fn.app.test"
@@ -191,6 +194,20 @@ def test_render_refuses_what_would_run_otherwise_than_the_policy_says(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f'stands for the policy\'s "upstream": {{"tls": {{"sni": "{APP}"}}}}' in r.stderr
     assert f"host_rewrite_literal: {APP}" in out.read_text()
+
+
+@pytest.mark.parametrize("policy,expected", [
+    (dict(ECHO, listener={"tls": {"cipher_suites": ["TLS_AES_128_GCM_SHA256"]}}),
+     "listener.tls.cipher_suites[0]: \"TLS_AES_128_GCM_SHA256\" is a TLS 1.3 suite"),
+    (dict(ECHO, upstream={"tls": {"sni": APP, "client_certificate": {"key_file": "/k.pem"}}}),
+     "upstream.tls.client_certificate: key_file needs cert_file"),
+])
+def test_the_filter_refuses_the_same_policies(echo_upstream, policy, expected):
+    # Not as rendered: render refuses these itself, so each goes into a rendered configuration by
+    # hand. The filter ignores listener and upstream, but a policy is accepted or refused whole.
+    code, log = run_with_policy_text(policy, echo_upstream, "bad-tls")
+    assert code not in (None, 0), "Envoy kept running with a bad policy"
+    assert "gateguard: policy refused" in log and expected in log, log[-3000:]
 
 
 def envoy_validate(config, tmp_path):
