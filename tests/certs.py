@@ -67,7 +67,9 @@ def make_ca(cn="gateguard test CA"):
     return Cert(cert, key)
 
 
-def make_leaf(ca, cn, not_before=None, not_after=None, server=False):
+def make_leaf(ca, cn, not_before=None, not_after=None, server=False, dns_names=None):
+    """A certificate signed by `ca`: for a client, or with `server` for a server named localhost
+    and 127.0.0.1, or only `dns_names` when given (wildcards allowed: "*.app.test")."""
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         x509.CertificateBuilder()
@@ -76,8 +78,10 @@ def make_leaf(ca, cn, not_before=None, not_after=None, server=False):
         .not_valid_before(not_before or NOW - DAY).not_valid_after(not_after or NOW + 365 * DAY)
     )
     if server:
+        names = ([x509.DNSName(n) for n in dns_names] if dns_names else
+                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(names),
             critical=False,
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     else:

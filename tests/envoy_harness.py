@@ -57,14 +57,21 @@ def gateway(name, port, policy, upstream, address="127.0.0.1", **options):
 
 def compose(gateways, admin_port):
     """One Envoy bootstrap serving rendered gateways side by side: every gateway's listeners,
-    each cluster once (gateways render a cluster they share identically), the test's admin."""
-    listeners, clusters = [], {}
+    each cluster once (gateways render a cluster they share identically), the node identity a
+    gateway that subscribes to files (ECDS, SDS) renders, the test's admin."""
+    listeners, clusters, nodes = [], {}, []
     for config in gateways:
         listeners += config["static_resources"]["listeners"]
         for cluster in config["static_resources"]["clusters"]:
             assert clusters.setdefault(cluster["name"], cluster) == cluster, \
                 f"two gateways render cluster {cluster['name']} differently"
-    return bootstrap(listeners, list(clusters.values()), admin_port)
+        if "node" in config and config["node"] not in nodes:
+            nodes.append(config["node"])
+    assert len(nodes) <= 1, f"gateways render different node identities: {nodes}"
+    composed = bootstrap(listeners, list(clusters.values()), admin_port)
+    if nodes:
+        composed["node"] = nodes[0]
+    return composed
 
 
 def listener(config, name):

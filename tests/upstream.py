@@ -11,6 +11,7 @@ import collections
 import hashlib
 import os
 import json
+import ssl
 import sys
 import threading
 import time
@@ -145,6 +146,84 @@ class EchoHandler(BaseHTTPRequestHandler):
 def start(port=0):
     server = ThreadingHTTPServer(("127.0.0.1", port), EchoHandler)
     server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+class TlsEchoHandler(BaseHTTPRequestHandler):
+    """Answers what the connection and the request carried: the SNI the client sent, the CN of
+    its certificate, the TLS version, the Host header. One response per connection, so every
+    request is a new handshake (a rotated client certificate shows on the next one)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        peer = self.connection.getpeercert() or {}
+        subject = dict(pair for rdn in peer.get("subject", ()) for pair in rdn)
+        payload = json.dumps({
+            "app": "tls-function-app",
+            "path": self.path,
+            "host": self.headers.get("host"),
+            "sni": self.server.sni.get(id(self.connection)),
+            "client_cn": subject.get("commonName"),
+            "tls_version": self.connection.version(),
+        }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class TlsEchoServer(ThreadingHTTPServer):
+    """An HTTPS upstream on 127.0.0.1 for TLS tests; see `start_tls`."""
+
+    daemon_threads = True
+
+    def __init__(self, context):
+        super().__init__(("127.0.0.1", 0), TlsEchoHandler)
+        self.context = context
+        self.sni = {}
+        self.refused = []
+        context.sni_callback = self._record_sni
+
+    def _record_sni(self, tls_socket, server_name, _context):
+        self.sni[id(tls_socket)] = server_name
+
+    def finish_request(self, request, client_address):
+        # The handshake runs in the connection's own thread: a slow or failing one holds up
+        # no other.
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            self.refused.append(str(e))
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            self.sni.pop(id(tls), None)
+            tls.close()
+
+
+def start_tls(cert, client_ca=None, max_version=None):
+    """An HTTPS upstream on 127.0.0.1 (random port) presenting `cert` (a certs.Cert written to
+    files). With `client_ca`, it requires a client certificate issued by it (CERT_REQUIRED) and
+    refuses the handshake without one; handshakes it refused are listed in `server.refused`
+    (OpenSSL's reason). `max_version`: an ssl.TLSVersion it will not go above."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert.cert_path), str(cert.key_path))
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(client_ca.cert_path))
+    if max_version is not None:
+        context.maximum_version = max_version
+    server = TlsEchoServer(context)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server

@@ -1,11 +1,15 @@
 //! `gateguard render`: a complete, runnable Envoy configuration for a policy: listeners, the
-//! function-app cluster, clusters for remote JWKS, TLS when asked, Envoy's `jwt_authn` in front
-//! when an API has it verify tokens, and the filter with the policy embedded. The shipped
-//! `envoy.yaml` is this command's output for the demo policy.
+//! function-app cluster, clusters for remote JWKS, TLS on both sides as the policy's `listener`
+//! and `upstream` say, Envoy's `jwt_authn` in front when an API has it verify tokens, and the
+//! filter with the policy embedded. The shipped `envoy.yaml` is this command's output for the
+//! demo policy.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gateguard_core::deploy::{
+    ListenerPolicy, UpstreamClientCert, UpstreamPolicy, UpstreamTls, SYSTEM_CA_BUNDLE,
+};
 use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{EtcdPolicy, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::CompiledPolicy;
@@ -27,21 +31,27 @@ pub struct Args {
     /// Plain-HTTP listener.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// TLS listener (needs --tls-cert and --tls-key); requests a client certificate.
+    /// TLS listener (needs --tls-cert and --tls-key); requests a client certificate. Its TLS
+    /// versions and cipher suites are the policy's `listener.tls` (TLS 1.2 up by default).
     #[arg(long, default_value = "127.0.0.1:8443")]
     tls_listen: String,
+    /// The TLS listener's certificate chain (PEM); needs --tls-key.
     #[arg(long)]
     tls_cert: Option<String>,
+    /// The private key of --tls-cert.
     #[arg(long)]
     tls_key: Option<String>,
     /// Admin interface (/stats, /ready). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: String,
-    /// The function app behind the gateway, host:port.
+    /// The function app behind the gateway, host:port. How to reach it (TLS, SNI, Host, client
+    /// certificate) is the policy's `upstream.tls`.
     #[arg(long, default_value = "127.0.0.1:8081")]
     upstream: String,
-    /// Use TLS (with this SNI) to reach the function app, as App Service requires.
-    #[arg(long)]
+    /// Kept for existing scripts: the same as the policy's `upstream.tls: {"sni": NAME}` (TLS
+    /// verified against the system CAs, Host rewritten to NAME). Refused for a policy with
+    /// `upstream.tls`: say it there.
+    #[arg(long, value_name = "NAME")]
     upstream_sni: Option<String>,
     /// Deliver the filter through Envoy's extension config discovery from
     /// DIR/gateguard-filter.yaml, so a new policy takes effect without restarting Envoy:
@@ -145,6 +155,18 @@ pub fn run(args: &Args) -> ExitCode {
             eprintln!("gateguard render: {e}");
             return ExitCode::from(2);
         }
+        if let Err(e) = check_deploy_args(args, &compiled) {
+            eprintln!("gateguard render: {e}");
+            return ExitCode::from(2);
+        }
+        if let Some(sni) = &args.upstream_sni {
+            eprintln!(
+                "gateguard render: note: --upstream-sni {sni} stands for the policy's \
+                 \"upstream\": {{\"tls\": {{\"sni\": \"{sni}\"}}}} (TLS verified against the \
+                 system CAs, Host rewritten to {sni}); say it in the policy (docs/policy.md, \
+                 \"Reaching the function app\")"
+            );
+        }
         if etcd.is_some() && args.etcd_ca.is_none() && args.etcd_sni.is_none() {
             eprintln!(
                 "gateguard render: warning: etcd is reached in plain text (token keys, client \
@@ -163,6 +185,12 @@ pub fn run(args: &Args) -> ExitCode {
         }
     }
     if let Some(dir) = &args.ecds_dir {
+        if args.filter_only {
+            if let Err(e) = check_deploy_unchanged(dir, &compiled) {
+                eprintln!("gateguard render: {e}");
+                return ExitCode::from(2);
+            }
+        }
         // jwt_authn first: the keys a new policy trusts are verified before it needs them.
         let written = write_jwt_authn_file(args, dir, &text, &compiled)
             .and_then(|()| write_filter_file(args, dir, &text, etcd.is_some()));
@@ -441,7 +469,8 @@ fn jwt_authn_for(policy_text: &str, compiled: &CompiledPolicy) -> Result<Option<
     Ok((!providers.is_empty()).then(|| jwt_authn_config(&providers, compiled.token_cache_slots)))
 }
 
-fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
+/// A cluster of one endpoint; `transport_socket` for TLS.
+fn cluster(name: &str, host: &str, port: u16, transport_socket: Option<Value>) -> Value {
     let is_ip = host.parse::<std::net::IpAddr>().is_ok();
     let mut c = json!({
         "name": name,
@@ -459,22 +488,204 @@ fn cluster(name: &str, host: &str, port: u16, sni: Option<&str>) -> Value {
             obj.remove("dns_lookup_family");
         }
     }
-    if let Some(sni) = sni {
-        c["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": sni,
-                // The server certificate must chain to a public CA *and* name this host.
-                "common_tls_context": { "validation_context": {
-                    "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" },
-                    "match_typed_subject_alt_names": [
-                        { "san_type": "DNS", "matcher": { "exact": sni } }
-                    ] } }
-            }
-        });
+    if let Some(socket) = transport_socket {
+        c["transport_socket"] = socket;
     }
     c
+}
+
+const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// TLS to an identity provider's JWKS endpoint.
+fn jwks_tls(sni: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": UPSTREAM_TLS_TYPE,
+            "sni": sni,
+            // The server certificate must chain to a public CA *and* name this host.
+            "common_tls_context": { "validation_context": {
+                "trusted_ca": { "filename": SYSTEM_CA_BUNDLE },
+                "match_typed_subject_alt_names": [
+                    { "san_type": "DNS", "matcher": { "exact": sni } }
+                ] } }
+        }
+    })
+}
+
+/// TLS to the function app (docs/policy.md, "Reaching the function app"): the SNI, a server
+/// certificate that chains to `ca_file` *and* names the SNI, the minimum version, and the
+/// gateway's client certificate from files or from a file-based SDS secret.
+fn function_app_tls(tls: &UpstreamTls) -> Value {
+    let mut context = json!({
+        "tls_params": { "tls_minimum_protocol_version": tls.min_version.envoy_name() },
+        "validation_context": {
+            "trusted_ca": { "filename": tls.ca_file },
+            // An exact DNS matcher also accepts a wildcard certificate that covers the name
+            // (App Service's *.azurewebsites.net).
+            "match_typed_subject_alt_names": [
+                { "san_type": "DNS", "matcher": { "exact": tls.sni } }
+            ]
+        }
+    });
+    match &tls.client_certificate {
+        Some(UpstreamClientCert::Files {
+            cert_file,
+            key_file,
+        }) => {
+            context["tls_certificates"] = json!([{
+                "certificate_chain": { "filename": cert_file },
+                "private_key": { "filename": key_file }
+            }]);
+        }
+        Some(UpstreamClientCert::Sds { path, secret }) => {
+            // Reloaded when a file is moved into the directory: how Kubernetes swaps a mounted
+            // Secret, and how `mv` replaces a file atomically.
+            let dir = std::path::Path::new(path)
+                .parent()
+                .map_or_else(|| "/".to_string(), |d| d.display().to_string());
+            context["tls_certificate_sds_secret_configs"] = json!([{
+                "name": secret,
+                "sds_config": {
+                    "path_config_source": { "path": path, "watched_directory": { "path": dir } },
+                    "resource_api_version": "V3"
+                }
+            }]);
+        }
+        None => {}
+    }
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": UPSTREAM_TLS_TYPE,
+            "sni": tls.sni,
+            "common_tls_context": context
+        }
+    })
+}
+
+/// How to reach the function app over TLS: the policy's `upstream.tls`, or `--upstream-sni`
+/// alone, which stands for `upstream.tls: {"sni": NAME}`. None: plain HTTP.
+fn upstream_tls(args: &Args, compiled: &CompiledPolicy) -> Result<Option<UpstreamTls>, String> {
+    match (&args.upstream_sni, &compiled.upstream.tls) {
+        (Some(_), Some(tls)) => Err(format!(
+            "--upstream-sni and the policy's upstream.tls (sni {:?}) both say how to reach the \
+             function app: remove --upstream-sni, the policy says it",
+            tls.sni
+        )),
+        (Some(sni), None) => UpstreamTls::to_host(sni)
+            .map(Some)
+            .map_err(|e| format!("--upstream-sni: {e}")),
+        (None, tls) => Ok(tls.clone()),
+    }
+}
+
+/// `--upstream HOST:PORT`.
+fn upstream_address(args: &Args) -> Result<(&str, u16), String> {
+    let (host, port) = args
+        .upstream
+        .rsplit_once(':')
+        .ok_or("--upstream must be host:port")?;
+    let port: u16 = port.parse().map_err(|_| "--upstream has no valid port")?;
+    Ok((host, port))
+}
+
+/// The options agree with the policy's `listener` and `upstream`: a TLS listener's certificate
+/// comes with its key, `listener.tls` has a TLS listener to apply to, and the port of
+/// `--upstream` is not HTTPS's without TLS, nor plain HTTP's with it. The policy's own
+/// contradictions are refused when it is compiled, as `gateguard validate` and the filter do.
+fn check_deploy_args(args: &Args, compiled: &CompiledPolicy) -> Result<(), String> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(_), None) => return Err("--tls-cert needs --tls-key (its private key)".into()),
+        (None, Some(_)) => return Err("--tls-key needs --tls-cert (its certificate)".into()),
+        (None, None) if compiled.listener.tls.is_some() => {
+            return Err(
+                "the policy sets listener.tls, for the TLS listener, which render writes only \
+                 with --tls-cert and --tls-key: give them, or remove listener.tls"
+                    .into(),
+            )
+        }
+        _ => {}
+    }
+    let tls = upstream_tls(args, compiled)?;
+    match (upstream_address(args)?.1, tls) {
+        (443, None) => Err(format!(
+            "--upstream {}: port 443 is HTTPS's, and the policy has no upstream.tls, so Envoy \
+             would send plain HTTP there: add upstream.tls with the function app's host name \
+             as its sni (docs/policy.md, \"Reaching the function app\")",
+            args.upstream
+        )),
+        (80, Some(tls)) => Err(format!(
+            "--upstream {}: port 80 is plain HTTP's, and the policy reaches the function app \
+             over TLS (upstream.tls, sni {:?}): give its HTTPS port",
+            args.upstream, tls.sni
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Under --filter-only, the policy's `listener` and `upstream` must be the ones the running
+/// configuration was rendered with: they live in envoy.yaml, which --filter-only leaves alone, so
+/// a change there would be announced and never applied. They are read from the policy in
+/// DIR/gateguard-filter.yaml (no file yet: nothing to compare). When that policy cannot be read
+/// (a hand-edited file Envoy refused), nothing is refused: --filter-only is how it gets repaired.
+fn check_deploy_unchanged(dir: &std::path::Path, compiled: &CompiledPolicy) -> Result<(), String> {
+    let path = dir.join(FILTER_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let (listener, upstream) = match running_deploy(&text) {
+        Ok(sections) => sections,
+        Err(e) => {
+            eprintln!(
+                "gateguard render: warning: {}: cannot read listener and upstream from the \
+                 policy it holds ({e}); if this policy changes them, render the full \
+                 configuration and restart Envoy",
+                path.display()
+            );
+            return Ok(());
+        }
+    };
+    for (section, what, changed) in [
+        (
+            "listener",
+            "the TLS listener",
+            listener != compiled.listener,
+        ),
+        (
+            "upstream",
+            "the function_app cluster",
+            upstream != compiled.upstream,
+        ),
+    ] {
+        if changed {
+            return Err(format!(
+                "the policy changes {section}, which is {what} in envoy.yaml, not part of the \
+                 filter --filter-only swaps: render the full configuration (without \
+                 --filter-only) and restart Envoy"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `listener` and `upstream` of the policy a filter file written by `write_filter_file` embeds,
+/// compiled; the rest of that policy may be wrong.
+fn running_deploy(filter_file: &str) -> Result<(ListenerPolicy, UpstreamPolicy), String> {
+    let doc: Value = serde_norway::from_str(filter_file).map_err(|e| e.to_string())?;
+    let text = doc["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .ok_or("no embedded policy")?;
+    let raw = gateguard_core::config::parse_raw(text).map_err(|e| e.to_string())?;
+    let listener = ListenerPolicy::compile(raw.listener.as_ref(), "listener");
+    let upstream = UpstreamPolicy::compile(raw.upstream.as_ref(), "upstream");
+    Ok((
+        listener.map_err(|e| e.to_string())?,
+        upstream.map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Variables the filter reads from Envoy's environment to log in to etcd (docs/policy.md, "Replay
@@ -803,6 +1014,8 @@ fn wasm_config(args: &Args, policy_text: &str, uses_etcd: bool) -> Result<Value,
 fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<Value, String> {
     let etcd = compiled.replay_store.etcd();
     check_etcd_args(args, etcd)?;
+    check_deploy_args(args, compiled)?;
+    let upstream_tls = upstream_tls(args, compiled)?;
     let jwt_authn = jwt_authn_for(policy_text, compiled)?;
     let (wasm, jwt_authn) = match &args.ecds_dir {
         Some(dir) => {
@@ -837,6 +1050,12 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
             }
         }])
     });
+    let mut route = json!({ "cluster": "function_app" });
+    if let Some(host) = upstream_tls.as_ref().and_then(|t| t.host_rewrite.as_ref()) {
+        // The name the function app is served under (App Service routes by Host), whatever
+        // --upstream points at (an IP address, a private endpoint's name).
+        route["host_rewrite_literal"] = json!(host);
+    }
     let hcm = |stat_prefix: &str| {
         let mut manager = json!({
             "name": "envoy.filters.network.http_connection_manager",
@@ -857,7 +1076,7 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
                 },
                 "route_config": { "virtual_hosts": [{
                     "name": "function_app", "domains": ["*"],
-                    "routes": [{ "match": { "prefix": "/" }, "route": { "cluster": "function_app" } }]
+                    "routes": [{ "match": { "prefix": "/" }, "route": route.clone() }]
                 }]},
                 "http_filters": http_filters.clone()
             }
@@ -874,6 +1093,12 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
         "filter_chains": [{ "filters": [hcm("gateway_http")] }]
     })];
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let tls = compiled.listener.tls.clone().unwrap_or_default();
+        let mut tls_params =
+            json!({ "tls_minimum_protocol_version": tls.min_version.envoy_name() });
+        if !tls.cipher_suites.is_empty() {
+            tls_params["cipher_suites"] = json!(tls.cipher_suites);
+        }
         listeners.push(json!({
             "name": "gateway_tls",
             "address": socket(&args.tls_listen)?,
@@ -886,8 +1111,8 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
                         // Ask for a client certificate; gateguard pins it by thumbprint, as APIM does.
                         "require_client_certificate": false,
                         "common_tls_context": {
-                            // TLS 1.2 at least (1.3 where clients offer it), as the seeds ask.
-                            "tls_params": { "tls_minimum_protocol_version": "TLSv1_2" },
+                            // listener.tls: TLS 1.2 at least unless it says 1.3.
+                            "tls_params": tls_params,
                             "tls_certificates": [{
                                 "certificate_chain": { "filename": cert },
                                 "private_key": { "filename": key }
@@ -900,18 +1125,12 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
         }));
     }
 
-    let (up_host, up_port) = args
-        .upstream
-        .rsplit_once(':')
-        .ok_or("--upstream must be host:port")?;
-    let up_port: u16 = up_port
-        .parse()
-        .map_err(|_| "--upstream has no valid port")?;
+    let (up_host, up_port) = upstream_address(args)?;
     let mut clusters = vec![cluster(
         "function_app",
         up_host,
         up_port,
-        args.upstream_sni.as_deref(),
+        upstream_tls.as_ref().map(function_app_tls),
     )];
     for (name, uri) in jwks_clusters(compiled) {
         let (scheme, rest) = uri.split_once("://").unwrap_or(("https", &uri));
@@ -923,8 +1142,8 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
                 if scheme == "http" { 80 } else { 443 },
             ),
         };
-        let sni = (scheme == "https").then_some(host.as_str());
-        clusters.push(cluster(&name, &host, port, sni));
+        let tls = (scheme == "https").then(|| jwks_tls(&host));
+        clusters.push(cluster(&name, &host, port, tls));
     }
     if let Some(etcd) = etcd {
         if clusters.iter().any(|c| c["name"] == etcd.cluster.as_str()) {
@@ -941,8 +1160,11 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
         "static_resources": { "listeners": listeners, "clusters": clusters },
         "admin": { "address": socket(&args.admin)? }
     });
-    if args.ecds_dir.is_some() {
-        // Filesystem config subscriptions need a node identity.
+    let sds = upstream_tls
+        .as_ref()
+        .is_some_and(|t| matches!(t.client_certificate, Some(UpstreamClientCert::Sds { .. })));
+    if args.ecds_dir.is_some() || sds {
+        // Filesystem config subscriptions (ECDS, SDS) need a node identity.
         bootstrap["node"] = json!({ "id": "gateguard", "cluster": "gateguard" });
     }
     Ok(bootstrap)
@@ -952,6 +1174,9 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    /// `listener` and `upstream`: TLS on both sides of the gateway.
+    mod tls;
 
     const POLICY: &str = r#"{"apis":[{"name":"a","path_prefix":"/a"}]}"#;
 

@@ -103,6 +103,21 @@ fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
             by_envoy.join(", ")
         ));
     }
+    let for_envoy: Vec<&str> = [
+        ("listener.tls", policy.listener.tls.is_some()),
+        ("upstream.tls", policy.upstream.tls.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(section, set)| set.then_some(section))
+    .collect();
+    if !for_envoy.is_empty() {
+        // The filter only validates them (docs/policy.md, "Listener TLS", "Reaching the
+        // function app"): Envoy applies them, from the configuration render writes.
+        lines.push(format!(
+            "{file}: note: {} set up Envoy, not the filter: `gateguard render` writes them into the TLS listener and the function_app cluster; a hand-written Envoy configuration must carry them itself",
+            for_envoy.join(" and ")
+        ));
+    }
     lines
 }
 
@@ -235,6 +250,34 @@ mod tests {
         );
         let text = format!(r#"{{"apis": [{}]}}"#, api("b", "gateguard"));
         assert_eq!(summary_of(&text), ["p.json: ok (1 APIs: b)"]);
+    }
+
+    #[test]
+    fn summary_says_listener_and_upstream_tls_are_for_render() {
+        let apis = r#""apis": [{"name": "a", "path_prefix": "/a"}]"#;
+        let upstream = r#""upstream": {"tls": {"sni": "fn.example.net"}}"#;
+        let note = |sections: &str| {
+            format!("p.json: note: {sections} set up Envoy, not the filter: `gateguard render` writes them into the TLS listener and the function_app cluster; a hand-written Envoy configuration must carry them itself")
+        };
+        assert_eq!(
+            summary_of(&format!("{{{apis}, {upstream}}}")),
+            ["p.json: ok (1 APIs: a)".to_string(), note("upstream.tls")]
+        );
+        assert_eq!(
+            summary_of(&format!(
+                r#"{{{apis}, "listener": {{"tls": {{}}}}, {upstream}}}"#
+            )),
+            [
+                "p.json: ok (1 APIs: a)".to_string(),
+                note("listener.tls and upstream.tls")
+            ]
+        );
+        assert_eq!(
+            summary_of(&format!(
+                r#"{{{apis}, "listener": {{}}, "upstream": {{}}}}"#
+            )),
+            ["p.json: ok (1 APIs: a)"]
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{LogConfig, LogPolicy};
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{CorsConfig, CorsPolicy};
+use crate::deploy::{ListenerConfig, ListenerPolicy, UpstreamConfig, UpstreamPolicy};
 use crate::error::{index, join, without_secrets, ConfigError};
 use crate::header_rules::{HeaderRules, HeaderRulesConfig};
 use crate::headers::{check_upstream_header_name, is_header_value};
@@ -41,6 +42,15 @@ pub struct PolicyConfig {
     #[serde(rename = "$schema", default)]
     pub schema: Option<String>,
     pub apis: Vec<ApiConfig>,
+    /// The gateway's TLS listener, as `gateguard render` writes it; ignored by the filter.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub listener: Option<ListenerConfig>,
+    /// How Envoy reaches the function app, as `gateguard render` writes it; ignored by the
+    /// filter.
+    #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
     #[cfg_attr(
         feature = "serialize",
         serde(skip_serializing_if = "crate::serialize::is_default")
@@ -154,6 +164,9 @@ pub struct ApiConfig {
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
     pub apis: Vec<ApiPolicy>,
+    /// For `gateguard render` (docs/policy.md, "Listener TLS", "Reaching the function app").
+    pub listener: ListenerPolicy,
+    pub upstream: UpstreamPolicy,
     pub client_ip: ClientIpPolicy,
     pub replay_cache: ReplayCachePolicy,
     /// Where the replay history lives; with etcd, `replay_cache` is this gateway's cache of it.
@@ -256,6 +269,8 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         return Err(ConfigError::new("apis", "must define at least one API"));
     }
     let client_ip = ClientIpPolicy::compile(&raw.client_ip, "client_ip")?;
+    let listener = ListenerPolicy::compile(raw.listener.as_ref(), "listener")?;
+    let upstream = UpstreamPolicy::compile(raw.upstream.as_ref(), "upstream")?;
     let mut apis: Vec<ApiPolicy> = Vec::with_capacity(raw.apis.len());
     for (i, api) in raw.apis.iter().enumerate() {
         let path = index("apis", i);
@@ -297,6 +312,8 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         CounterStorePolicy::compile(raw.limit_counters.max_entries, "limit_counters")?;
     Ok(CompiledPolicy {
         apis,
+        listener,
+        upstream,
         client_ip,
         replay_cache,
         replay_store,

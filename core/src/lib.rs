@@ -6,6 +6,7 @@ pub mod client_cert;
 pub mod config;
 pub mod cors;
 pub mod decision;
+pub mod deploy;
 pub mod error;
 pub mod header_rules;
 pub mod headers;
