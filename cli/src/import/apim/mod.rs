@@ -3,11 +3,12 @@
 //! policies) turned into a gateguard policy with one API.
 //!
 //! Fail closed: the importer never writes a policy less strict than its input. Converted:
-//! `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` on the subscription-key header,
-//! the client-certificate `<choose>` pattern and `<validate-client-certificate>`, and
-//! `<set-header>` on the request. Any other `<inbound>` policy, any of those it cannot express
-//! exactly, and any `{{named value}}` or `${placeholder}` without a value make the command
-//! write nothing and exit 3, listing each with its line and why. A few inbound policies that
+//! `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` (on the subscription-key header,
+//! and as a header rule on any other), the client-certificate `<choose>` pattern and
+//! `<validate-client-certificate>`, and `<set-header>` on the request. Any other `<inbound>`
+//! policy, any of those it cannot express exactly, and any `{{named value}}` or `${placeholder}`
+//! without a value make the command write nothing and exit 3, listing each with its line and
+//! why. A few inbound policies that
 //! decide nothing about admission (logging, the backend's address) and everything outside
 //! `<inbound>` are listed as left out. Policy expressions (`@(...)`) are never evaluated: the
 //! certificate condition is recognised by its shape. Secrets never reach a message: subscription
@@ -17,6 +18,7 @@
 
 mod client_cert;
 mod cors;
+mod header_rules;
 mod inbound;
 mod ip_filter;
 mod jwt;
@@ -36,6 +38,7 @@ use std::process::ExitCode;
 use gateguard_core::client_cert::ClientCertConfig;
 use gateguard_core::config::ApiConfig;
 use gateguard_core::cors::CorsConfig;
+use gateguard_core::header_rules::HeaderRulesConfig;
 use gateguard_core::ip_filter::IpFilterConfig;
 use gateguard_core::jwt::JwtConfig;
 use gateguard_core::subscription_key::SubscriptionKeyConfig;
@@ -133,7 +136,7 @@ fn import(args: &Args) -> Result<(), Failure> {
     }
     let policy = render(&api, args)?;
     let mask = |text: &str| masker.mask(text);
-    import::compile_and_write(&policy, args.out.as_ref(), api.literal_headers, &mask)?;
+    import::compile_and_write(&policy, args.out.as_ref(), api.may_hold_secret, &mask)?;
     report.print(&masker, input, Some(&import::target(args.out.as_ref())));
     Ok(())
 }
@@ -170,8 +173,10 @@ struct Api {
     subscription_key: Option<SubscriptionKeyConfig>,
     jwt: Option<JwtConfig>,
     inject_headers: BTreeMap<String, ValueSource>,
-    /// A `{"value": ...}` header was written: the file may hold a secret.
-    literal_headers: bool,
+    headers: Option<HeaderRulesConfig>,
+    /// A `{"value": ...}` header, or a header pattern that may be a secret (a named value's, a
+    /// fixed Authorization value), was written: the file may hold a secret.
+    may_hold_secret: bool,
 }
 
 impl Api {
@@ -183,6 +188,7 @@ impl Api {
             || self.client_certificate.is_some()
             || self.subscription_key.is_some()
             || self.jwt.is_some()
+            || self.headers.is_some()
     }
 
     fn config(&self, args: &Args) -> ApiConfig {
@@ -201,6 +207,7 @@ impl Api {
             jwt: self.jwt.clone(),
             replay: None,
             inject_headers: self.inject_headers.clone(),
+            headers: self.headers.clone(),
             ..ApiConfig::default()
         }
     }
@@ -246,16 +253,22 @@ fn convert_text(
             "not well-formed XML once named values are filled in: {e}"
         ))
     })?;
-    let (api, report) = convert(&doc, args, named)?;
+    let (api, report) = convert(&doc, args, named, &masker)?;
     Ok((api, report, masker))
 }
 
-fn convert(doc: &Document, args: &Args, named: &NamedValues) -> Result<(Api, Report), String> {
+fn convert(
+    doc: &Document,
+    args: &Args,
+    named: &NamedValues,
+    masker: &Masker,
+) -> Result<(Api, Report), String> {
     let root = doc.root_element();
     let mut cx = Cx {
         doc,
         args,
         named,
+        masker,
         api: Api::default(),
         report: Report::default(),
     };
@@ -302,6 +315,8 @@ struct Cx<'d, 'i> {
     doc: &'d Document<'i>,
     args: &'d Args,
     named: &'d NamedValues,
+    /// The values filled in from `--named-values`, to tell what came from one.
+    masker: &'d Masker,
     api: Api,
     report: Report,
 }

@@ -39,13 +39,26 @@ fn convert_with(xml: &str, flags: &[&str], named: &NamedValues) -> (Value, Repor
     (serde_json::from_str(&text).unwrap(), report)
 }
 
+/// The elements not converted, by line (as the report prints them).
 fn refused(report: &Report) -> Vec<&str> {
-    report
+    let mut items: Vec<_> = report
         .items
         .iter()
         .filter(|i| i.kind == Kind::NotConverted)
-        .map(|i| i.element.as_str())
-        .collect()
+        .collect();
+    items.sort_by_key(|i| i.line);
+    items.iter().map(|i| i.element.as_str()).collect()
+}
+
+/// What the report says of `element`, as `kind`, one line each.
+fn said(report: &Report, kind: Kind, element: &str) -> String {
+    report
+        .items
+        .iter()
+        .filter(|i| i.kind == kind && i.element == element)
+        .map(|i| i.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn inbound(body: &str) -> String {
@@ -468,4 +481,172 @@ fn the_clock_skew_is_stated_even_when_it_is_gateguards_default() {
         ]
     );
     assert_eq!(jwt["clock_skew_seconds"], json!(60));
+}
+
+// ---- header rules ----
+
+/// The document of `body`, converted without a refusal.
+fn converts(body: &str) -> (Value, Report) {
+    let (policy, report) = convert_str(&inbound(body), &[]);
+    assert!(!report.skipped(), "{body}: {:?}", report.items);
+    (policy, report)
+}
+
+/// Why `element` of the document of `body` was not converted.
+fn refusal(body: &str, element: &str) -> String {
+    let (_, report) = convert_str(&inbound(body), &[]);
+    let why = said(&report, Kind::NotConverted, element);
+    assert!(!why.is_empty(), "{body}: {:?}", report.items);
+    why
+}
+
+/// The compiled header rules of a converted policy.
+fn header_rules(policy: &Value) -> gateguard_core::header_rules::HeaderRules {
+    let cfg: gateguard_core::header_rules::HeaderRulesConfig =
+        serde_json::from_value(policy["apis"][0]["headers"].clone()).unwrap();
+    gateguard_core::header_rules::HeaderRules::compile(&cfg, "headers", &[]).unwrap()
+}
+
+fn with_header(name: &str, value: &str) -> Vec<(String, String)> {
+    vec![(name.to_string(), value.to_string())]
+}
+
+#[test]
+fn check_header_on_another_header_is_a_header_rule() {
+    let (policy, report) = converts(
+        r#"<check-header name="X-Api-Version" failed-check-httpcode="400" failed-check-error-message="Bad version" ignore-case="false">
+  <value>2024-01-01</value><value>v1.0+beta</value><value>2024-01-01</value>
+</check-header>
+<check-header name="Accept" failed-check-httpcode="406" failed-check-error-message="JSON only" ignore-case="true"><value>application/json</value></check-header>
+<check-header name="X-Correlation-Id" failed-check-httpcode="400" failed-check-error-message="missing" ignore-case="false" />"#,
+    );
+    assert_eq!(
+        policy["apis"][0]["headers"],
+        json!({
+            "required": ["X-Api-Version", "Accept", "X-Correlation-Id"],
+            "patterns": {
+                "Accept": "(?i)application/json",
+                "X-Api-Version": "2024\\-01\\-01|v1\\.0\\+beta"
+            }
+        })
+    );
+    let rules = header_rules(&policy);
+    let ok = |h: &[(&str, &str)]| {
+        let mut all = vec![
+            ("x-api-version".to_string(), "2024-01-01".to_string()),
+            ("accept".to_string(), "application/json".to_string()),
+            ("x-correlation-id".to_string(), "c".to_string()),
+        ];
+        for (k, v) in h {
+            all.retain(|(n, _)| n != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        rules.check(&all).map_err(|e| e.message())
+    };
+    assert_eq!(ok(&[]), Ok(()));
+    assert_eq!(ok(&[("x-api-version", "v1.0+beta")]), Ok(()));
+    assert_eq!(ok(&[("accept", "Application/JSON")]), Ok(()));
+    // The values are literal: `.` and `+` are not operators; the whole value must match.
+    for bad in [
+        "v1x0+beta",
+        "v1.00beta",
+        "2024-01-01,v1.0+beta",
+        "2024-01-0",
+        "V1.0+BETA",
+    ] {
+        assert_eq!(
+            ok(&[("x-api-version", bad)]),
+            Err("Bad request: header x-api-version is invalid".into()),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        rules.check(&with_header("accept", "application/json")),
+        Err(gateguard_core::header_rules::HeaderError::Missing(
+            "x-api-version".into()
+        ))
+    );
+    let converted = said(&report, Kind::Converted, "check-header");
+    assert!(
+        converted
+            .contains("headers.required and headers.patterns: X-Api-Version, 2 accepted values"),
+        "{converted}"
+    );
+    assert!(
+        converted.contains("headers.required: X-Correlation-Id"),
+        "{converted}"
+    );
+    let notes = said(&report, Kind::Note, "check-header");
+    assert!(
+        notes.contains("failed-check-httpcode 406: gateguard answers 400"),
+        "{notes}"
+    );
+    assert!(!notes.contains("failed-check-httpcode 400"), "{notes}");
+    assert!(notes.contains("failed-check-error-message: gateguard answers with its own messages, \"Bad request: header accept is missing\" or \"... is invalid\""), "{notes}");
+}
+
+#[test]
+fn check_header_that_cannot_be_a_header_rule_is_refused() {
+    for (body, want) in [
+        (
+            r#"<check-header name="X-A" ignore-case="false"><value>a</value></check-header>
+<check-header name="x-a" ignore-case="false"><value>b</value></check-header>"#,
+            "a second <check-header> on x-a: APIM requires the value to pass both; merge them into one",
+        ),
+        (
+            r#"<check-header name="X-A" ignore-case="maybe"><value>a</value></check-header>"#,
+            "ignore-case \"maybe\" is not true or false",
+        ),
+        (
+            r#"<check-header name="X A" ignore-case="false" />"#,
+            "gateguard refuses it: headers.required[0]: \"X A\" is not a header name",
+        ),
+        (
+            r#"<check-header name="X-A" ignore-case="false"><value>@(context.Variables["v"])</value></check-header>"#,
+            "not converted, as a part of it was not: <value> line 3",
+        ),
+    ] {
+        let why = refusal(body, "check-header");
+        assert!(why.contains(want), "{body}\n{why}");
+    }
+}
+
+#[test]
+fn a_header_value_from_a_named_value_makes_the_file_owner_only() {
+    let xml = inbound(
+        r#"<check-header name="X-Partner-Secret" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false"><value>{{partner-secret}}</value></check-header>"#,
+    );
+    let a = args(&[]);
+    let values = NamedValues::parse(r#"{"partner-secret": "p4rtner-s3cret"}"#).unwrap();
+    let (api, report, masker) = convert_text(&xml, &a, &values).unwrap();
+    assert!(!report.skipped(), "{:?}", report.items);
+    assert!(api.may_hold_secret);
+    assert_eq!(
+        api.headers.as_ref().unwrap().patterns["X-Partner-Secret"],
+        "p4rtner\\-s3cret"
+    );
+    let notes: Vec<String> = report.items.iter().map(|i| masker.mask(&i.text)).collect();
+    let notes = notes.join("\n");
+    assert!(notes.contains("{{partner-secret}} written into headers.patterns as it is (the file is made owner-only)"), "{notes}");
+    assert!(!notes.contains("s3cret"), "{notes}");
+    // A fixed Authorization value is a credential, wherever it comes from.
+    let (api, report, _) = convert_text(
+        &inbound(r#"<check-header name="Authorization" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false"><value>Basic dXNlcjpwYXNz</value></check-header>"#),
+        &a,
+        &values,
+    )
+    .unwrap();
+    assert!(api.may_hold_secret);
+    assert!(said(&report, Kind::Note, "check-header")
+        .contains("the Authorization value written into headers.patterns as it is"));
+    // A literal value in the document is no secret of the named values.
+    let (api, _, _) = convert_text(
+        &inbound(
+            r#"<check-header name="X-A" ignore-case="false"><value>abc</value></check-header>"#,
+        ),
+        &a,
+        &values,
+    )
+    .unwrap();
+    assert!(!api.may_hold_secret);
 }
