@@ -2,19 +2,22 @@
 //! portal's code editor or an export shows it, a `<fragment>`, or a bare snippet of inbound
 //! policies) turned into a gateguard policy with one API.
 //!
-//! Fail closed: the importer never writes a policy less strict than its input. Converted:
-//! `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` (on the subscription-key header,
-//! and as a header rule on any other), the client-certificate `<choose>` pattern and
-//! `<validate-client-certificate>`, and `<set-header>` on the request. Any other `<inbound>`
-//! policy, any of those it cannot express exactly, and any `{{named value}}` or `${placeholder}`
-//! without a value make the command write nothing and exit 3, listing each with its line and
-//! why. A few inbound policies that
-//! decide nothing about admission (logging, the backend's address) and everything outside
-//! `<inbound>` are listed as left out. Policy expressions (`@(...)`) are never evaluated: the
-//! certificate condition is recognised by its shape. Secrets never reach a message: subscription
-//! keys are hashed, HMAC keys and named-value headers become `{"env": ...}` references, and the
-//! values `--named-values` fills in are masked. Each element converts in a module of its own
-//! into the filter's raw config type, kept only once the filter's compiler accepts it.
+//! Fail closed: the importer never writes a policy less strict than its input (but for how a
+//! limit counts, which each limit's note states: docs/operations.md). Converted: `<cors>`,
+//! `<ip-filter>`, `<validate-jwt>`, `<check-header>` (on the subscription-key header, and as a
+//! header rule on any other), the client-certificate `<choose>` pattern and
+//! `<validate-client-certificate>`, `<set-header>` on the request, and `<rate-limit>`,
+//! `<rate-limit-by-key>`, `<quota>` and `<quota-by-key>` counted by subscription, client IP or
+//! token subject. Any other `<inbound>` policy, any of those it cannot express exactly, and any
+//! `{{named value}}` or `${placeholder}` without a value make the command write nothing and
+//! exit 3, listing each with its line and why. A few inbound policies that decide nothing about
+//! admission (logging, the backend's address) and everything outside `<inbound>` are listed as
+//! left out. Policy expressions (`@(...)`) are never evaluated: the certificate condition and a
+//! limit's counter-key are recognised by their shape. Secrets never reach a message:
+//! subscription keys are hashed, HMAC keys and named-value headers become `{"env": ...}`
+//! references, and the values `--named-values` fills in are masked. Each element converts in a
+//! module of its own into the filter's raw config type, kept only once the filter's compiler
+//! accepts it.
 
 mod client_cert;
 mod cors;
@@ -22,6 +25,7 @@ mod header_rules;
 mod inbound;
 mod ip_filter;
 mod jwt;
+mod limits;
 mod named_values;
 mod report;
 mod set_header;
@@ -41,6 +45,7 @@ use gateguard_core::cors::CorsConfig;
 use gateguard_core::header_rules::HeaderRulesConfig;
 use gateguard_core::ip_filter::IpFilterConfig;
 use gateguard_core::jwt::JwtConfig;
+use gateguard_core::rate_limit::CallLimitConfig;
 use gateguard_core::subscription_key::SubscriptionKeyConfig;
 use gateguard_core::value::ValueSource;
 use gateguard_core::ConfigError;
@@ -52,8 +57,9 @@ use named_values::{Masker, NamedValues};
 use report::{El, Report};
 use xml::elements;
 
-/// The inbound policies this command converts; `--skip` cannot leave them out.
-const CONVERTED: [&str; 7] = [
+/// The inbound policies this command converts; `--skip` cannot leave them out, except the
+/// [`LIMITS`].
+const CONVERTED: [&str; 11] = [
     "cors",
     "ip-filter",
     "validate-jwt",
@@ -61,7 +67,16 @@ const CONVERTED: [&str; 7] = [
     "choose",
     "validate-client-certificate",
     "set-header",
+    "rate-limit",
+    "rate-limit-by-key",
+    "quota",
+    "quota-by-key",
 ];
+
+/// Rate limits and quotas: converted, but `--skip` may still leave them out, for Envoy's own
+/// rate limiting to enforce (a limit shared by several gateway replicas, where gateguard's
+/// counters are each replica's own).
+const LIMITS: [&str; 4] = ["rate-limit", "rate-limit-by-key", "quota", "quota-by-key"];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -99,8 +114,9 @@ pub struct Args {
     named_values: Option<PathBuf>,
     /// Leave out every inbound `<ELEMENT>` gateguard does not convert, accepting that the
     /// policy does not enforce it: `--skip base` when the enclosing scopes (product, global)
-    /// hold no security policy, `--skip rate-limit` when Envoy limits the rate. Repeatable; not
-    /// for the elements gateguard converts.
+    /// hold no security policy. Also leaves out rate limits and quotas, which gateguard converts,
+    /// when Envoy limits the rate instead (`--skip rate-limit`: across replicas, say).
+    /// Repeatable; not for the other elements gateguard converts.
     #[arg(long, value_name = "ELEMENT")]
     skip: Vec<String>,
     /// Accept that gateguard does not check certificate revocation (APIM's
@@ -118,7 +134,9 @@ pub fn run(args: &Args) -> ExitCode {
 /// either way.
 fn import(args: &Args) -> Result<(), Failure> {
     let input = &args.input;
-    if let Some(name) = args.skip.iter().find(|s| CONVERTED.contains(&s.as_str())) {
+    let unskippable =
+        |s: &&String| CONVERTED.contains(&s.as_str()) && !LIMITS.contains(&s.as_str());
+    if let Some(name) = args.skip.iter().find(unskippable) {
         return Err(
             format!("--skip {name}: gateguard converts <{name}>; it cannot be left out").into(),
         );
@@ -174,6 +192,8 @@ struct Api {
     jwt: Option<JwtConfig>,
     inject_headers: BTreeMap<String, ValueSource>,
     headers: Option<HeaderRulesConfig>,
+    rate_limit: Option<CallLimitConfig>,
+    quota: Option<CallLimitConfig>,
     /// A `{"value": ...}` header, or a header pattern that may be a secret (a named value's, a
     /// fixed Authorization value), was written: the file may hold a secret.
     may_hold_secret: bool,
@@ -189,6 +209,8 @@ impl Api {
             || self.subscription_key.is_some()
             || self.jwt.is_some()
             || self.headers.is_some()
+            || self.rate_limit.is_some()
+            || self.quota.is_some()
     }
 
     fn config(&self, args: &Args) -> ApiConfig {
@@ -208,6 +230,8 @@ impl Api {
             replay: None,
             inject_headers: self.inject_headers.clone(),
             headers: self.headers.clone(),
+            rate_limit: self.rate_limit.clone(),
+            quota: self.quota.clone(),
             ..ApiConfig::default()
         }
     }
@@ -271,6 +295,7 @@ fn convert(
         masker,
         api: Api::default(),
         report: Report::default(),
+        limits: Vec::new(),
     };
     let name = root.tag_name().name();
     match name {
@@ -307,6 +332,8 @@ fn convert(
             ))
         }
     }
+    // A limit counted by a credential needs that credential's check, wherever it stands.
+    cx.settle_limits();
     Ok((cx.api, cx.report))
 }
 
@@ -319,6 +346,8 @@ struct Cx<'d, 'i> {
     masker: &'d Masker,
     api: Api,
     report: Report,
+    /// Rate limits and quotas read so far, settled once the whole document is read.
+    limits: Vec<limits::Limit>,
 }
 
 impl Cx<'_, '_> {

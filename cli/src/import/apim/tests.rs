@@ -483,7 +483,15 @@ fn the_clock_skew_is_stated_even_when_it_is_gateguards_default() {
     assert_eq!(jwt["clock_skew_seconds"], json!(60));
 }
 
-// ---- header rules ----
+// ---- rate limits, quotas and header rules ----
+
+const KEY_CHECK: &str = r#"<check-header name="Ocp-Apim-Subscription-Key" failed-check-httpcode="401" failed-check-error-message="no" ignore-case="false"><value>k-0123456789</value></check-header>"#;
+const HMAC_JWT: &str = r#"<validate-jwt header-name="Authorization" require-scheme="Bearer" output-token-variable-name="jwt">
+  <issuer-signing-keys><key>c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==</key></issuer-signing-keys>
+  <audiences><audience>a</audience></audiences><issuers><issuer>http://contoso.com/</issuer></issuers>
+</validate-jwt>"#;
+const SUBJECT: &str =
+    r#"@(context.Request.Headers.GetValueOrDefault("Authorization","").AsJwt()?.Subject)"#;
 
 /// The document of `body`, converted without a refusal.
 fn converts(body: &str) -> (Value, Report) {
@@ -498,6 +506,304 @@ fn refusal(body: &str, element: &str) -> String {
     let why = said(&report, Kind::NotConverted, element);
     assert!(!why.is_empty(), "{body}: {:?}", report.items);
     why
+}
+
+#[test]
+fn rate_limit_counts_per_subscription_key() {
+    // The limit before the key check it depends on: settled once the document is read.
+    let (policy, report) = converts(&format!(
+        r#"<rate-limit calls="20" renewal-period="90" remaining-calls-variable-name="left" />
+{KEY_CHECK}"#
+    ));
+    let api = &policy["apis"][0];
+    assert_eq!(
+        api["rate_limit"],
+        json!({"by": "subscription_key", "calls": 20, "renewal_period_seconds": 90})
+    );
+    assert!(api.get("quota").is_none());
+    assert_eq!(
+        said(&report, Kind::Converted, "rate-limit"),
+        "rate_limit (20 calls per 90 s by subscription_key)"
+    );
+    let notes = said(&report, Kind::Note, "rate-limit");
+    assert!(
+        notes.contains("only once the subscription key is valid"),
+        "{notes}"
+    );
+    assert!(notes.contains("where APIM's slides"), "{notes}");
+    assert!(
+        notes.contains("each gateway replica counts alone"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("remaining-calls-variable-name: a context variable"),
+        "{notes}"
+    );
+    // Per subscription, two listed keys may be one subscription's two: said.
+    assert!(!notes.contains("keys are listed"), "{notes}");
+    let two_keys = KEY_CHECK.replace("</value>", "</value><value>k-9876543210</value>");
+    let (_, report) = converts(&format!(
+        r#"{two_keys}<rate-limit calls="20" renewal-period="90" />"#
+    ));
+    assert!(said(&report, Kind::Note, "rate-limit").contains(
+        "2 keys are listed and gateguard counts each on its own, where APIM counts a \
+         subscription's primary and secondary keys together"
+    ));
+}
+
+#[test]
+fn quota_counts_per_subscription_key() {
+    let (policy, report) = converts(&format!(
+        r#"{KEY_CHECK}<quota calls="10000" renewal-period="604800" />"#
+    ));
+    assert_eq!(
+        policy["apis"][0]["quota"],
+        json!({"by": "subscription_key", "calls": 10000, "renewal_period_seconds": 604800})
+    );
+    assert!(said(&report, Kind::Note, "quota").contains("from the subscription's creation"));
+}
+
+#[test]
+fn a_limit_per_subscription_needs_the_key_check() {
+    for body in [
+        r#"<rate-limit calls="20" renewal-period="90" />"#,
+        r#"<quota calls="100" renewal-period="3600" />"#,
+        r#"<rate-limit-by-key calls="5" renewal-period="60" counter-key="@(context.Subscription.Id)" />"#,
+    ] {
+        let element = body[1..].split(' ').next().unwrap();
+        let why = refusal(
+            &format!("{body}\n<ip-filter action=\"allow\"><address>10.0.0.1</address></ip-filter>"),
+            element,
+        );
+        assert!(
+            why.starts_with(
+                "counted per subscription, and the converted policy checks no subscription key"
+            ),
+            "{why}"
+        );
+    }
+    // A key check that was itself refused does not count either.
+    let (_, report) = convert_str(
+        &inbound(
+            r#"<check-header name="Ocp-Apim-Subscription-Key">
+<value>@(context.Variables["k"])</value></check-header>
+<rate-limit calls="20" renewal-period="90" />"#,
+        ),
+        &[],
+    );
+    assert_eq!(refused(&report), ["check-header", "value", "rate-limit"]);
+}
+
+#[test]
+fn rate_limit_by_key_counts_by_client_ip_subscription_or_subject() {
+    let (policy, report) = converts(
+        r#"<rate-limit-by-key calls="3" renewal-period="60" counter-key="@(context.Request.IpAddress)" increment-count="1" />
+<quota-by-key calls="1000" renewal-period="86400" counter-key="@( context.Request.IpAddress )" first-period-start="2024-01-01T00:00:00Z" />"#,
+    );
+    let api = &policy["apis"][0];
+    assert_eq!(
+        api["rate_limit"],
+        json!({"by": "client_ip", "calls": 3, "renewal_period_seconds": 60})
+    );
+    assert_eq!(
+        api["quota"],
+        json!({"by": "client_ip", "calls": 1000, "renewal_period_seconds": 86400})
+    );
+    let notes = said(&report, Kind::Note, "rate-limit-by-key");
+    assert!(
+        notes.contains("before any credential, wherever the element stands"),
+        "{notes}"
+    );
+    assert!(notes.contains("an IPv6 client by its /64"), "{notes}");
+    assert!(notes.contains("each API counts on its own"), "{notes}");
+    assert!(said(&report, Kind::Note, "quota-by-key")
+        .contains("where APIM's run from first-period-start (2024-01-01T00:00:00Z)"));
+
+    let (policy, _) = converts(&format!(
+        r#"{KEY_CHECK}<rate-limit-by-key calls="10" renewal-period="60" counter-key="@(context.Subscription.Key)" />"#
+    ));
+    assert_eq!(
+        policy["apis"][0]["rate_limit"]["by"],
+        json!("subscription_key")
+    );
+
+    // The subject of the token in Authorization, or of the one validate-jwt left in its
+    // variable; the token's check may come after the limit.
+    for key in [SUBJECT, r#"@(((Jwt)context.Variables["jwt"]).Subject)"#] {
+        let key = key.replace('"', "&quot;");
+        let (policy, report) = converts(&format!(
+            r#"<quota-by-key calls="10000" renewal-period="2592000" counter-key="{key}" />
+{HMAC_JWT}"#
+        ));
+        assert_eq!(
+            policy["apis"][0]["quota"],
+            json!({"by": "subject", "calls": 10000, "renewal_period_seconds": 2592000})
+        );
+        assert!(said(&report, Kind::Note, "quota-by-key")
+            .contains("only once the token is valid, by its iss and sub"));
+    }
+}
+
+#[test]
+fn a_limit_per_subject_needs_the_token_check() {
+    let key = SUBJECT.replace('"', "&quot;");
+    let why = refusal(
+        &format!(
+            r#"<rate-limit-by-key calls="10" renewal-period="60" counter-key="{key}" />{KEY_CHECK}"#
+        ),
+        "rate-limit-by-key",
+    );
+    assert_eq!(
+        why,
+        "counted per token subject, and the converted policy has no <validate-jwt>: gateguard \
+         counts a subject only once its token is valid"
+    );
+}
+
+#[test]
+fn what_gateguard_does_not_count_is_refused() {
+    let ip = "counter-key=\"@(context.Request.IpAddress)\"";
+    for (body, element, want) in [
+        (
+            format!(r#"<rate-limit-by-key calls="10" renewal-period="60" {ip} increment-condition="@(context.Response.StatusCode == 200)" />"#),
+            "rate-limit-by-key",
+            "increment-condition: gateguard counts every request that reaches the limit, whatever its outcome",
+        ),
+        (
+            format!(r#"<rate-limit-by-key calls="10" renewal-period="60" {ip} increment-count="2" />"#),
+            "rate-limit-by-key",
+            "increment-count \"2\": gateguard counts one call per request",
+        ),
+        (
+            format!(r#"<quota-by-key calls="10" bandwidth="4000" renewal-period="3600" {ip} />"#),
+            "quota-by-key",
+            "bandwidth \"4000\": gateguard counts calls, not kilobytes",
+        ),
+        (
+            format!(r#"<quota-by-key bandwidth="4000" renewal-period="3600" {ip} />"#),
+            "quota-by-key",
+            "bandwidth \"4000\" (a bandwidth-only quota): gateguard counts calls, not kilobytes",
+        ),
+        (
+            format!(r#"<quota-by-key calls="10" renewal-period="0" {ip} />"#),
+            "quota-by-key",
+            "renewal-period 0 is a quota for the subscription's whole life: gateguard's periods are 1 second to 366 days",
+        ),
+        (
+            r#"<rate-limit-by-key calls="10" renewal-period="60" counter-key="@(context.Request.Headers.GetValueOrDefault(&quot;X-Client-Id&quot;,&quot;&quot;))" />"#.into(),
+            "rate-limit-by-key",
+            "counter-key \"@(context.Request.Headers.GetValueOrDefault(\\\"X-Client-Id\\\",\\\"\\\"))\": gateguard counts by subscription",
+        ),
+        (
+            r#"<rate-limit-by-key calls="10" renewal-period="60" />"#.into(),
+            "rate-limit-by-key",
+            "no counter-key",
+        ),
+        (
+            format!(r#"<rate-limit-by-key calls="@(int.Parse(&quot;10&quot;))" renewal-period="60" {ip} />"#),
+            "rate-limit-by-key",
+            "calls is a policy expression (gateguard does not evaluate expressions)",
+        ),
+        (
+            format!(r#"<rate-limit-by-key calls="ten" renewal-period="60" {ip} />"#),
+            "rate-limit-by-key",
+            "calls \"ten\" is not a whole number",
+        ),
+        (
+            format!(r#"<rate-limit-by-key calls="0" renewal-period="60" {ip} />"#),
+            "rate-limit-by-key",
+            "gateguard refuses it: rate_limit.calls: must be 1 to 1000000000",
+        ),
+        (
+            format!(r#"<rate-limit-by-key calls="10" renewal-period="60" {ip} retry-after-mode="x" />"#),
+            "rate-limit-by-key",
+            "unknown attribute retry-after-mode: what it changes would be lost",
+        ),
+        (
+            format!(r#"{KEY_CHECK}<rate-limit calls="100" renewal-period="60"><api name="orders" calls="10" renewal-period="60" /></rate-limit>"#),
+            "rate-limit",
+            "<api> on line 3: a limit for one API or operation of a product; gateguard limits the whole API",
+        ),
+        (
+            format!(r#"{KEY_CHECK}<quota calls="100" renewal-period="3600"><api name="orders" calls="10" /></quota>"#),
+            "quota",
+            "<api> on line 3: a limit for one API or operation of a product",
+        ),
+        // Two rate limits (or two quotas): gateguard has one of each.
+        (
+            format!(r#"{KEY_CHECK}<rate-limit calls="100" renewal-period="60" />
+<rate-limit-by-key calls="10" renewal-period="60" {ip} />"#),
+            "rate-limit-by-key",
+            "a second rate limit (the first is <rate-limit> on line 3): gateguard has one rate limit per API",
+        ),
+        (
+            format!(r#"<quota-by-key calls="10" renewal-period="3600" {ip} />
+<quota-by-key calls="10" renewal-period="3600" counter-key="@(context.Subscription.Id)" />{KEY_CHECK}"#),
+            "quota-by-key",
+            "a second quota (the first is <quota-by-key> on line 3): gateguard has one quota per API",
+        ),
+    ] {
+        let why = refusal(&body, element);
+        assert!(why.starts_with(want), "{body}\n{why}");
+    }
+    // Two rate-limit-by-key with different keys: the second is refused, the first converts.
+    let (_, report) = convert_str(
+        &inbound(&format!(
+            r#"<rate-limit-by-key calls="10" renewal-period="60" {ip} />
+<rate-limit-by-key calls="10" renewal-period="60" counter-key="{}" />{HMAC_JWT}"#,
+            SUBJECT.replace('"', "&quot;")
+        )),
+        &[],
+    );
+    assert_eq!(refused(&report), ["rate-limit-by-key"]);
+    assert_eq!(
+        report
+            .items
+            .iter()
+            .find(|i| i.kind == Kind::NotConverted)
+            .unwrap()
+            .line,
+        4
+    );
+}
+
+#[test]
+fn response_headers_apim_names_are_noted() {
+    let (_, report) = converts(
+        r#"<rate-limit-by-key calls="10" renewal-period="60" counter-key="@(context.Request.IpAddress)" retry-after-header-name="Retry-After" remaining-calls-header-name="X-RateLimit-Remaining" total-calls-header-name="X-Calls-Total" retry-after-variable-name="wait" />"#,
+    );
+    let notes = said(&report, Kind::Note, "rate-limit-by-key");
+    // The names gateguard sends anyway need no word.
+    assert!(!notes.contains("retry-after-header-name"), "{notes}");
+    assert!(!notes.contains("remaining-calls-header-name"), "{notes}");
+    assert!(notes.contains("total-calls-header-name \"X-Calls-Total\": gateguard does not send it; it sends the limit as x-ratelimit-limit"), "{notes}");
+    assert!(
+        notes.contains("retry-after-variable-name: a context variable"),
+        "{notes}"
+    );
+}
+
+#[test]
+fn limits_can_still_be_left_to_envoy() {
+    let xml = inbound(
+        r#"<rate-limit-by-key calls="10" renewal-period="60" counter-key="@(context.Request.Headers.GetValueOrDefault(&quot;X-Client&quot;,&quot;&quot;))" />
+<ip-filter action="allow"><address>10.0.0.1</address></ip-filter>"#,
+    );
+    let (policy, report) = convert_str(&xml, &["--skip", "rate-limit-by-key"]);
+    assert!(!report.skipped(), "{:?}", report.items);
+    assert!(policy["apis"][0].get("rate_limit").is_none());
+    let left = said(&report, Kind::LeftOut, "rate-limit-by-key");
+    assert!(
+        left.starts_with("--skip rate-limit-by-key: the limit is left to Envoy"),
+        "{left}"
+    );
+    // A single limit is a document of its own.
+    let (policy, report) = convert_str(
+        r#"<rate-limit-by-key calls="3" renewal-period="60" counter-key="@(context.Request.IpAddress)" />"#,
+        &[],
+    );
+    assert!(!report.skipped(), "{:?}", report.items);
+    assert_eq!(policy["apis"][0]["rate_limit"]["calls"], json!(3));
 }
 
 /// The compiled header rules of a converted policy.
