@@ -49,10 +49,14 @@ CONVERTS = {
     "check-header.xml": [],
     "client-cert.xml": [],
     "client-cert-rotation.xml": ["--no-revocation-check"],
-    "full-api.xml": ["--skip", "base", "--skip", "rate-limit"],
+    "full-api.xml": ["--skip", "base"],
     "named-values.xml": ["--named-values", APIM / "named-values.json", "--skip", "base"],
     "snippet.xml": [],
     "fragment.xml": [],
+    "check-header-rules.xml": [],
+    "rate-limit-by-ip.xml": [],
+    "rate-limit-subscription.xml": [],
+    "rate-limit-by-subject.xml": [],
 }
 
 # Each refused document: the elements reported as not converted, as "line:element".
@@ -63,8 +67,11 @@ REFUSED_AT = {
     "claim-presence-and-whole-string.xml": ["5:validate-jwt", "11:claim", "12:claim"],
     "client-cert-identity-subject.xml": ["5:validate-client-certificate"],
     "client-cert-revocation.xml": ["4:validate-client-certificate"],
-    "inbound-extras.xml": ["5:base", "6:rate-limit-by-key", "7:set-header", "8:validate-jwt", "14:include-fragment"],
+    "inbound-extras.xml": ["5:base", "7:set-header", "8:validate-jwt", "14:include-fragment"],
     "named-value-jwt.xml": ["5:validate-jwt"],
+    "rate-limit-by-client-header.xml": ["6:rate-limit-by-key"],
+    "rate-limit-conditions.xml": ["8:rate-limit-by-key", "9:quota-by-key"],
+    "rate-limit-without-key.xml": ["12:rate-limit", "13:rate-limit-by-key"],
     "snippet-in-choose.xml": ["2:choose"],
     "subscription-key-named-value.xml": ["5:check-header"],
     "terraform-template.xml": ["5:ip-filter", "8:validate-jwt"],
@@ -77,7 +84,7 @@ REFUSED_WITHOUT_FLAGS = {
     "validate-jwt-keys.xml": ["5:validate-jwt"],
     "validate-jwt-domain-tenant.xml": ["5:validate-jwt"],
     "client-cert-rotation.xml": ["5:choose"],
-    "full-api.xml": ["5:base", "46:rate-limit"],
+    "full-api.xml": ["5:base"],
     "named-values.xml": ["6:base", "7:ip-filter", "10:check-header", "13:validate-jwt"],
 }
 
@@ -423,6 +430,70 @@ def test_full_api_policy_with_its_losses_accepted(tmp_path):
     assert SUBSCRIPTION_KEYS[2] not in out.read_text()
 
 
+def test_rate_limits_and_quotas_convert_by_subscription_ip_or_subject():
+    r = import_apim("full-api.xml", "--skip", "base")
+    assert r.returncode == 0, r.stderr
+    assert api_of(r)["rate_limit"] == {"by": "subscription_key", "calls": 20, "renewal_period_seconds": 90}
+    assert "full-api.xml:46: converted: <rate-limit>: rate_limit (20 calls per 90 s by subscription_key)" in r.stderr
+    r = import_apim("rate-limit-subscription.xml")
+    assert r.returncode == 0, r.stderr
+    api = api_of(r)
+    assert api["subscription_key"]["keys_sha256"] == [sha256(SUBSCRIPTION_KEYS[4])]
+    assert api["rate_limit"] == {"by": "subscription_key", "calls": 100, "renewal_period_seconds": 60}
+    assert api["quota"] == {"by": "subscription_key", "calls": 50000, "renewal_period_seconds": 604800}
+    r = import_apim("rate-limit-by-ip.xml")
+    assert r.returncode == 0, r.stderr
+    assert api_of(r)["rate_limit"] == {"by": "client_ip", "calls": 3, "renewal_period_seconds": 60}
+    assert api_of(r)["quota"] == {"by": "client_ip", "calls": 10000, "renewal_period_seconds": 86400}
+    # The expression as the portal editor shows it (quotes unescaped); the token checked after it.
+    r = import_apim("rate-limit-by-subject.xml")
+    assert r.returncode == 0, r.stderr
+    assert api_of(r)["rate_limit"] == {"by": "subject", "calls": 10, "renewal_period_seconds": 60}
+    assert api_of(r)["quota"] == {"by": "subject", "calls": 20000, "renewal_period_seconds": 2592000}
+    # How the counting differs is said, never left to be found out.
+    assert "rate-limit-by-subject.xml:6: note: <rate-limit-by-key>: counted as gateguard counts: only once the token is valid" in r.stderr
+    assert "each gateway replica counts alone" in r.stderr
+
+
+@pytest.mark.parametrize("name, reasons", [
+    ("rate-limit-conditions.xml", [
+        ":8: NOT CONVERTED: <rate-limit-by-key>: increment-condition: gateguard counts every request",
+        ':9: NOT CONVERTED: <quota-by-key>: bandwidth "40000": gateguard counts calls, not kilobytes',
+    ]),
+    ("rate-limit-by-client-header.xml", [
+        ':6: NOT CONVERTED: <rate-limit-by-key>: counter-key "@(context.Request.Headers.GetValueOrDefault(\\"X-Client-Id\\",\\"\\"))": gateguard counts by subscription',
+    ]),
+    ("rate-limit-without-key.xml", [
+        ":12: NOT CONVERTED: <rate-limit>: counted per subscription, and the converted policy checks no subscription key",
+        ":13: NOT CONVERTED: <rate-limit-by-key>: a second rate limit (the first is <rate-limit> on line 12): gateguard has one rate limit per API",
+    ]),
+])
+def test_a_limit_gateguard_would_count_otherwise_is_refused_with_its_reason(name, reasons):
+    r = run("import-apim", REFUSED / name)
+    assert r.returncode == 3 and r.stdout == ""
+    for reason in reasons:
+        assert reason in r.stderr, r.stderr
+
+
+def test_a_limit_can_still_be_left_to_envoy():
+    r = run("import-apim", REFUSED / "rate-limit-conditions.xml", "--skip", "rate-limit-by-key", "--skip", "quota-by-key")
+    assert r.returncode == 0, r.stderr
+    assert "rate_limit" not in api_of(r) and "quota" not in api_of(r)
+    assert ":8: left out: <rate-limit-by-key>: --skip rate-limit-by-key: the limit is left to Envoy" in r.stderr
+
+
+def test_check_header_on_other_headers_becomes_header_rules():
+    r = import_apim("check-header-rules.xml")
+    assert r.returncode == 0, r.stderr
+    assert api_of(r)["headers"] == {
+        "required": ["X-Api-Version", "Accept", "X-Correlation-Id"],
+        "patterns": {"Accept": "(?i)application/json", "X-Api-Version": "2024\\-06\\-01|2025\\-01\\-01"},
+    }
+    # gateguard answers 400 with its own message: said, as for validate-jwt.
+    assert "check-header-rules.xml:9: note: <check-header>: failed-check-httpcode 406: gateguard answers 400" in r.stderr
+    assert 'gateguard answers with its own messages, "Bad request: header x-api-version is missing"' in r.stderr
+
+
 def test_named_values_fill_in_and_never_show(tmp_path):
     out = tmp_path / "named.json"
     r = import_apim("named-values.xml", "--out", out, "--named-values", APIM / "named-values.json", "--skip", "base")
@@ -547,9 +618,11 @@ ISSUER, AUDIENCE = "https://partner-auth.example.com", "https://api.example.com/
 
 @pytest.fixture(scope="module")
 def gw(request, tmp_path_factory, echo_upstream):
-    """The HMAC-only fixture and the subscription-key fixture, converted and loaded as is."""
+    """The HMAC-only fixture, the subscription-key fixture and the rate limit by client IP,
+    converted and loaded as is."""
     apis = []
-    for name, prefix in [("validate-jwt-hmac.xml", "/hmac"), ("check-header.xml", "/keyed")]:
+    for name, prefix in [("validate-jwt-hmac.xml", "/hmac"), ("check-header.xml", "/keyed"),
+                         ("rate-limit-by-ip.xml", "/limited")]:
         r = run("import-apim", APIM / name, "--name", prefix.strip("/"), "--path-prefix", prefix)
         assert r.returncode == 0, r.stderr
         apis += json.loads(r.stdout)["apis"]
@@ -585,3 +658,19 @@ def test_imported_subscription_key_policy_admits_only_the_apim_keys(gw):
     assert get(gw, "/keyed/x", {"ocp-apim-subscription-key": "wrong"}).status == 401
     for key in SUBSCRIPTION_KEYS[:2]:
         assert get(gw, "/keyed/x", {"ocp-apim-subscription-key": key}).status == 200
+
+
+def test_imported_rate_limit_by_ip_refuses_the_fourth_call_as_apim_does(gw):
+    # <rate-limit-by-key calls="3" renewal-period="60" counter-key="@(context.Request.IpAddress)" />
+    for left in (2, 1, 0):
+        r = get(gw, "/limited/x")
+        assert r.status == 200, r.body
+        assert r.headers["x-ratelimit-remaining"] == str(left)
+    r = get(gw, "/limited/x")
+    assert r.status == 429
+    body = json.loads(r.body)
+    wait = int(r.headers["retry-after"])
+    assert 0 < wait <= 60
+    assert body == {"statusCode": 429, "message": f"Rate limit is exceeded. Try again in {wait} seconds."}
+    # Another client IP has calls of its own.
+    assert request(gw.port, "GET", "/limited/x", source="127.0.0.2").status == 200

@@ -63,9 +63,11 @@ enum Command {
     /// Fails closed: it never writes a policy less strict than its input. Converts <cors>,
     /// <ip-filter> (address ranges become CIDRs), <validate-jwt> (openid-config, n/e keys, an
     /// HMAC key (HS256, with or without RSA keys), audiences, issuers, required-claims),
-    /// <check-header> on Ocp-Apim-Subscription-Key (keys stored as SHA-256), the
-    /// client-certificate <choose> pattern, <validate-client-certificate> and request
-    /// <set-header> (a {{named value}} header becomes an environment variable). Named values
+    /// <check-header> on Ocp-Apim-Subscription-Key (keys stored as SHA-256) and on any other
+    /// header (a header rule), the client-certificate <choose> pattern,
+    /// <validate-client-certificate>, request <set-header> (a {{named value}} header becomes an
+    /// environment variable), and <rate-limit>, <rate-limit-by-key>, <quota> and <quota-by-key>
+    /// counted by subscription, client IP or token subject. Named values
     /// and ${placeholders} elsewhere are filled in from --named-values. Lists every element on
     /// standard error as converted, left out or not converted, with its line. Exit 0 when the
     /// policy was written; 3 when an element could not be converted exactly (an unknown inbound

@@ -5,7 +5,7 @@ use roxmltree::Node;
 
 use super::named_values;
 use super::xml::{elements, is_env_header_value};
-use super::{Cx, CONVERTED};
+use super::{Cx, CONVERTED, LIMITS};
 
 /// The children each converted policy may have; anything else could be a check the
 /// conversion would drop.
@@ -29,6 +29,8 @@ fn known_children(policy: &str) -> &'static [&'static str] {
         "check-header" | "set-header" => &["value"],
         "choose" => &["when", "otherwise"],
         "validate-client-certificate" => &["identities"],
+        // Refused by the limit's converter, with the reason.
+        "rate-limit" | "quota" => &["api", "operation"],
         _ => &[],
     }
 }
@@ -53,7 +55,8 @@ fn neutral(policy: &str) -> Option<&'static str> {
     })
 }
 
-/// Why an inbound policy gateguard does not convert matters.
+/// Why an inbound policy gateguard does not convert matters; for a limit, which gateguard
+/// converts, what leaving it out with `--skip` asks of Envoy.
 fn unconverted_reason(policy: &str) -> &'static str {
     match policy {
         "base" => {
@@ -62,9 +65,8 @@ fn unconverted_reason(policy: &str) -> &'static str {
              nothing gateguard must"
         }
         "rate-limit" | "rate-limit-by-key" | "quota" | "quota-by-key" => {
-            "rate limits and quotas are not part of this conversion: configure Envoy's \
-             local_ratelimit filter (or ratelimit for a shared limit), then pass --skip with \
-             this element's name"
+            "the limit is left to Envoy: configure its local_ratelimit filter (or ratelimit for \
+             a limit shared by the gateway's replicas)"
         }
         "validate-azure-ad-token" => {
             "write it as <validate-jwt> with <openid-config \
@@ -89,7 +91,8 @@ impl Cx<'_, '_> {
     /// Converts one inbound policy, or reports why it is not converted.
     pub(super) fn inbound(&mut self, node: Node) {
         let e = self.el(node);
-        if !CONVERTED.contains(&e.name.as_str()) {
+        let skipped_limit = LIMITS.contains(&e.name.as_str()) && self.args.skip.contains(&e.name);
+        if !CONVERTED.contains(&e.name.as_str()) || skipped_limit {
             if let Some(reason) = neutral(&e.name) {
                 return self.report.left_out(&e, reason);
             }
@@ -112,7 +115,8 @@ impl Cx<'_, '_> {
             "check-header" => self.check_header(node, &e),
             "choose" => self.choose(node, &e),
             "validate-client-certificate" => self.validate_client_certificate(node, &e),
-            _ => self.set_header(node, &e),
+            "set-header" => self.set_header(node, &e),
+            _ => self.limit(node, &e),
         }
         self.report.refuse_if_a_part_was(&e, before);
     }

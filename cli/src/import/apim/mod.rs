@@ -2,24 +2,30 @@
 //! portal's code editor or an export shows it, a `<fragment>`, or a bare snippet of inbound
 //! policies) turned into a gateguard policy with one API.
 //!
-//! Fail closed: the importer never writes a policy less strict than its input. Converted:
-//! `<cors>`, `<ip-filter>`, `<validate-jwt>`, `<check-header>` on the subscription-key header,
-//! the client-certificate `<choose>` pattern and `<validate-client-certificate>`, and
-//! `<set-header>` on the request. Any other `<inbound>` policy, any of those it cannot express
-//! exactly, and any `{{named value}}` or `${placeholder}` without a value make the command
-//! write nothing and exit 3, listing each with its line and why. A few inbound policies that
-//! decide nothing about admission (logging, the backend's address) and everything outside
-//! `<inbound>` are listed as left out. Policy expressions (`@(...)`) are never evaluated: the
-//! certificate condition is recognised by its shape. Secrets never reach a message: subscription
-//! keys are hashed, HMAC keys and named-value headers become `{"env": ...}` references, and the
-//! values `--named-values` fills in are masked. Each element converts in a module of its own
-//! into the filter's raw config type, kept only once the filter's compiler accepts it.
+//! Fail closed: the importer never writes a policy less strict than its input (but for how a
+//! limit counts, which each limit's note states: docs/operations.md). Converted: `<cors>`,
+//! `<ip-filter>`, `<validate-jwt>`, `<check-header>` (on the subscription-key header, and as a
+//! header rule on any other), the client-certificate `<choose>` pattern and
+//! `<validate-client-certificate>`, `<set-header>` on the request, and `<rate-limit>`,
+//! `<rate-limit-by-key>`, `<quota>` and `<quota-by-key>` counted by subscription, client IP or
+//! token subject. Any other `<inbound>` policy, any of those it cannot express exactly, and any
+//! `{{named value}}` or `${placeholder}` without a value make the command write nothing and
+//! exit 3, listing each with its line and why. A few inbound policies that decide nothing about
+//! admission (logging, the backend's address) and everything outside `<inbound>` are listed as
+//! left out. Policy expressions (`@(...)`) are never evaluated: the certificate condition and a
+//! limit's counter-key are recognised by their shape. Secrets never reach a message:
+//! subscription keys are hashed, HMAC keys and named-value headers become `{"env": ...}`
+//! references, and the values `--named-values` fills in are masked. Each element converts in a
+//! module of its own into the filter's raw config type, kept only once the filter's compiler
+//! accepts it.
 
 mod client_cert;
 mod cors;
+mod header_rules;
 mod inbound;
 mod ip_filter;
 mod jwt;
+mod limits;
 mod named_values;
 mod report;
 mod set_header;
@@ -36,8 +42,10 @@ use std::process::ExitCode;
 use gateguard_core::client_cert::ClientCertConfig;
 use gateguard_core::config::ApiConfig;
 use gateguard_core::cors::CorsConfig;
+use gateguard_core::header_rules::HeaderRulesConfig;
 use gateguard_core::ip_filter::IpFilterConfig;
 use gateguard_core::jwt::JwtConfig;
+use gateguard_core::rate_limit::CallLimitConfig;
 use gateguard_core::subscription_key::SubscriptionKeyConfig;
 use gateguard_core::value::ValueSource;
 use gateguard_core::ConfigError;
@@ -49,8 +57,9 @@ use named_values::{Masker, NamedValues};
 use report::{El, Report};
 use xml::elements;
 
-/// The inbound policies this command converts; `--skip` cannot leave them out.
-const CONVERTED: [&str; 7] = [
+/// The inbound policies this command converts; `--skip` cannot leave them out, except the
+/// [`LIMITS`].
+const CONVERTED: [&str; 11] = [
     "cors",
     "ip-filter",
     "validate-jwt",
@@ -58,7 +67,16 @@ const CONVERTED: [&str; 7] = [
     "choose",
     "validate-client-certificate",
     "set-header",
+    "rate-limit",
+    "rate-limit-by-key",
+    "quota",
+    "quota-by-key",
 ];
+
+/// Rate limits and quotas: converted, but `--skip` may still leave them out, for Envoy's own
+/// rate limiting to enforce (a limit shared by several gateway replicas, where gateguard's
+/// counters are each replica's own).
+const LIMITS: [&str; 4] = ["rate-limit", "rate-limit-by-key", "quota", "quota-by-key"];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -96,8 +114,9 @@ pub struct Args {
     named_values: Option<PathBuf>,
     /// Leave out every inbound `<ELEMENT>` gateguard does not convert, accepting that the
     /// policy does not enforce it: `--skip base` when the enclosing scopes (product, global)
-    /// hold no security policy, `--skip rate-limit` when Envoy limits the rate. Repeatable; not
-    /// for the elements gateguard converts.
+    /// hold no security policy. Also leaves out rate limits and quotas, which gateguard converts,
+    /// when Envoy limits the rate instead (`--skip rate-limit`: across replicas, say).
+    /// Repeatable; not for the other elements gateguard converts.
     #[arg(long, value_name = "ELEMENT")]
     skip: Vec<String>,
     /// Accept that gateguard does not check certificate revocation (APIM's
@@ -115,7 +134,9 @@ pub fn run(args: &Args) -> ExitCode {
 /// either way.
 fn import(args: &Args) -> Result<(), Failure> {
     let input = &args.input;
-    if let Some(name) = args.skip.iter().find(|s| CONVERTED.contains(&s.as_str())) {
+    let unskippable =
+        |s: &&String| CONVERTED.contains(&s.as_str()) && !LIMITS.contains(&s.as_str());
+    if let Some(name) = args.skip.iter().find(unskippable) {
         return Err(
             format!("--skip {name}: gateguard converts <{name}>; it cannot be left out").into(),
         );
@@ -133,7 +154,7 @@ fn import(args: &Args) -> Result<(), Failure> {
     }
     let policy = render(&api, args)?;
     let mask = |text: &str| masker.mask(text);
-    import::compile_and_write(&policy, args.out.as_ref(), api.literal_headers, &mask)?;
+    import::compile_and_write(&policy, args.out.as_ref(), api.may_hold_secret, &mask)?;
     report.print(&masker, input, Some(&import::target(args.out.as_ref())));
     Ok(())
 }
@@ -170,8 +191,12 @@ struct Api {
     subscription_key: Option<SubscriptionKeyConfig>,
     jwt: Option<JwtConfig>,
     inject_headers: BTreeMap<String, ValueSource>,
-    /// A `{"value": ...}` header was written: the file may hold a secret.
-    literal_headers: bool,
+    headers: Option<HeaderRulesConfig>,
+    rate_limit: Option<CallLimitConfig>,
+    quota: Option<CallLimitConfig>,
+    /// A `{"value": ...}` header, or a header pattern that may be a secret (a named value's, a
+    /// fixed Authorization value), was written: the file may hold a secret.
+    may_hold_secret: bool,
 }
 
 impl Api {
@@ -183,6 +208,9 @@ impl Api {
             || self.client_certificate.is_some()
             || self.subscription_key.is_some()
             || self.jwt.is_some()
+            || self.headers.is_some()
+            || self.rate_limit.is_some()
+            || self.quota.is_some()
     }
 
     fn config(&self, args: &Args) -> ApiConfig {
@@ -201,6 +229,9 @@ impl Api {
             jwt: self.jwt.clone(),
             replay: None,
             inject_headers: self.inject_headers.clone(),
+            headers: self.headers.clone(),
+            rate_limit: self.rate_limit.clone(),
+            quota: self.quota.clone(),
             ..ApiConfig::default()
         }
     }
@@ -246,18 +277,25 @@ fn convert_text(
             "not well-formed XML once named values are filled in: {e}"
         ))
     })?;
-    let (api, report) = convert(&doc, args, named)?;
+    let (api, report) = convert(&doc, args, named, &masker)?;
     Ok((api, report, masker))
 }
 
-fn convert(doc: &Document, args: &Args, named: &NamedValues) -> Result<(Api, Report), String> {
+fn convert(
+    doc: &Document,
+    args: &Args,
+    named: &NamedValues,
+    masker: &Masker,
+) -> Result<(Api, Report), String> {
     let root = doc.root_element();
     let mut cx = Cx {
         doc,
         args,
         named,
+        masker,
         api: Api::default(),
         report: Report::default(),
+        limits: Vec::new(),
     };
     let name = root.tag_name().name();
     match name {
@@ -294,6 +332,8 @@ fn convert(doc: &Document, args: &Args, named: &NamedValues) -> Result<(Api, Rep
             ))
         }
     }
+    // A limit counted by a credential needs that credential's check, wherever it stands.
+    cx.settle_limits();
     Ok((cx.api, cx.report))
 }
 
@@ -302,8 +342,12 @@ struct Cx<'d, 'i> {
     doc: &'d Document<'i>,
     args: &'d Args,
     named: &'d NamedValues,
+    /// The values filled in from `--named-values`, to tell what came from one.
+    masker: &'d Masker,
     api: Api,
     report: Report,
+    /// Rate limits and quotas read so far, settled once the whole document is read.
+    limits: Vec<limits::Limit>,
 }
 
 impl Cx<'_, '_> {

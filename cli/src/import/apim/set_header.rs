@@ -83,7 +83,7 @@ impl Cx<'_, '_> {
                     e,
                     format!("{name}'s value is written into the policy; if it is a secret, use {{\"env\": ...}} instead"),
                 );
-                self.api.literal_headers = true;
+                self.api.may_hold_secret = true;
             }
         }
         self.api.inject_headers.insert(key, source);

@@ -1,5 +1,6 @@
 //! `<check-header>` on `Ocp-Apim-Subscription-Key`: the accepted keys become
-//! `subscription_key`, stored as SHA-256.
+//! `subscription_key`, stored as SHA-256. On any other header it is a header rule
+//! (`header_rules`).
 
 use gateguard_core::subscription_key::{hash_key, SubscriptionKeyConfig, SubscriptionKeyPolicy};
 use roxmltree::Node;
@@ -14,14 +15,7 @@ impl Cx<'_, '_> {
     pub(super) fn check_header(&mut self, node: Node, e: &El) {
         let name = node.attribute("name").unwrap_or("").trim().to_string();
         if !name.eq_ignore_ascii_case(SUBSCRIPTION_HEADER) {
-            return self.report.skip(
-                e,
-                format!(
-                    "check-header on {name:?}: only {SUBSCRIPTION_HEADER} converts (to \
-                     subscription_key); for another fixed-value header, a subscription_key with \
-                     \"header\": {name:?} is close, but it removes the header upstream"
-                ),
-            );
+            return self.header_rule(node, e, name);
         }
         if self.api.subscription_key.is_some() {
             return self.report.skip(
