@@ -10,6 +10,7 @@ use std::rc::Rc;
 use gateguard_core::jwt::{cache, KeySet};
 use gateguard_core::memo::{ReplayMemo, TokenMemo};
 use gateguard_core::pipeline::{Event, Host};
+use gateguard_core::rate_limit::store::{counter_secret, random_secret};
 use gateguard_core::replay::etcd::Session;
 use gateguard_core::replay::Verdict;
 use gateguard_core::shared_data::SharedStore;
@@ -47,6 +48,8 @@ pub struct ConfiguredGateway {
     replay_memo: ReplayMemo,
     keys: RefCell<Vec<Option<Rc<KeySet>>>>,
     kid_requests: RefCell<Vec<bool>>,
+    /// The key of rate-limit counter ids, shared by every worker through shared data.
+    limit_secret: [u8; 32],
 }
 
 impl ConfiguredGateway {
@@ -58,7 +61,13 @@ impl ConfiguredGateway {
         etcd: Session,
     ) -> Self {
         let n = keys.len();
+        let limit_secret = if policy.apis.iter().any(|a| !a.call_limits.is_empty()) {
+            limit_secret()
+        } else {
+            [0; 32]
+        };
         Self {
+            limit_secret,
             reads_peer_certificate: policy.reads_peer_certificate(),
             reads_peer_address: policy.reads_peer_address(),
             reads_dynamic_metadata: policy.reads_dynamic_metadata(),
@@ -105,7 +114,31 @@ impl ConfiguredGateway {
     }
 }
 
+/// The counter secret every worker shares: created by the first, read by the others. Should
+/// shared data fail, this worker keys its counters alone (a store that fails refuses every
+/// count anyway: fail closed), and says so.
+fn limit_secret() -> [u8; 32] {
+    let fresh = random_secret().unwrap_or_else(|| {
+        host::log(
+            LogLevel::Error,
+            "gateguard: no random bytes from the host for the rate-limit counter secret",
+        );
+        [0; 32]
+    });
+    counter_secret(&HostStore, fresh).unwrap_or_else(|| {
+        host::log(
+            LogLevel::Error,
+            "gateguard: the rate-limit counter secret could not be shared through shared data",
+        );
+        fresh
+    })
+}
+
 impl Host for ConfiguredGateway {
+    fn limit_secret(&self) -> [u8; 32] {
+        self.limit_secret
+    }
+
     fn jwt_keys(&self, slot: usize) -> Option<Rc<KeySet>> {
         self.keys.borrow().get(slot).cloned().flatten()
     }

@@ -319,6 +319,8 @@ def gateways(pki, apps, sds_path):
         "wrongname": (upstream_policy(pki, sni="contoso-fn.other.test", client_certificate=by_files), apps["mtls"]),
         "min12": (upstream_policy(pki), apps["tls12"]),
         "min13": (upstream_policy(pki, min_version="1.3"), apps["tls12"]),
+        # An upstream that speaks TLS 1.3: a 1.3 minimum must connect, over 1.3.
+        "min13ok": (upstream_policy(pki, min_version="1.3", client_certificate=by_files), apps["mtls"]),
     }
 
 
@@ -426,3 +428,16 @@ def test_upstream_min_version_holds(gw):
     assert call(gw, "min13").status == 503
     assert gw.counter("cluster.min13_app.ssl.connection_error") > before
     assert gw.counter("cluster.min13_app.ssl.handshake") == 0
+
+
+def test_upstream_min_version_1_3_connects_over_tls_1_3(gw):
+    # Envoy's client side stops at TLS 1.2 unless render sets the maximum too.
+    r = call(gw, "min13ok")
+    assert r.status == 200, r
+    assert r.json()["tls_version"] == "TLSv1.3"
+
+
+def test_upstream_tls_1_2_is_still_negotiated_up_to_1_3_when_the_app_offers_it(gw):
+    r = call(gw, "files")
+    assert r.status == 200, r
+    assert r.json()["tls_version"] == "TLSv1.3"

@@ -519,7 +519,12 @@ fn jwks_tls(sni: &str) -> Value {
 /// gateway's client certificate from files or from a file-based SDS secret.
 fn function_app_tls(tls: &UpstreamTls) -> Value {
     let mut context = json!({
-        "tls_params": { "tls_minimum_protocol_version": tls.min_version.envoy_name() },
+        // Envoy's client side stops at TLS 1.2 unless told otherwise: without the maximum, a
+        // 1.3 minimum could never connect, and the function app would never get TLS 1.3.
+        "tls_params": {
+            "tls_minimum_protocol_version": tls.min_version.envoy_name(),
+            "tls_maximum_protocol_version": "TLSv1_3"
+        },
         "validation_context": {
             "trusted_ca": { "filename": tls.ca_file },
             // An exact DNS matcher also accepts a wildcard certificate that covers the name

@@ -50,9 +50,12 @@ fn names(rule: &str, header: &str) -> bool {
     same_header_name(rule, header) || (rule == "host" && header == ":authority")
 }
 
-/// Longest pattern accepted: with the value bounded by Envoy's header limit, matching stays in
-/// microseconds.
+/// Longest pattern accepted.
 pub const MAX_PATTERN_LEN: usize = 1024;
+/// Longest value matched against a pattern; a longer one is invalid without being matched. The
+/// engine is linear in the value, but its constant is large in Envoy's V8 (a 60 KB value took
+/// 13-19 ms with simple patterns): this bounds the cost an unauthenticated request can cause.
+pub const MAX_PATTERN_VALUE_BYTES: usize = 4096;
 /// What the compiled program of one pattern may take (regex-lite's `size_limit`).
 const PATTERN_SIZE_LIMIT: usize = 64 * 1024;
 const PATTERN_NEST_LIMIT: u32 = 32;
@@ -173,16 +176,24 @@ impl HeaderRules {
                     ),
                 ));
             }
-            let regex = RegexBuilder::new(&format!("^(?:{pattern})$"))
+            // Compiled alone first: `a)|(?:.*` would otherwise close the anchoring group early
+            // and match anything.
+            let alone = RegexBuilder::new(pattern)
                 .size_limit(PATTERN_SIZE_LIMIT)
                 .nest_limit(PATTERN_NEST_LIMIT)
-                .build()
-                .map_err(|e| {
-                    ConfigError::new(
-                        &field,
-                        format!("pattern does not compile: {}", one_line(&e.to_string())),
-                    )
-                })?;
+                .build();
+            let regex = alone.and_then(|_| {
+                RegexBuilder::new(&format!("^(?:{pattern})$"))
+                    .size_limit(PATTERN_SIZE_LIMIT)
+                    .nest_limit(PATTERN_NEST_LIMIT)
+                    .build()
+            });
+            let regex = regex.map_err(|e| {
+                ConfigError::new(
+                    &field,
+                    format!("pattern does not compile: {}", one_line(&e.to_string())),
+                )
+            })?;
             patterns.push((n, regex));
         }
         Ok(Self {
@@ -195,7 +206,10 @@ impl HeaderRules {
     /// Required first, then forbidden, then patterns, each in the policy's order.
     pub fn check(&self, headers: &[(String, String)]) -> Result<(), HeaderError> {
         for name in &self.required {
-            let present = |k: &String| k.eq_ignore_ascii_case(name) || names(name, k);
+            // The name itself: a backend that does not fold `_` into `-` would not see
+            // `x_correlation_id` as the required header.
+            let present =
+                |k: &String| k.eq_ignore_ascii_case(name) || (name == "host" && k == ":authority");
             if !headers.iter().any(|(k, _)| present(k)) {
                 return Err(HeaderError::Missing(name.clone()));
             }
@@ -216,7 +230,10 @@ impl HeaderRules {
             let Some(value) = values.next() else {
                 continue;
             };
-            if values.next().is_some() || !regex.is_match(value) {
+            if values.next().is_some()
+                || value.len() > MAX_PATTERN_VALUE_BYTES
+                || !regex.is_match(value)
+            {
                 return Err(HeaderError::Invalid(name.clone()));
             }
         }
@@ -349,6 +366,29 @@ mod tests {
             let err = rules(serde_json::json!({"forbidden": [name]})).unwrap_err();
             assert!(err.reason.contains("Envoy sets"), "{name}: {}", err.reason);
         }
+    }
+
+    #[test]
+    fn a_pattern_cannot_escape_its_anchors_and_long_values_are_not_matched() {
+        let err =
+            rules(serde_json::json!({"patterns": {"x-tenant": "contoso)|(?:.*"}})).unwrap_err();
+        assert!(err.reason.contains("does not compile"), "{}", err.reason);
+        let r = rules(serde_json::json!({"patterns": {"x-a": "a*"}})).unwrap();
+        let at_limit = "a".repeat(MAX_PATTERN_VALUE_BYTES);
+        assert_eq!(r.check(&headers(&[("x-a", &at_limit)])), Ok(()));
+        let over = "a".repeat(MAX_PATTERN_VALUE_BYTES + 1);
+        assert!(r.check(&headers(&[("x-a", &over)])).is_err());
+    }
+
+    #[test]
+    fn a_required_header_must_come_under_its_own_name() {
+        let r = example();
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        assert_eq!(
+            r.check(&headers(&[("x_correlation_id", id)])),
+            Err(HeaderError::Missing("x-correlation-id".into()))
+        );
+        assert_eq!(r.check(&headers(&[("X-Correlation-ID", id)])), Ok(()));
     }
 
     #[test]

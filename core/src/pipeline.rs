@@ -80,6 +80,11 @@ pub trait Host {
     fn counter_store(&self) -> &dyn SharedStore {
         self.replay_store()
     }
+    /// The secret counter ids are keyed with, the same in every worker
+    /// ([`crate::rate_limit::store::counter_secret`]).
+    fn limit_secret(&self) -> [u8; 32] {
+        [0; 32]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,12 +383,15 @@ impl Checks<'_, '_> {
         let Some(methods) = &self.api.methods else {
             return Ok(());
         };
-        methods
-            .admits(&self.req.effective_methods(self.path.query))
-            .map_err(|why| Refusal::Method {
-                why,
-                allow: methods.allow_header().to_string(),
-            })
+        let mut effective = self.req.effective_methods(self.path.query);
+        if self.req.method.eq_ignore_ascii_case("HEAD") && effective.len() > 1 {
+            // The GET a HEAD is served as is not an override: HEAD is its own listed method.
+            effective.remove(1);
+        }
+        methods.admits(&effective).map_err(|why| Refusal::Method {
+            why,
+            allow: methods.allow_header().to_string(),
+        })
     }
 
     /// Limits: header sizes and `Content-Length` now; the body as it streams (the adapter
@@ -447,7 +455,7 @@ impl Checks<'_, '_> {
             };
             calls.push(CallCount {
                 limit: *limit,
-                id: limit.counter_id(&self.api.name, &caller),
+                id: limit.counter_id(&self.host.limit_secret(), &self.api.name, &caller),
             });
         }
         Ok(calls)

@@ -110,10 +110,13 @@ impl CallLimit {
     }
 
     /// The counter of `caller` for this limit on API `api`: 16 bytes of a SHA-256 that binds
-    /// the API, the kind of limit and what it is keyed by, so no two limits share a counter.
-    pub fn counter_id(&self, api: &str, caller: &Caller<'_>) -> CounterId {
+    /// the API, the kind of limit and what it is keyed by, so no two limits share a counter,
+    /// keyed with the gateway's `secret` ([`store::counter_secret`]), so nobody outside can tell
+    /// which callers share a bucket.
+    pub fn counter_id(&self, secret: &[u8; 32], api: &str, caller: &Caller<'_>) -> CounterId {
         let mut h = Sha256::new();
         h.update(b"gateguard-call-limit\0");
+        h.update(secret);
         h.update(api.as_bytes());
         h.update([0]);
         h.update(self.kind.tag().as_bytes());

@@ -1,5 +1,6 @@
 //! Call counters in Envoy shared data. A counter hashes to one of a fixed number of bucket keys;
-//! a bucket holds up to [`SLOTS`] counters, each `(id, window end, count)`. Counting a call is
+//! a bucket holds up to [`SLOTS`] counters, each `(id, window start, window end,
+//! count)`. Counting a call is
 //! read, decide, write back with the CAS read: a worker that lost the race reads again, so no
 //! call is counted twice or lost, whatever the number of workers. A refused call writes
 //! nothing. A counter whose window ended is dropped by the next write to its bucket: idle
@@ -14,9 +15,9 @@ use crate::shared_data::{SetError, SharedStore, CREATE_CAS};
 
 /// Counters one bucket holds.
 pub const SLOTS: usize = 32;
-/// id (16), window end (8, unix seconds), count (4).
-pub const ENTRY_LEN: usize = 28;
-const FORMAT_VERSION: u8 = 1;
+/// id (16), window start (8, unix seconds), window end (8), count (4).
+pub const ENTRY_LEN: usize = 36;
+const FORMAT_VERSION: u8 = 2;
 pub const MAX_BUCKETS: u32 = 65_536;
 /// Supported `max_entries`: at most 65,536 buckets of at most ~7.6 live counters on average, so
 /// that a bucket of 32 is full before the store is with negligible probability (Poisson tail
@@ -26,6 +27,33 @@ pub const MAX_COUNTERS: u64 = 500_000;
 /// contention, not time.
 pub const MAX_CAS_RETRIES: u32 = 64;
 pub const KEY_PREFIX: &str = "gateguard.limits.";
+/// Where the gateway's counter secret lives in shared data.
+pub const SECRET_KEY: &str = "gateguard.limits.secret";
+
+/// The secret every counter id is keyed with, the same in every worker of this Envoy: the one
+/// already in shared data, or `fresh` if this worker is the first. Without it, anyone who knows
+/// the API's name could work out offline which client IPs share a victim's bucket and fill it.
+/// `None` if shared data cannot be read or written.
+pub fn counter_secret(store: &dyn SharedStore, fresh: [u8; 32]) -> Option<[u8; 32]> {
+    let read = || match store.get(SECRET_KEY) {
+        Ok(Some((value, _))) => <[u8; 32]>::try_from(value.as_slice()).ok(),
+        _ => None,
+    };
+    if let Some(secret) = read() {
+        return Some(secret);
+    }
+    // Created only if still missing: a worker that lost the race reads the winner's.
+    let _ = store.set(SECRET_KEY, &fresh, CREATE_CAS);
+    read()
+}
+
+/// 32 random bytes from the host (WASI `random_get` in Envoy).
+pub fn random_secret() -> Option<[u8; 32]> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(bytes)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CounterStorePolicy {
@@ -36,7 +64,7 @@ impl CounterStorePolicy {
     /// Buckets: `4 × max_entries / SLOTS` rounded up to a power of two, so the average bucket
     /// holds at most 8 of its 32 slots when `max_entries` callers are live (a bucket full then:
     /// Poisson tail P(X ≥ 33 | λ = 8) ≈ 3e-11). Worst case (every slot of every bucket live):
-    /// `buckets × (1 + 32 × 28)` bytes, 14.7 MB at the default 100,000.
+    /// `buckets × (1 + 32 × 36)` bytes, 18.9 MB at the default 100,000.
     pub fn compile(max_entries: u64, path: &str) -> Result<Self, ConfigError> {
         if max_entries == 0 || max_entries > MAX_COUNTERS {
             return Err(ConfigError::new(
@@ -82,6 +110,7 @@ pub enum Count {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     id: [u8; 16],
+    window_start: u64,
     window_end: u64,
     count: u32,
 }
@@ -95,8 +124,9 @@ fn decode(value: &[u8]) -> Option<Vec<Entry>> {
         .map(|e| {
             Some(Entry {
                 id: e.get(..16)?.try_into().ok()?,
-                window_end: u64::from_be_bytes(e.get(16..24)?.try_into().ok()?),
-                count: u32::from_be_bytes(e.get(24..28)?.try_into().ok()?),
+                window_start: u64::from_be_bytes(e.get(16..24)?.try_into().ok()?),
+                window_end: u64::from_be_bytes(e.get(24..32)?.try_into().ok()?),
+                count: u32::from_be_bytes(e.get(32..36)?.try_into().ok()?),
             })
         })
         .collect()
@@ -107,6 +137,7 @@ fn encode(entries: &[Entry]) -> Vec<u8> {
     out.push(FORMAT_VERSION);
     for e in entries {
         out.extend_from_slice(&e.id);
+        out.extend_from_slice(&e.window_start.to_be_bytes());
         out.extend_from_slice(&e.window_end.to_be_bytes());
         out.extend_from_slice(&e.count.to_be_bytes());
     }
@@ -134,6 +165,13 @@ pub fn count_call(
             Ok(None) => (Vec::new(), CREATE_CAS),
             Err(_) => return Count::Unavailable,
         };
+        // This caller's window ends no later than this policy's period allows from its start: a
+        // reload that shortened the period takes effect on windows already open.
+        for e in entries.iter_mut().filter(|e| e.id == id.0) {
+            e.window_end = e
+                .window_end
+                .min(e.window_start.saturating_add(u64::from(period)));
+        }
         entries.retain(|e| e.window_end > now);
         let live = entries.len();
         let standing = match entries.iter_mut().find(|e| e.id == id.0) {
@@ -161,6 +199,7 @@ pub fn count_call(
                 let window_end = now + u64::from(period);
                 entries.push(Entry {
                     id: id.0,
+                    window_start: now,
                     window_end,
                     count: 1,
                 });

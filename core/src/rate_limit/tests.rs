@@ -9,6 +9,7 @@ use super::*;
 use crate::shared_data::{MemoryStore, SetError, SharedStore, StoreError};
 
 const NOW: u64 = 1_800_000_000;
+const S: [u8; 32] = [9; 32];
 
 fn limit(kind: LimitKind, by: LimitKey, calls: u32, period: u32) -> CallLimit {
     CallLimit {
@@ -32,7 +33,7 @@ fn calls_up_to_the_limit_pass_then_the_window_refuses_until_it_renews() {
     let store = MemoryStore::new();
     let p = store_policy(1000);
     let l = limit(LimitKind::Rate, LimitKey::ClientIp, 3, 60);
-    let id = l.counter_id("a", &Caller::Ip(ip("10.0.0.1")));
+    let id = l.counter_id(&S, "a", &Caller::Ip(ip("10.0.0.1")));
     for (i, now) in [NOW, NOW + 10, NOW + 59].into_iter().enumerate() {
         let Count::Counted(s) = count_call(&store, &p, id, 3, 60, now) else {
             panic!("call {i}")
@@ -69,10 +70,10 @@ fn callers_apis_and_kinds_count_apart() {
     let a = Caller::Ip(ip("10.0.0.1"));
     let b = Caller::Ip(ip("10.0.0.2"));
     let ids = [
-        rate.counter_id("api1", &a),
-        rate.counter_id("api1", &b),
-        rate.counter_id("api2", &a),
-        quota.counter_id("api1", &a),
+        rate.counter_id(&S, "api1", &a),
+        rate.counter_id(&S, "api1", &b),
+        rate.counter_id(&S, "api2", &a),
+        quota.counter_id(&S, "api1", &a),
     ];
     for (i, x) in ids.iter().enumerate() {
         for y in ids.iter().skip(i + 1) {
@@ -83,13 +84,14 @@ fn callers_apis_and_kinds_count_apart() {
     let by_key = limit(LimitKind::Rate, LimitKey::SubscriptionKey, 1, 60);
     let by_sub = limit(LimitKind::Rate, LimitKey::Subject, 1, 60);
     assert_ne!(
-        by_key.counter_id("api1", &Caller::Key(&key)),
-        by_sub.counter_id("api1", &Caller::Subject { iss: "i", sub: "s" })
+        by_key.counter_id(&S, "api1", &Caller::Key(&key)),
+        by_sub.counter_id(&S, "api1", &Caller::Subject { iss: "i", sub: "s" })
     );
     // The issuer is part of the subject: the same `sub` from two IdPs is two callers, and the
     // split between them is unambiguous.
     assert_ne!(
         by_sub.counter_id(
+            &S,
             "api1",
             &Caller::Subject {
                 iss: "ab",
@@ -97,6 +99,7 @@ fn callers_apis_and_kinds_count_apart() {
             }
         ),
         by_sub.counter_id(
+            &S,
             "api1",
             &Caller::Subject {
                 iss: "a",
@@ -109,7 +112,7 @@ fn callers_apis_and_kinds_count_apart() {
 #[test]
 fn an_ipv6_client_is_one_caller_across_its_slash_64() {
     let l = limit(LimitKind::Rate, LimitKey::ClientIp, 1, 60);
-    let id = |s: &str| l.counter_id("a", &Caller::Ip(ip(s)));
+    let id = |s: &str| l.counter_id(&S, "a", &Caller::Ip(ip(s)));
     assert_eq!(id("2001:db8:1:2::1"), id("2001:db8:1:2:ffff::9"));
     assert_ne!(id("2001:db8:1:2::1"), id("2001:db8:1:3::1"));
     // An IPv4 client seen as IPv4-mapped IPv6 is the same client.
@@ -125,7 +128,7 @@ fn idle_counters_are_reclaimed_and_a_bucket_of_live_ones_fails_closed() {
     assert_eq!(p.buckets(), 1);
     let l = limit(LimitKind::Rate, LimitKey::ClientIp, 5, 60);
     let ids: Vec<CounterId> = (0..=SLOTS)
-        .map(|i| l.counter_id("a", &Caller::Ip(IpAddr::from([10, 0, 0, i as u8]))))
+        .map(|i| l.counter_id(&S, "a", &Caller::Ip(IpAddr::from([10, 0, 0, i as u8]))))
         .collect();
     for id in ids.iter().take(SLOTS) {
         assert!(matches!(
@@ -154,7 +157,7 @@ fn concurrent_workers_count_every_call_exactly_once() {
         let store = Arc::new(MemoryStore::new());
         let p = store_policy(1000);
         let l = limit(LimitKind::Rate, LimitKey::ClientIp, 100, 60);
-        let id = l.counter_id("a", &Caller::Ip(ip("10.0.0.1")));
+        let id = l.counter_id(&S, "a", &Caller::Ip(ip("10.0.0.1")));
         let passed = Arc::new(AtomicU32::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -236,7 +239,7 @@ fn limits_and_the_store_size_are_validated() {
     assert_eq!(err.path, "limit_counters.max_entries");
     assert!(CounterStorePolicy::compile(MAX_COUNTERS + 1, "limit_counters").is_err());
     assert_eq!(store_policy(100_000).buckets(), 16_384);
-    assert_eq!(store_policy(100_000).max_store_bytes(), 14_696_448);
+    assert_eq!(store_policy(100_000).max_store_bytes(), 18_890_752);
     assert_eq!(store_policy(MAX_COUNTERS).buckets(), 65_536);
 }
 
@@ -263,4 +266,45 @@ fn the_tighter_standing_is_the_one_with_fewer_calls_left() {
     };
     assert_eq!(rate.tighter(quota), quota);
     assert_eq!(quota.tighter(rate), quota);
+}
+
+#[test]
+fn counter_ids_depend_on_the_gateways_secret_which_every_worker_shares() {
+    let l = limit(LimitKind::Rate, LimitKey::ClientIp, 1, 60);
+    let victim = Caller::Ip(ip("192.0.2.44"));
+    // Another secret, another id (and bucket): nobody outside can aim at a victim's bucket.
+    assert_ne!(
+        l.counter_id(&S, "a", &victim),
+        l.counter_id(&[1; 32], "a", &victim)
+    );
+    let store = MemoryStore::new();
+    let first = super::store::counter_secret(&store, [1; 32]).unwrap();
+    let second = super::store::counter_secret(&store, [2; 32]).unwrap();
+    assert_eq!((first, second), ([1; 32], [1; 32]));
+    let random = super::store::random_secret().unwrap();
+    assert_ne!(random, super::store::random_secret().unwrap());
+    let failing = Hostile(Ok(()), Some(StoreError { status: 2 }));
+    assert_eq!(super::store::counter_secret(&failing, [3; 32]), None);
+}
+
+#[test]
+fn a_shorter_period_after_a_reload_shortens_open_windows() {
+    let store = MemoryStore::new();
+    let p = store_policy(1000);
+    let id = CounterId([5; 16]);
+    assert!(matches!(
+        count_call(&store, &p, id, 1, 86_400, NOW),
+        Count::Counted(_)
+    ));
+    assert_eq!(
+        count_call(&store, &p, id, 1, 60, NOW + 10),
+        Count::Exceeded {
+            limit: 1,
+            retry_after: 50
+        }
+    );
+    assert!(matches!(
+        count_call(&store, &p, id, 1, 60, NOW + 120),
+        Count::Counted(_)
+    ));
 }

@@ -132,7 +132,10 @@ fn upstream_tls_is_sni_a_verified_server_and_the_apps_host() {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": APP,
                 "common_tls_context": {
-                    "tls_params": { "tls_minimum_protocol_version": "TLSv1_2" },
+                    "tls_params": {
+                        "tls_minimum_protocol_version": "TLSv1_2",
+                        "tls_maximum_protocol_version": "TLSv1_3"
+                    },
                     "validation_context": {
                         "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" },
                         "match_typed_subject_alt_names": [
@@ -177,7 +180,7 @@ fn upstream_tls_fields_are_rendered() {
     let context = &app_tls(&config)["typed_config"]["common_tls_context"];
     assert_eq!(
         context["tls_params"],
-        json!({ "tls_minimum_protocol_version": "TLSv1_3" })
+        json!({ "tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3" })
     );
     assert_eq!(
         context["validation_context"]["trusted_ca"]["filename"],
