@@ -45,9 +45,14 @@ const SET_BY_ENVOY: [&str; 3] = [
 ];
 
 /// Whether a request header is the one a rule names: in every spelling a backend folds together,
-/// and `host` is HTTP/2's `:authority`, which is how Envoy hands an HTTP/1 `Host` to filters.
+/// or the rule's `host` as the `:authority` Envoy hands the filter.
 fn names(rule: &str, header: &str) -> bool {
-    same_header_name(rule, header) || (rule == "host" && header == ":authority")
+    same_header_name(rule, header) || is_authority(rule, header)
+}
+
+/// `host` is HTTP/2's `:authority`, which is how Envoy hands an HTTP/1 `Host` to filters.
+fn is_authority(rule: &str, header: &str) -> bool {
+    rule == "host" && header == ":authority"
 }
 
 /// Longest pattern accepted.
@@ -208,8 +213,7 @@ impl HeaderRules {
         for name in &self.required {
             // The name itself: a backend that does not fold `_` into `-` would not see
             // `x_correlation_id` as the required header.
-            let present =
-                |k: &String| k.eq_ignore_ascii_case(name) || (name == "host" && k == ":authority");
+            let present = |k: &String| k.eq_ignore_ascii_case(name) || is_authority(name, k);
             if !headers.iter().any(|(k, _)| present(k)) {
                 return Err(HeaderError::Missing(name.clone()));
             }
