@@ -15,6 +15,7 @@ use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
 use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{Session, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
+use gateguard_core::shared_data::SharedStore;
 use gateguard_core::{parse_policy, CompiledPolicy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -107,7 +108,29 @@ impl Context for GatewayRoot {
     }
 }
 
+/// The version Cargo.toml gives the workspace: the one `make dist` names its artifacts with.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 impl RootContext for GatewayRoot {
+    /// Envoy starts one VM per worker thread (and one on its main thread): the first of them to
+    /// start in this Envoy says which gateguard it runs, so that a log shows the version
+    /// deployed. Shared data is common to all of them (and outlives a configuration reload), so
+    /// a later VM of the same version stays quiet; a new version says so again.
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        let key = format!("{KEY_PREFIX}started");
+        let seen = match HostStore.get(&key) {
+            Ok(Some((value, _))) => value == VERSION.as_bytes(),
+            Ok(None) | Err(_) => false,
+        };
+        if !seen {
+            // Two workers starting in the same instant may both log: harmless, and set without
+            // CAS because Envoy ignores CAS when it creates a key.
+            let _ = HostStore.set(&key, VERSION.as_bytes(), 0);
+            log(LogLevel::Info, &format!("gateguard {VERSION} starting"));
+        }
+        true
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
         let Some(config) = host::buffer(BufferType::PluginConfiguration, 0, usize::MAX) else {
             log(
