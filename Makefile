@@ -9,7 +9,8 @@ WASM          := target/wasm32-wasip1/release/gateguard.wasm
 CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
-.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc wasm-opt clean schema
+.PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc wasm-opt clean schema \
+        dist oci-tools oci-tools-or-skip
 
 ## Installs what a fresh machine lacks: the wasm32-wasip1 target, a C compiler for it, and a
 ## pinned Envoy + test tools in a git-ignored virtualenv.
@@ -56,12 +57,30 @@ build: wasm-target wasm-cc wasm-opt
 cli:
 	cargo build --release -p gateguard-cli
 
+## skopeo reads back, pushes and pulls the OCI image; docker-registry is the registry
+## tests/test_dist.py pushes to (Debian's packages, installed when missing).
+oci-tools:
+	@command -v skopeo >/dev/null && test -x /usr/bin/docker-registry || \
+	  { apt-get update -qq && apt-get install -y -qq skopeo docker-registry; }
+
+## For `make test`: a machine that cannot install them still runs the rest (test_dist.py skips,
+## saying why).
+oci-tools-or-skip:
+	@$(MAKE) --no-print-directory oci-tools || \
+	  echo "warning: skopeo/docker-registry could not be installed: tests/test_dist.py will skip"
+
+## Release artifacts in dist/, named with the workspace version (Cargo.toml): the filter and
+## its SHA-256, the CLI, the filter's OCI image (layout and archive), SHA256SUMS. Releases are
+## cut with this; docs/install.md says what each file is.
+dist: build cli oci-tools
+	python3 scripts/dist.py
+
 ## Starts the demo gateway (8080 HTTP, 8443 TLS, 9901 admin) in front of a demo function app.
 run: deps build cli
 	@$(PY) scripts/run.py
 
 ## Unit tests, then end-to-end tests in a real Envoy with the built .wasm.
-test: deps build cli unit e2e
+test: deps build cli oci-tools-or-skip unit e2e
 
 unit:
 	cargo test --workspace
@@ -84,7 +103,7 @@ fmt:
 
 clean:
 	cargo clean
-	rm -rf $(VENV) .dev
+	rm -rf $(VENV) .dev dist
 
 ## Regenerates the shipped sidecar configuration from the demo policy.
 envoy.yaml: policies/demo.json cli
