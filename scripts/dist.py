@@ -294,7 +294,7 @@ def main(argv=None):
     for name in files + ["SHA256SUMS", f"{stem}.oci/"]:
         print(f"  {name}")
     print("\n".join("  " + line for line in lines))
-    print(f"push: skopeo copy --all oci:{rel}/{stem}.oci:{version} docker://REGISTRY/gateguard:{version}")
+    print(f"push: skopeo copy --all --preserve-digests oci:{rel}/{stem}.oci:{version} docker://REGISTRY/gateguard:{version}")
     return 0
 
 
