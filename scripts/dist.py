@@ -112,7 +112,7 @@ def git_revision():
 
 def elf_arch(path):
     head = path.read_bytes()[:20]
-    if head[:4] != b"\x7fELF" or head[5] != 1:
+    if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] != 1:
         raise DistError(f"{path} is not a little-endian ELF executable")
     machine = int.from_bytes(head[18:20], "little")
     if machine not in ELF_MACHINES:
