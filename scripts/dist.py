@@ -113,10 +113,10 @@ def git_revision():
 def elf_arch(path):
     head = path.read_bytes()[:20]
     if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] != 1:
-        raise DistError(f"{path} is not a little-endian ELF executable")
+        raise DistError(f"--cli: {path} is not a little-endian ELF executable")
     machine = int.from_bytes(head[18:20], "little")
     if machine not in ELF_MACHINES:
-        raise DistError(f"{path}: ELF machine {machine:#x} has no release name")
+        raise DistError(f"--cli: {path}: ELF machine {machine:#x} has no release name (x86_64 and aarch64 have)")
     return ELF_MACHINES[machine]
 
 
