@@ -25,7 +25,9 @@ pub struct Args {
     /// Write here instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Path of gateguard.wasm as Envoy will see it.
+    /// Path of gateguard.wasm where Envoy runs (in a container: the path inside it, e.g.
+    /// /etc/gateguard/plugin.wasm from the OCI image). Written into the configuration as given,
+    /// never read by render; a relative path is resolved from Envoy's working directory.
     #[arg(long, default_value = "target/wasm32-wasip1/release/gateguard.wasm")]
     wasm: String,
     /// Plain-HTTP listener.
@@ -35,10 +37,11 @@ pub struct Args {
     /// versions and cipher suites are the policy's `listener.tls` (TLS 1.2 up by default).
     #[arg(long, default_value = "127.0.0.1:8443")]
     tls_listen: String,
-    /// The TLS listener's certificate chain (PEM); needs --tls-key.
+    /// The TLS listener's certificate chain (PEM); needs --tls-key. A path where Envoy runs
+    /// (inside its container), written as given: render does not read it.
     #[arg(long)]
     tls_cert: Option<String>,
-    /// The private key of --tls-cert.
+    /// The private key of --tls-cert (a path where Envoy runs, like --tls-cert).
     #[arg(long)]
     tls_key: Option<String>,
     /// Admin interface (/stats, /ready). Keep it on loopback.
@@ -56,14 +59,29 @@ pub struct Args {
     /// Deliver the filter through Envoy's extension config discovery from
     /// DIR/gateguard-filter.yaml, so a new policy takes effect without restarting Envoy:
     /// re-run with `--filter-only` to swap the policy (atomically; a policy Envoy refuses leaves
-    /// the running one in place).
+    /// the running one in place). DIR is where render writes the files, on this machine; where
+    /// Envoy finds them is --ecds-envoy-dir.
     #[arg(long, value_name = "DIR")]
     ecds_dir: Option<PathBuf>,
+    /// With --ecds-dir: the directory Envoy watches, as Envoy sees it (absolute), when that is
+    /// not DIR on this machine: e.g. /etc/envoy/filter, where a ConfigMap holding DIR's files is
+    /// mounted in Envoy's container. Default: DIR made absolute (Envoy runs where render does).
+    #[arg(long, value_name = "PATH", requires = "ecds_dir")]
+    ecds_envoy_dir: Option<String>,
+    /// Answer requests for PATH (exactly, no query string) on every listener with Envoy's own
+    /// health check, in front of gateguard: 200 while Envoy serves, 503 once it drains or
+    /// `POST /healthcheck/fail` on the admin port says so. For Kubernetes probes and load
+    /// balancers, which then need neither the admin port nor a way through the policy. The
+    /// request never reaches gateguard or the function app; any other path (/healthz/x,
+    /// /HEALTHZ, /healthz?x) goes through gateguard as usual.
+    #[arg(long, value_name = "PATH")]
+    health_path: Option<String>,
     /// With --ecds-dir: only (re)write DIR/gateguard-filter.yaml, the hot-reload step.
     #[arg(long, requires = "ecds_dir")]
     filter_only: bool,
     /// Log each request's status and gateguard's decision (outcome, API, refusal reason) to
     /// this file, `/dev/stdout` for the container log (docs/operations.md, "In the access log").
+    /// A path where Envoy runs.
     #[arg(long, value_name = "PATH")]
     access_log: Option<String>,
     /// YAML, or JSON for tools that read it; Envoy reads either, telling them apart by the
@@ -76,7 +94,8 @@ pub struct Args {
     #[arg(long = "etcd", value_name = "HOST:PORT")]
     etcd: Vec<String>,
     /// Reach etcd over TLS and verify its certificate against this CA bundle (PEM). The
-    /// certificate must name --etcd-sni, or else one of the --etcd hosts.
+    /// certificate must name --etcd-sni, or else one of the --etcd hosts. Like every --etcd-*
+    /// file, a path where Envoy runs, written as given.
     #[arg(long, value_name = "FILE")]
     etcd_ca: Option<String>,
     /// Client certificate (PEM) for etcd's `--client-cert-auth`; needs --etcd-key.
@@ -176,6 +195,14 @@ pub fn run(args: &Args) -> ExitCode {
         }
     }
     if let Ok(policy) = serde_json::from_str::<Value>(&text) {
+        if let (Some(health), false) = (&args.health_path, args.filter_only) {
+            for api in apis_under_health_path(&policy, health) {
+                eprintln!(
+                    "gateguard render: note: --health-path {health} is answered by Envoy; API \
+                     {api:?} covers it, and never sees a request for exactly that path"
+                );
+            }
+        }
         for (path, name) in underscore_client_headers(&policy) {
             eprintln!(
                 "{}: warning: {path}: {name:?} holds '_'; the rendered listeners drop client \
@@ -601,6 +628,12 @@ fn upstream_address(args: &Args) -> Result<(&str, u16), String> {
 /// `--upstream` is not HTTPS's without TLS, nor plain HTTP's with it. The policy's own
 /// contradictions are refused when it is compiled, as `gateguard validate` and the filter do.
 fn check_deploy_args(args: &Args, compiled: &CompiledPolicy) -> Result<(), String> {
+    if let Some(dir) = &args.ecds_envoy_dir {
+        check_envoy_dir(dir)?;
+    }
+    if let Some(path) = &args.health_path {
+        check_health_path(path)?;
+    }
     match (&args.tls_cert, &args.tls_key) {
         (Some(_), None) => return Err("--tls-cert needs --tls-key (its private key)".into()),
         (None, Some(_)) => return Err("--tls-key needs --tls-cert (its certificate)".into()),
@@ -628,6 +661,95 @@ fn check_deploy_args(args: &Args, compiled: &CompiledPolicy) -> Result<(), Strin
         )),
         _ => Ok(()),
     }
+}
+
+/// --ecds-envoy-dir is a path in another file system (Envoy's container): only an absolute one
+/// means the same thing whatever Envoy's working directory.
+fn check_envoy_dir(dir: &str) -> Result<(), String> {
+    if !dir.starts_with('/') {
+        return Err(format!(
+            "--ecds-envoy-dir {dir:?}: give the absolute path Envoy sees (e.g. /etc/envoy/filter); \
+             a relative one would depend on Envoy's working directory"
+        ));
+    }
+    if dir.chars().any(char::is_control) {
+        return Err(format!(
+            "--ecds-envoy-dir {dir:?} holds a control character"
+        ));
+    }
+    Ok(())
+}
+
+/// Longest --health-path accepted: a probe's path, not a place for data.
+const HEALTH_PATH_MAX: usize = 128;
+
+/// --health-path is matched exactly against the request's path after Envoy normalized it
+/// (`normalize_path`, `merge_slashes`), so it must be a path that normalization leaves alone:
+/// otherwise no request could ever match it. Plain characters only: no query, no
+/// percent-encoding, no empty, `.` or `..` segment.
+fn check_health_path(path: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("--health-path {path:?}: {why}"));
+    if !path.starts_with('/') {
+        return refuse("must start with '/'");
+    }
+    if path == "/" {
+        return refuse(
+            "'/' would answer the gateway's root itself; give a path of its own, e.g. /healthz",
+        );
+    }
+    if path.len() > HEALTH_PATH_MAX {
+        return refuse(&format!("longer than {HEALTH_PATH_MAX} characters"));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._~/".contains(*c)))
+    {
+        return refuse(&format!(
+            "{c:?} is not allowed: letters, digits, '-', '.', '_', '~' and '/' only (no query \
+             string, no percent-encoding)"
+        ));
+    }
+    if path[1..]
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return refuse(
+            "has an empty, '.' or '..' segment, which Envoy's path normalization removes before \
+             the health check looks, so no request would ever match it",
+        );
+    }
+    Ok(())
+}
+
+/// Envoy's own health check, first on every listener: answers the exact `path` itself (never
+/// passed on), 503 while draining or failed through the admin port.
+fn health_check_filter(path: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": false,
+            "headers": [{ "name": ":path", "string_match": { "exact": path } }]
+        }
+    })
+}
+
+/// APIs whose `path_prefix` covers --health-path (compared without case, as gateguard routes):
+/// a request for that exact path is Envoy's to answer from then on, never theirs.
+fn apis_under_health_path(policy: &Value, health: &str) -> Vec<String> {
+    let health = health.to_ascii_lowercase();
+    let mut out = Vec::new();
+    for api in policy["apis"].as_array().into_iter().flatten() {
+        let prefix = api["path_prefix"]
+            .as_str()
+            .unwrap_or("/")
+            .to_ascii_lowercase();
+        let prefix = prefix.trim_end_matches('/');
+        if health == prefix || health.starts_with(&format!("{prefix}/")) {
+            out.push(api["name"].as_str().unwrap_or("?").to_string());
+        }
+    }
+    out
 }
 
 /// Under --filter-only, the policy's `listener` and `upstream` must be the ones the running
@@ -1024,7 +1146,10 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
     let jwt_authn = jwt_authn_for(policy_text, compiled)?;
     let (wasm, jwt_authn) = match &args.ecds_dir {
         Some(dir) => {
-            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            let dir = match &args.ecds_envoy_dir {
+                Some(envoy_dir) => PathBuf::from(envoy_dir),
+                None => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            };
             let wasm = discovered_filter(
                 &dir,
                 FILTER_FILE,
@@ -1040,10 +1165,16 @@ fn render(args: &Args, policy_text: &str, compiled: &CompiledPolicy) -> Result<V
             jwt_authn.map(|config| json!({ "name": JWT_AUTHN_NAME, "typed_config": config })),
         ),
     };
-    // jwt_authn, when the policy has it verify tokens, then gateguard, then the router.
+    // The health check (answered before any policy applies), jwt_authn when the policy has it
+    // verify tokens, then gateguard, then the router.
     let router = json!({ "name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } });
-    let http_filters: Vec<Value> = jwt_authn.into_iter().chain([wasm, router]).collect();
+    let health = args.health_path.as_deref().map(health_check_filter);
+    let http_filters: Vec<Value> = health
+        .into_iter()
+        .chain(jwt_authn)
+        .chain([wasm, router])
+        .collect();
 
     let access_log = args.access_log.as_ref().map(|path| {
         json!([{
@@ -1183,6 +1314,9 @@ mod tests {
     /// `listener` and `upstream`: TLS on both sides of the gateway.
     mod tls;
 
+    /// Rendering for a container: the directory Envoy watches, the health check.
+    mod container;
+
     const POLICY: &str = r#"{"apis":[{"name":"a","path_prefix":"/a"}]}"#;
 
     fn args(tls: bool, ecds_dir: Option<PathBuf>) -> Args {
@@ -1198,6 +1332,8 @@ mod tests {
             upstream: "127.0.0.1:8081".into(),
             upstream_sni: None,
             ecds_dir,
+            ecds_envoy_dir: None,
+            health_path: None,
             filter_only: false,
             access_log: None,
             format: Format::Yaml,
