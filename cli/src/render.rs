@@ -140,7 +140,7 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     // An editor's byte-order mark is no part of the policy (docs/policy.md): none is rendered.
-    let text = gateguard_core::config::without_bom(&text);
+    let text = gateguard_core::config::without_bom(&text).to_owned();
     let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
     let compiled = match gateguard_core::parse_policy_report(text.as_bytes(), &lenient) {
         Ok(p) => p,
