@@ -16,7 +16,7 @@ use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{Session, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
 use gateguard_core::shared_data::SharedStore;
-use gateguard_core::{parse_policy, CompiledPolicy};
+use gateguard_core::{parse_policy_report, CompiledPolicy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -140,7 +140,7 @@ impl RootContext for GatewayRoot {
             return false;
         };
         let env = |name: &str| std::env::var(name).ok();
-        let policy = match parse_policy(&config, &env) {
+        let policy = match parse_policy_report(&config, &env) {
             Ok(p) => p,
             Err(e) => {
                 log(LogLevel::Error, &format!("gateguard: policy refused: {e}"));

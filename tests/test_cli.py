@@ -277,3 +277,323 @@ def test_token_bound_to_a_dpop_key_and_a_certificate_and_its_proof(tmp_path):
     # A key that cannot sign proofs is refused with the reason.
     bad = run("dpop-proof", "--key", str(tmp_path / "client.pem"), "--alg", "HS256", "--method", "GET", "--url", url)
     assert bad.returncode == 1 and "cannot sign a DPoP proof" in bad.stderr
+
+
+# --- validate reports every error; byte-order marks; closed pipes; schema files; refusals --------
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if ": error: " in line]
+
+
+def test_validate_reports_every_independent_error_with_context(tmp_path):
+    p = tmp_path / "many.json"
+    p.write_text(
+        '{"apis": [\n'
+        '  {"name": "a", "path_prefix": "/a", "corz": {},\n'
+        f'   "inject_headers": {{"x-k": {{"value": "{SECRET}"}}}}}},\n'
+        '  {"name": "b", "path_prefix": "/b", "ip_filter": {"allow": ["10.0.0.0/33"]}},\n'
+        '  {"name": "c", "path_prefix": "/c",\n'
+        '   "jwt": {"issuers": ["i"], "audiences": ["a"], "algorithms": ["HS256"], "hmac_secret": {"value": "short-s3cret"}}}\n'
+        '],\n'
+        '"token_cache": {"max_entries": 2000000}}\n')
+    r = run("validate", p)
+    assert r.returncode == 1, r.stderr
+    lines = error_lines(r.stderr)
+    # In document order, each file:line:column: error: path: reason.
+    assert [line.split(": error: ")[1].split(":")[0] for line in lines] == [
+        "apis[0].corz", "apis[1].ip_filter.allow[0]", "apis[2].jwt.hmac_secret", "token_cache.max_entries"]
+    assert lines[0].startswith(f"{p}:2:") and "unknown field `corz`" in lines[0]
+    assert lines[1].startswith(f"{p}:4:") and lines[2].startswith(f"{p}:6:") and lines[3].startswith(f"{p}:8:")
+    assert r.stderr.rstrip().endswith(f"{p}: 4 errors")
+    # Context under each, secrets masked in all of it.
+    assert r.stderr.count("^") == 4
+    for secret in (SECRET, "short-s3cret", "s3"):
+        assert secret not in r.stderr
+    # The same from render, which refuses before writing anything.
+    r = run("render", "--policy", p)
+    assert r.returncode == 1 and r.stdout == ""
+    assert error_lines(r.stderr) == lines
+    assert "^" in r.stderr and SECRET not in r.stderr
+
+
+def test_validate_stops_at_a_syntax_error(tmp_path):
+    p = tmp_path / "broken.json"
+    p.write_text('{"apis": [{"name": "a b", "path_prefix": "/a"}],\n "x" 1}')
+    r = run("validate", p)
+    assert r.returncode == 1
+    assert len(error_lines(r.stderr)) == 1 and f"{p}:2:" in r.stderr
+
+
+def test_render_errors_have_validates_form(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"apis": [{"name": "a", "path_prefix": "/a",\n  "ip_filter": {"deny": ["10.0.0.0/8", "10.0.0.1/8"]}}]}')
+    r = run("render", "--policy", bad)
+    assert r.returncode == 1 and r.stdout == ""
+    assert error_lines(r.stderr) == error_lines(run("validate", bad).stderr)
+    assert error_lines(r.stderr)[0].startswith(f"{bad}:2:")
+    assert "apis[0].ip_filter.deny[1]: " in r.stderr and "    2 | " in r.stderr
+
+
+BOM = "\ufeff"
+
+
+def test_validate_accepts_a_byte_order_mark(tmp_path):
+    p = tmp_path / "bom.json"
+    p.write_text(BOM + (ROOT / "policies" / "quickstart.json").read_text(), encoding="utf-8")
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    r = run("validate", p)
+    assert r.returncode == 0, r.stderr
+    # Columns on the first line count from after the mark, as editors show them; the context
+    # shows the line without it.
+    p.write_text(BOM + '{"apis": [{"name": "a", "path_prefix": "/a", "x": 1}]}', encoding="utf-8")
+    r = run("validate", p)
+    assert r.returncode == 1
+    col = int(error_lines(r.stderr)[0].split(":")[2])
+    assert col == len('{"apis": [{"name": "a", "path_prefix": "/a", "x"') + 1 or col == len('{"apis": [{"name": "a", "path_prefix": "/a", "x"')
+    assert '    1 | {"apis"' in r.stderr
+    # Rendered, the filter in Envoy reads the same document.
+    out = tmp_path / "envoy.yaml"
+    p.write_text(BOM + (ROOT / "policies" / "quickstart.json").read_text(), encoding="utf-8")
+    assert run("render", "--policy", p, "--out", out).returncode == 0
+
+
+def closed_pipe_run(*args):
+    """Runs the CLI with its standard output a pipe whose reader has already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([str(CLI), *map(str, args)], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=60, cwd=ROOT)
+    finally:
+        os.close(write)
+
+
+def test_output_into_a_closed_pipe_ends_quietly_by_sigpipe(tmp_path):
+    import jwtkit
+    import signal
+
+    key = tmp_path / "k.pem"
+    key.write_bytes(jwtkit.Key("rsa", "k").private_pem())
+    for args in (("validate", "policies/demo.json", "policies/quickstart.json"), ("schema",),
+                 ("jwks", "--key", key, "--kid", "k"), ("token", "--key", key, "--iss", "i"),
+                 ("render", "--policy", "policies/demo.json"), ("hash-key", "abc")):
+        r = closed_pipe_run(*args)
+        # Killed by SIGPIPE as cat or grep would be (141 in a shell), never a panic.
+        assert r.returncode == -signal.SIGPIPE, (args, r.returncode, r.stderr)
+        assert "panicked" not in r.stderr and "failed printing" not in r.stderr, r.stderr
+    # The way users meet it: a shell pipeline into head.
+    r = subprocess.run(["bash", "-c", f'"{CLI}" schema | head -1; echo "status ${{PIPESTATUS[0]}}"'],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.stdout.splitlines()[0] == "{", r.stdout
+    assert r.stdout.splitlines()[-1] in ("status 141", "status 0"), r.stdout
+    assert "panicked" not in r.stderr, r.stderr
+
+
+def test_validate_skips_the_schema_file_but_never_a_policy(tmp_path):
+    policies = sorted((ROOT / "policies").glob("*.json"))
+    assert any(p.name == "gateguard.schema.json" for p in policies)
+    r = run("validate", *policies)
+    assert r.returncode == 0, r.stderr
+    assert "gateguard.schema.json: note: skipped: a JSON Schema document" in r.stderr
+    assert "error" not in r.stderr
+    # The schema alone: nothing validated is a failure (a schema deployed as a policy).
+    r = run("validate", "policies/gateguard.schema.json")
+    assert r.returncode == 1 and "no policy among the files" in r.stderr
+    meta = "https://json-schema.org/draft/2020-12/schema"
+    # A policy pointing "$schema" at a meta-schema is still a policy.
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"$schema": meta, "apis": [{"name": "a", "path_prefix": "/a"}]}))
+    assert run("validate", p).returncode == 0
+    p.write_text(json.dumps({"$schema": meta, "apis": [{"name": "a b", "path_prefix": "/a"}]}))
+    r = run("validate", p)
+    assert r.returncode == 1 and "apis[0].name" in r.stderr and "skipped" not in r.stderr
+    # Schema keywords and an "apis": validated (and refused), not skipped.
+    p.write_text(json.dumps({"$schema": meta, "properties": {}, "apis": []}))
+    r = run("validate", p)
+    assert r.returncode == 1 and "skipped" not in r.stderr
+    # No schema keywords, or another "$schema": refused as the policy it claims to be.
+    for doc in ({"$schema": meta}, {"$schema": "./gateguard.schema.json", "properties": {}},
+                {"$schema": 3, "properties": {}}):
+        p.write_text(json.dumps(doc))
+        r = run("validate", p)
+        assert r.returncode == 1 and "skipped" not in r.stderr, (doc, r.stderr)
+        assert error_lines(r.stderr), r.stderr
+
+
+def test_schema_lists_the_schema_key_and_the_shipped_policies_use_it():
+    schema = json.loads(run("schema").stdout)
+    assert schema["properties"]["$schema"]["type"] == "string"
+    for name in ("demo.json", "quickstart.json", "entra-example.json"):
+        assert json.loads((ROOT / "policies" / name).read_text())["$schema"] == "./gateguard.schema.json"
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t", " abc", "abc "])
+def test_hash_key_refuses_a_key_the_filter_never_accepts(key):
+    r = run("hash-key", key)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "gateguard hash-key: the key" in r.stderr
+    r = run("hash-key", input=key + "\n")
+    assert r.returncode == 1 and r.stdout == ""
+
+
+def test_hash_key_from_empty_stdin_is_refused():
+    r = run("hash-key", input="")
+    assert r.returncode == 1 and "empty" in r.stderr
+
+
+def test_token_refuses_keys_the_filter_refuses(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    short = tmp_path / "short.secret"
+    short.write_text("x" * 31 + "\n")
+    r = run("token", "--key", short, "--alg", "HS256", "--iss", "i")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "the filter would refuse this HS256 key: an HMAC secret needs at least 32 bytes" in r.stderr
+    ok = tmp_path / "ok.secret"
+    ok.write_text("x" * 32 + "\n")
+    assert run("token", "--key", ok, "--alg", "HS512", "--iss", "i").returncode == 0
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = tmp_path / "rsa1024.pem"
+    weak.write_bytes(small.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    r = run("token", "--key", weak, "--iss", "i")
+    assert r.returncode == 1 and "the filter would refuse this RS256 key" in r.stderr, r.stderr
+
+
+def test_version_is_the_cargo_version():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"gateguard {version}"
+
+
+# --- validate --online against a real local identity provider -------------------------------------
+
+
+def online_policy(tmp_path, uri, issuers, algorithms=("RS256",), name="p.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"apis": [
+        {"name": "open", "path_prefix": "/open"},
+        {"name": "orders", "path_prefix": "/orders",
+         "jwt": {"issuers": list(issuers), "audiences": ["api://orders"], "algorithms": list(algorithms),
+                 "jwks": {"cluster": "idp", "uri": uri}}}]}, indent=2))
+    return p
+
+
+@pytest.fixture
+def idp():
+    import jwtkit
+    from idp import IdentityProvider
+
+    server = IdentityProvider(jwtkit.jwks(jwtkit.Key("rsa", "k1"), jwtkit.Key("ec", "k2"))).start()
+    yield server
+    server.stop()
+
+
+def discovery(idp):
+    return f"http://127.0.0.1:{idp.port}/dev-tenant/v2.0/.well-known/openid-configuration"
+
+
+def test_online_accepts_a_working_identity_provider(tmp_path, idp):
+    p = online_policy(tmp_path, discovery(idp), [idp.issuer], ["RS256", "ES256"])
+    r = run("validate", "--online", p)
+    assert r.returncode == 0, r.stderr
+    assert f"{p}: online: api orders: discovery document {discovery(idp)}: issuer \"{idp.issuer}\"" in r.stdout
+    assert "2 usable keys" in r.stdout
+    assert idp.count("discovery") == 1 and idp.count("jwks") == 1
+    # The key set named directly: the issuer's discovery document must name the same one.
+    keys = f"http://127.0.0.1:{idp.port}/discovery/v2.0/keys"
+    r = run("validate", "--online", online_policy(tmp_path, keys, [idp.issuer]))
+    assert r.returncode == 0, r.stderr
+    assert "jwks_uri matches" in r.stdout
+    # Without --online nothing is fetched.
+    before = idp.count("jwks")
+    assert run("validate", p).returncode == 0 and idp.count("jwks") == before
+
+
+def online_error(r):
+    lines = error_lines(r.stderr)
+    assert r.returncode == 1 and len(lines) == 1, r.stdout + r.stderr
+    return lines[0]
+
+
+def test_online_refuses_a_wrong_issuer_missing_keys_and_garbage(tmp_path, idp):
+    real = idp.issuer
+    p = online_policy(tmp_path, discovery(idp), ["https://someone-else.example/"])
+    line = online_error(run("validate", "--online", p))
+    uri_line = next(i for i, text in enumerate(p.read_text().splitlines(), 1) if '"uri"' in text)
+    assert line.startswith(f"{p}:{uri_line}:") and "apis[1].jwt.jwks.uri: online: discovery document" in line
+    assert f'issuer "{real}" is not one of the policy\'s issuers' in line
+    # The policy's algorithm has no key in the set.
+    line = online_error(run("validate", "--online", online_policy(tmp_path, discovery(idp), [real], ["EdDSA"])))
+    assert "no key for EdDSA" in line
+    # The issuer's discovery document names another key set than the policy.
+    other = f"http://127.0.0.1:{idp.port}/keys"
+    line = online_error(run("validate", "--online", online_policy(tmp_path, other, [real])))
+    assert "names the key set" in line and "not the policy's" in line
+    # Garbage where the keys should be, parsed by the filter's own parser.
+    idp.set_jwks("not a key set")
+    line = online_error(run("validate", "--online", online_policy(tmp_path, discovery(idp), [real])))
+    assert "key set" in line and "not a JSON object" in line
+    idp.set_jwks({"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]})
+    line = online_error(run("validate", "--online", online_policy(tmp_path, discovery(idp), [real])))
+    assert "no usable signing key" in line
+    # The identity provider answers 500.
+    idp.fail(500)
+    line = online_error(run("validate", "--online", online_policy(tmp_path, discovery(idp), [real])))
+    assert "HTTP status 500" in line
+
+
+def test_online_reports_an_identity_provider_down_or_silent(tmp_path):
+    from envoy_harness import free_port
+    import socket
+    import time
+
+    down = free_port()
+    p = online_policy(tmp_path, f"http://127.0.0.1:{down}/keys", ["dev"])
+    line = online_error(run("validate", "--online", p))
+    assert f"key set http://127.0.0.1:{down}/keys: " in line
+    # Accepts the connection and never answers: bounded by --timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        p = online_policy(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}/keys", ["dev"])
+        start = time.monotonic()
+        line = online_error(run("validate", "--online", "--timeout", "1", p))
+        assert time.monotonic() - start < 10
+        assert "no answer within 1s" in line, line
+    finally:
+        silent.close()
+    # Plain http is for loopback only: nothing is fetched from elsewhere.
+    p = online_policy(tmp_path, "http://idp.example.invalid/keys", ["dev"])
+    line = online_error(run("validate", "--online", p))
+    assert "not a loopback address (use https)" in line
+    # Flags that need --online say so; a bad --ca-file is exit 2.
+    assert run("validate", "--ca-file", p, p).returncode == 2
+    r = run("validate", "--online", "--ca-file", tmp_path / "none.pem", p)
+    assert r.returncode == 2 and "--ca-file" in r.stderr
+
+
+def test_online_over_https_trusts_the_system_roots_or_the_ca_file(tmp_path, idp):
+    import ssl
+
+    from certs import make_ca, make_leaf
+
+    ca = make_ca()
+    server = make_leaf(ca, "localhost", server=True).write(tmp_path, "idp")
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(ca.pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server.cert_path, server.key_path)
+    idp.server.socket = context.wrap_socket(idp.server.socket, server_side=True)
+    p = online_policy(tmp_path, f"https://localhost:{idp.port}/keys", ["dev-issuer"])
+    # An unknown CA is refused, as Envoy refuses it.
+    line = online_error(run("validate", "--online", p))
+    assert "key set https://localhost" in line
+    r = run("validate", "--online", "--ca-file", ca_file, p)
+    assert r.returncode == 0, r.stderr
+    assert "2 usable keys" in r.stdout

@@ -79,7 +79,8 @@ enum Command {
     /// Print the JSON Schema of policy documents (policies/gateguard.schema.json), generated
     /// from the filter's own configuration types.
     Schema,
-    /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`.
+    /// Print the SHA-256 of a subscription key, for `subscription_key.keys_sha256`. Exit 1 for
+    /// a key the filter could never accept: empty, only whitespace, or with whitespace around it.
     HashKey {
         /// The key; reads one line from standard input when omitted (keeps it out of shell history).
         key: Option<String>,
@@ -87,6 +88,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => validate::run(&args),
@@ -129,8 +131,35 @@ fn main() -> ExitCode {
                     line.trim_end_matches(['\r', '\n']).to_string()
                 }
             };
+            if let Err(reason) = never_accepted(&key) {
+                eprintln!("gateguard hash-key: {reason}");
+                return ExitCode::from(1);
+            }
             println!("{}", gateguard_core::subscription_key::hash_key(&key));
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Why the filter could never accept `key`: it trims what a client sends in the key header and
+/// takes an empty key as no key (docs/policy.md, "Subscription keys").
+fn never_accepted(key: &str) -> Result<(), &'static str> {
+    if key.trim().is_empty() {
+        Err("the key is empty or only whitespace: the filter takes that as no key at all")
+    } else if key.trim() != key {
+        Err("the key starts or ends with whitespace: the filter trims a key header, so this hash would never match")
+    } else {
+        Ok(())
+    }
+}
+
+/// Output to a closed pipe (`gateguard validate ... | head -1`) ends the process quietly, as it
+/// ends `cat` or `grep`: by SIGPIPE, status 141 in a shell. Rust ignores SIGPIPE by default, and
+/// every `println!` after the reader left would panic with "failed printing to stdout".
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: before any thread or output exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

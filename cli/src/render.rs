@@ -158,11 +158,18 @@ pub fn run(args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // An editor's byte-order mark is no part of the policy (docs/policy.md): none is rendered.
+    let text = gateguard_core::config::without_bom(&text).to_owned();
     let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
-    let compiled = match gateguard_core::parse_policy(text.as_bytes(), &lenient) {
+    let compiled = match gateguard_core::parse_policy_report(text.as_bytes(), &lenient) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("{}: error: {e}", args.policy.display());
+        Err(errors) => {
+            // As `validate` shows them: file:line:column, path, reason, context.
+            crate::validate::print_errors(
+                &args.policy.display().to_string(),
+                text.as_bytes(),
+                &errors,
+            );
             return ExitCode::from(1);
         }
     };

@@ -1,12 +1,13 @@
 //! `gateguard token` mints development tokens, `gateguard jwks` publishes the matching public
 //! key: what `make run`'s dev identity provider and the end-to-end tests use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use gateguard_core::jwt::{JwtConfig, JwtPolicy, KeyFamily, KeySet};
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value};
@@ -117,6 +118,7 @@ pub fn token(args: &TokenArgs) -> ExitCode {
 fn mint(args: &TokenArgs) -> Result<String, String> {
     let alg = algorithm(&args.alg)?;
     let key = encoding_key(&args.key, alg)?;
+    filter_would_verify(&args.key, alg, &key)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(|e| e.to_string())?
@@ -173,6 +175,38 @@ fn mint(args: &TokenArgs) -> Result<String, String> {
     let mut header = Header::new(alg);
     header.kid = args.kid.clone();
     jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
+}
+
+/// Refuses a key the filter would not verify tokens with, by the filter's own rules: an HMAC
+/// secret goes through the policy compiler (as a `jwt.hmac_secret`), a public key through the
+/// JWKS parser (RSA 2048-4096 bits, the curves it knows...).
+fn filter_would_verify(path: &Path, alg: Algorithm, key: &EncodingKey) -> Result<(), String> {
+    let refused = |reason: String| {
+        format!(
+            "{}: the filter would refuse this {alg:?} key: {reason}",
+            path.display()
+        )
+    };
+    if KeyFamily::for_algorithm(alg) == KeyFamily::Hmac {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let secret = String::from_utf8_lossy(&bytes).trim_end().to_string();
+        let config: JwtConfig = serde_json::from_value(serde_json::json!({
+            "issuers": ["token"], "audiences": ["token"], "algorithms": [format!("{alg:?}")],
+            "hmac_secret": {"value": secret},
+        }))
+        .map_err(|e| e.to_string())?;
+        return JwtPolicy::compile(&config, "jwt", &|_| None)
+            .map(|_| ())
+            .map_err(|e| refused(e.reason));
+    }
+    let jwk = Jwk::from_encoding_key(key, alg).map_err(|e| refused(e.to_string()))?;
+    let jwks = serde_json::json!({ "keys": [jwk] });
+    let keys = KeySet::from_jwks_value(&jwks).map_err(|e| refused(e.reason()))?;
+    if !keys.has_family(KeyFamily::for_algorithm(alg)) {
+        return Err(refused("not a key for this algorithm".into()));
+    }
+    Ok(())
 }
 
 /// The public JWK of a private key file, as a JSON object.

@@ -4,8 +4,11 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gateguard_core::config::without_bom;
 use gateguard_core::locate::secret_spans;
-use gateguard_core::{parse_policy, CompiledPolicy};
+use gateguard_core::{parse_policy_report, CompiledPolicy, ConfigError, ConfigErrors};
+
+mod online;
 
 /// Stands in for environment variables that are not set where the CLI runs: long enough for any
 /// length rule (HMAC secrets need 32+ bytes), so only `--check-env` reports missing variables.
@@ -13,7 +16,8 @@ pub const PLACEHOLDER: &str = "placeholder-for-an-unset-environment-variable-000
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Policy files (JSON).
+    /// Policy files (JSON). A JSON Schema document among them (policies/gateguard.schema.json)
+    /// is skipped with a note.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Require every `{"env": NAME}` value to be set in this process's environment, as the
@@ -23,11 +27,26 @@ pub struct Args {
     /// Print nothing for valid files.
     #[arg(short, long)]
     quiet: bool,
+    #[command(flatten)]
+    online: online::Args,
 }
 
 pub fn run(args: &Args) -> ExitCode {
     let mut invalid = false;
     let mut unreadable = false;
+    let mut policies = 0;
+    let mut schemas = 0;
+    let client = if args.online.online {
+        match online::Client::new(&args.online) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("gateguard validate: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     for file in &args.files {
         let text = match std::fs::read(file) {
             Ok(t) => t,
@@ -37,29 +56,35 @@ pub fn run(args: &Args) -> ExitCode {
                 continue;
             }
         };
+        let name = file.display().to_string();
         let strict = |name: &str| std::env::var(name).ok();
         let lenient = |name: &str| Some(std::env::var(name).unwrap_or_else(|_| PLACEHOLDER.into()));
         let env: &dyn Fn(&str) -> Option<String> = if args.check_env { &strict } else { &lenient };
-        match parse_policy(&text, env) {
+        match parse_policy_report(&text, env) {
             Ok(policy) => {
+                policies += 1;
                 if !args.quiet {
-                    for line in summary(&file.display().to_string(), &policy) {
+                    for line in summary(&name, &policy) {
                         println!("{line}");
                     }
                 }
-            }
-            Err(e) => {
-                invalid = true;
-                // file:line:column: like compilers, so editors can jump to it.
-                let position = match (e.line, e.column) {
-                    (Some(l), Some(c)) => format!("{l}:{c}:"),
-                    _ => String::new(),
-                };
-                let path = if e.path.is_empty() { "$" } else { &e.path };
-                eprintln!("{}:{position} error: {path}: {}", file.display(), e.reason);
-                if let (Some(line), Ok(text)) = (e.line, std::str::from_utf8(&text)) {
-                    print_context(text, line, e.column.unwrap_or(1));
+                if let Some(client) = &client {
+                    if !online::check(client, &name, &text, &policy, args.quiet) {
+                        invalid = true;
+                    }
                 }
+            }
+            Err(errors) => {
+                if let Some(schema) = json_schema_document(&text) {
+                    schemas += 1;
+                    eprintln!(
+                        "{name}: note: skipped: a JSON Schema document (\"$schema\": {schema:?}), not a policy"
+                    );
+                    continue;
+                }
+                policies += 1;
+                invalid = true;
+                print_errors(&name, &text, &errors);
             }
         }
     }
@@ -67,9 +92,60 @@ pub fn run(args: &Args) -> ExitCode {
         ExitCode::from(2)
     } else if invalid {
         ExitCode::from(1)
+    } else if policies == 0 && schemas > 0 {
+        // `validate deploy/policy.json` must not pass when that file is a schema.
+        eprintln!(
+            "gateguard validate: error: no policy among the files, only JSON Schema documents"
+        );
+        ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Every error of a policy, in document order, as compilers write them
+/// (`file:line:column: error: path: reason`, so editors can jump to it), each followed by the
+/// offending lines with secrets masked; then how many when there are several.
+pub fn print_errors(file: &str, text: &[u8], errors: &ConfigErrors) {
+    let mut sorted: Vec<&ConfigError> = errors.iter().collect();
+    sorted.sort_by_key(|e| (e.line.unwrap_or(0), e.column.unwrap_or(0)));
+    let text = std::str::from_utf8(text).ok().map(without_bom);
+    for e in &sorted {
+        eprintln!("{}", error_line(file, e));
+        if let (Some(line), Some(text)) = (e.line, text) {
+            print_context(text, line, e.column.unwrap_or(1));
+        }
+    }
+    if sorted.len() > 1 {
+        eprintln!("{file}: {} errors", sorted.len());
+    }
+}
+
+fn error_line(file: &str, e: &ConfigError) -> String {
+    let position = match (e.line, e.column) {
+        (Some(l), Some(c)) => format!("{l}:{c}:"),
+        _ => String::new(),
+    };
+    let path = if e.path.is_empty() { "$" } else { &e.path };
+    format!("{file}:{position} error: {path}: {}", e.reason)
+}
+
+/// The `$schema` of a document that is a JSON Schema rather than a policy: its `$schema` names a
+/// json-schema.org meta-schema, it has no `apis`, and it holds schema keywords (`properties`,
+/// `$defs`, `definitions`), which a policy can never hold. The filter refuses such a document
+/// anyway; a policy that merely points `$schema` at a meta-schema keeps its `apis` and is
+/// validated.
+fn json_schema_document(text: &[u8]) -> Option<String> {
+    let text = without_bom(std::str::from_utf8(text).ok()?);
+    let doc: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).ok()?;
+    let schema = doc.get("$schema")?.as_str()?;
+    let meta = ["https://json-schema.org/", "http://json-schema.org/"]
+        .iter()
+        .any(|p| schema.starts_with(p));
+    let keywords = ["properties", "$defs", "definitions"]
+        .iter()
+        .any(|k| doc.contains_key(*k));
+    (meta && keywords && !doc.contains_key("apis")).then(|| schema.to_string())
 }
 
 /// What `validate` prints for a valid policy: the APIs it serves, then what the policy needs from
@@ -182,6 +258,8 @@ fn masked(line: &str, start: usize, secrets: &[Range<usize>], column: usize) -> 
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    use gateguard_core::parse_policy;
 
     fn error_context(text: &str) -> String {
         let e = parse_policy(text.as_bytes(), &|_| Some(PLACEHOLDER.into())).unwrap_err();

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{LogConfig, LogPolicy};
 use crate::client_cert::{ClientCertConfig, ClientCertPolicy};
 use crate::cors::{CorsConfig, CorsPolicy};
 use crate::deploy::{ListenerConfig, ListenerPolicy, UpstreamConfig, UpstreamPolicy};
-use crate::error::{index, join, without_secrets, ConfigError};
+use crate::error::{index, join, without_secrets, ConfigError, ConfigErrors};
 use crate::header_rules::{HeaderRules, HeaderRulesConfig};
 use crate::headers::{check_upstream_header_name, is_header_value};
 use crate::ip_filter::{ClientIpConfig, ClientIpPolicy, IpFilterConfig, IpFilterPolicy};
@@ -31,6 +32,10 @@ use crate::value::{EnvLookup, ValueSource};
 /// Policies larger than this are refused before parsing.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
+/// Errors reported for one policy at most: finding where each stands reads the document again,
+/// so a megabyte of broken APIs stays a bounded amount of work.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "serialize", derive(serde::Serialize))]
@@ -39,7 +44,8 @@ pub struct PolicyConfig {
     /// Editors' JSON Schema reference; ignored by the filter.
     #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[cfg_attr(feature = "schema", schemars(!skip_serializing_if))]
-    #[serde(rename = "$schema", default)]
+    #[cfg_attr(feature = "schema", schemars(with = "String"))]
+    #[serde(rename = "$schema", default, deserialize_with = "string_only")]
     pub schema: Option<String>,
     pub apis: Vec<ApiConfig>,
     /// The gateway's TLS listener, as `gateguard render` writes it; ignored by the filter.
@@ -87,6 +93,11 @@ pub struct PolicyConfig {
     #[cfg_attr(feature = "serialize", serde(skip_serializing_if = "Option::is_none"))]
     #[serde(default)]
     pub log: Option<LogConfig>,
+}
+
+/// A string, never `null`: `"$schema"` is for editors, which want a URL or a path.
+fn string_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// The verified-token cache: a fixed number of shared-data slots.
@@ -216,8 +227,20 @@ pub struct ApiPolicy {
 }
 
 /// Parses and compiles a policy document. Errors carry the JSON path and, where it can be
-/// found, the line and column.
+/// found, the line and column. The first error of [`parse_policy_report`].
 pub fn parse_policy(text: &[u8], env: EnvLookup<'_>) -> Result<CompiledPolicy, ConfigError> {
+    parse_policy_report(text, env).map_err(ConfigErrors::into_first)
+}
+
+/// Parses and compiles a policy document, reporting every error that does not depend on another
+/// (docs/policy.md, "Validating a policy"): each API's and each section's. A syntax error stops
+/// there; a shape error (an unknown field, a wrong type) leaves the other APIs and sections to be
+/// read and compiled on their own. The first error is the one [`parse_policy`] returns. A UTF-8
+/// byte-order mark before the document is skipped, as editors write one.
+pub fn parse_policy_report(
+    text: &[u8],
+    env: EnvLookup<'_>,
+) -> Result<CompiledPolicy, ConfigErrors> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(ConfigError::new(
             "",
@@ -225,34 +248,173 @@ pub fn parse_policy(text: &[u8], env: EnvLookup<'_>) -> Result<CompiledPolicy, C
                 "policy is {} bytes; the limit is {MAX_POLICY_BYTES}",
                 text.len()
             ),
+        )
+        .into());
+    }
+    let whole = std::str::from_utf8(text)
+        .map_err(|e| ConfigError::new("", format!("policy is not UTF-8: {e}")))?;
+    let text = without_bom(whole);
+    let mut errors = Vec::new();
+    let policy = match parse_raw(text) {
+        Ok(raw) => {
+            let numbers: Vec<usize> = (0..raw.apis.len()).collect();
+            compile_parts(&raw, &numbers, true, env, &mut errors)
+        }
+        Err(first) => {
+            errors.push(first);
+            compile_readable_parts(text, env, &mut errors);
+            None
+        }
+    };
+    if errors.len() > MAX_REPORTED_ERRORS {
+        errors.truncate(MAX_REPORTED_ERRORS);
+        errors.push(ConfigError::new(
+            "",
+            format!("stopped after {MAX_REPORTED_ERRORS} errors; there are more"),
         ));
     }
-    let text = std::str::from_utf8(text)
-        .map_err(|e| ConfigError::new("", format!("policy is not UTF-8: {e}")))?;
-    let raw = parse_raw(text)?;
-    let mut policy = compile(&raw, env).map_err(|e| match locate(text, &e.path) {
-        Some((line, column)) if e.line.is_none() => e.at(line, column),
-        _ => e,
-    })?;
-    policy.fingerprint = Sha256::digest(text.as_bytes()).into();
-    Ok(policy)
+    for e in &mut errors {
+        if e.line.is_none() {
+            if let Some((line, column)) = locate(text, &e.path) {
+                e.line = Some(line);
+                e.column = Some(column);
+            }
+        }
+    }
+    match (policy, ConfigErrors::from_vec(errors)) {
+        (_, Some(errors)) => Err(errors),
+        (Some(mut policy), None) => {
+            policy.fingerprint = Sha256::digest(whole.as_bytes()).into();
+            Ok(policy)
+        }
+        (None, None) => Err(ConfigError::new("", "policy refused").into()),
+    }
+}
+
+/// The document after a UTF-8 byte-order mark, if it starts with one (Windows editors write it;
+/// JSON forbids it, and it is no reason to refuse a policy).
+pub fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// Phase one: the document's shape.
 pub fn parse_raw(text: &str) -> Result<PolicyConfig, ConfigError> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let raw: PolicyConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let (line, column) = (inner.line(), inner.column());
-        let (path, reason) = without_secrets(path, strip_position(&inner.to_string()));
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::new(path, reason).at(line, column)
-    })?;
+    let raw: PolicyConfig =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| shape_error(e, ""))?;
     de.end().map_err(|e| {
         ConfigError::new("", strip_position(&e.to_string())).at(e.line(), e.column())
     })?;
     Ok(raw)
+}
+
+/// A serde error as a policy error, its path under `prefix` and without the secrets it quotes.
+fn shape_error(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> ConfigError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let (line, column) = (inner.line(), inner.column());
+    let path = match (prefix, path.as_str()) {
+        (_, ".") => prefix.to_string(),
+        ("", _) => path,
+        _ => join(prefix, &path),
+    };
+    let (path, reason) = without_secrets(path, strip_position(&inner.to_string()));
+    ConfigError::new(path, reason).at(line, column)
+}
+
+/// After a shape error: every top-level section and every API read on its own, so that one typo
+/// does not hide the next; the errors of those that cannot be read, then the compiler's errors
+/// for those that can. Nothing more when the document is not JSON throughout.
+fn compile_readable_parts(text: &str, env: EnvLookup<'_>, errors: &mut Vec<ConfigError>) {
+    let Ok(sections) = serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(text) else {
+        return;
+    };
+    let add = |errors: &mut Vec<ConfigError>, e: ConfigError| {
+        if !errors
+            .iter()
+            .any(|o| o.path == e.path && o.reason == e.reason)
+        {
+            errors.push(e);
+        }
+    };
+    // The sections that read alone, together in one document with no API.
+    let mut readable = String::from("{");
+    for (key, value) in sections.iter().filter(|(k, _)| *k != "apis") {
+        if errors.len() > MAX_REPORTED_ERRORS {
+            return;
+        }
+        let Ok(name) = serde_json::to_string(key) else {
+            continue;
+        };
+        let piece = format!("{{{name}:{},\"apis\":[]}}", value.get());
+        match parse_raw(&piece) {
+            Ok(_) => {
+                readable.push_str(&format!("{name}:{},", value.get()));
+            }
+            Err(e) => add(errors, relocated(e, text, key, name.len() + 2)),
+        }
+    }
+    readable.push_str("\"apis\":[]}");
+    let Ok(mut raw) = parse_raw(&readable) else {
+        return;
+    };
+    let mut numbers = Vec::new();
+    let mut complete = true;
+    match sections.get("apis") {
+        None => {
+            complete = false;
+            add(errors, ConfigError::new("", "missing field `apis`"));
+        }
+        Some(list) => match serde_json::from_str::<Vec<Box<RawValue>>>(list.get()) {
+            Ok(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if errors.len() > MAX_REPORTED_ERRORS {
+                        return;
+                    }
+                    let path = index("apis", i);
+                    let mut de = serde_json::Deserializer::from_str(item.get());
+                    match serde_path_to_error::deserialize::<_, ApiConfig>(&mut de) {
+                        Ok(api) => {
+                            raw.apis.push(api);
+                            numbers.push(i);
+                        }
+                        Err(e) => {
+                            complete = false;
+                            add(errors, relocated(shape_error(e, &path), text, &path, 0));
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                complete = false;
+                if let Err(e) = parse_raw(&format!("{{\"apis\":{}}}", list.get())) {
+                    add(errors, relocated(e, text, "apis", 8));
+                }
+            }
+        },
+    }
+    let mut compiled = Vec::new();
+    compile_parts(&raw, &numbers, complete, env, &mut compiled);
+    for e in compiled {
+        add(errors, e);
+    }
+}
+
+/// An error found in a piece of the document (the value at `path`, after `prefix` bytes of
+/// wrapping on the piece's first line), placed where that value stands in `text`.
+fn relocated(mut e: ConfigError, text: &str, path: &str, prefix: usize) -> ConfigError {
+    let Some((line, column)) = locate(text, path) else {
+        e.line = None;
+        e.column = None;
+        return e;
+    };
+    let (l, c) = (e.line.unwrap_or(1), e.column.unwrap_or(0));
+    let at = match l {
+        1 if c <= prefix + 1 => (line, column),
+        1 => (line, column + c - prefix - 1),
+        _ => (line + l - 1, c),
+    };
+    e.at(at.0, at.1)
 }
 
 /// serde_json appends " at line L column C"; we report position separately.
@@ -263,35 +425,78 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-/// Phase two: the document's meaning.
+/// Phase two: the document's meaning. The first error of [`compile_report`].
 pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy, ConfigError> {
-    if raw.apis.is_empty() {
-        return Err(ConfigError::new("apis", "must define at least one API"));
+    compile_report(raw, env).map_err(ConfigErrors::into_first)
+}
+
+/// Phase two, with every error that does not depend on another.
+pub fn compile_report(
+    raw: &PolicyConfig,
+    env: EnvLookup<'_>,
+) -> Result<CompiledPolicy, ConfigErrors> {
+    let numbers: Vec<usize> = (0..raw.apis.len()).collect();
+    let mut errors = Vec::new();
+    let policy = compile_parts(raw, &numbers, true, env, &mut errors);
+    match (policy, ConfigErrors::from_vec(errors)) {
+        (Some(policy), None) => Ok(policy),
+        (_, Some(errors)) => Err(errors),
+        (None, None) => Err(ConfigError::new("", "policy refused").into()),
     }
-    let client_ip = ClientIpPolicy::compile(&raw.client_ip, "client_ip")?;
-    let listener = ListenerPolicy::compile(raw.listener.as_ref(), "listener")?;
-    let upstream = UpstreamPolicy::compile(raw.upstream.as_ref(), "upstream")?;
+}
+
+/// The value of `result`, or `None` with its error added to `errors`.
+fn keep<T>(errors: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> Option<T> {
+    result.map_err(|e| errors.push(e)).ok()
+}
+
+/// Compiles `raw`, whose `apis[k]` is the document's `apis[numbers[k]]` (the others could not be
+/// read); `complete` when every API could be. Adds each error to `errors`; `Some` without any.
+fn compile_parts(
+    raw: &PolicyConfig,
+    numbers: &[usize],
+    complete: bool,
+    env: EnvLookup<'_>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<CompiledPolicy> {
+    let before = errors.len();
+    if raw.apis.is_empty() && complete {
+        errors.push(ConfigError::new("apis", "must define at least one API"));
+    }
+    let client_ip = keep(errors, ClientIpPolicy::compile(&raw.client_ip, "client_ip"));
+    let listener = keep(
+        errors,
+        ListenerPolicy::compile(raw.listener.as_ref(), "listener"),
+    );
+    let upstream = keep(
+        errors,
+        UpstreamPolicy::compile(raw.upstream.as_ref(), "upstream"),
+    );
     let mut apis: Vec<ApiPolicy> = Vec::with_capacity(raw.apis.len());
-    for (i, api) in raw.apis.iter().enumerate() {
+    for (api, &i) in raw.apis.iter().zip(numbers) {
         let path = index("apis", i);
-        let compiled = compile_api(api, &path, env)?;
+        let Some(compiled) = compile_api(api, &path, env, errors) else {
+            continue;
+        };
         if let Some(other) = apis.iter().find(|a| a.name == compiled.name) {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 join(&path, "name"),
                 format!("duplicate API name {:?}", other.name),
             ));
+            continue;
         }
         if let Some(other) = apis
             .iter()
             .find(|a| a.path_prefix.eq_ignore_ascii_case(&compiled.path_prefix))
         {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 join(&path, "path_prefix"),
                 format!(
                     "{:?} is already the prefix of API {:?} (prefixes match case-insensitively)",
                     compiled.path_prefix, other.name
                 ),
             ));
+            continue;
         }
         apis.push(compiled);
     }
@@ -300,17 +505,49 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
     for jwt in apis.iter_mut().filter_map(|a| a.jwt.as_mut()) {
         slots = jwt.assign_slots(slots);
     }
-    let replay_cache = ReplayCachePolicy::compile(&raw.replay_cache, "replay_cache")?;
-    let replay_store = ReplayStore::compile(&raw.replay_store, "replay_store")?;
+    let replay_cache = keep(
+        errors,
+        ReplayCachePolicy::compile(&raw.replay_cache, "replay_cache"),
+    );
+    let replay_store = keep(
+        errors,
+        ReplayStore::compile(&raw.replay_store, "replay_store"),
+    );
     if raw.token_cache.max_entries > 1_000_000 {
-        return Err(ConfigError::new(
+        errors.push(ConfigError::new(
             "token_cache.max_entries",
             "must be at most 1000000 (each slot may hold up to 8 KiB)",
         ));
     }
-    let limit_counters =
-        CounterStorePolicy::compile(raw.limit_counters.max_entries, "limit_counters")?;
-    Ok(CompiledPolicy {
+    let limit_counters = keep(
+        errors,
+        CounterStorePolicy::compile(raw.limit_counters.max_entries, "limit_counters"),
+    );
+    let log = keep(errors, LogPolicy::compile(raw.log.as_ref(), "log", env));
+    if errors.len() > before {
+        return None;
+    }
+    let (
+        Some(client_ip),
+        Some(listener),
+        Some(upstream),
+        Some(replay_cache),
+        Some(replay_store),
+        Some(limit_counters),
+        Some(log),
+    ) = (
+        client_ip,
+        listener,
+        upstream,
+        replay_cache,
+        replay_store,
+        limit_counters,
+        log,
+    )
+    else {
+        return None;
+    };
+    Some(CompiledPolicy {
         apis,
         listener,
         upstream,
@@ -320,11 +557,20 @@ pub fn compile(raw: &PolicyConfig, env: EnvLookup<'_>) -> Result<CompiledPolicy,
         token_cache_slots: raw.token_cache.max_entries,
         limit_counters,
         fingerprint: [0; 32],
-        log: LogPolicy::compile(raw.log.as_ref(), "log", env)?,
+        log,
     })
 }
 
-fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPolicy, ConfigError> {
+/// One API, each of its sections compiled on its own: a check that needs another section (a
+/// limit by subject needs `jwt`) runs when that section is present, so a broken section does not
+/// also make its dependents look wrong.
+fn compile_api(
+    api: &ApiConfig,
+    path: &str,
+    env: EnvLookup<'_>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ApiPolicy> {
+    let before = errors.len();
     // The name becomes part of stat names (`gateguard.<api>.allowed`).
     if api.name.is_empty()
         || api.name.len() > 64
@@ -333,53 +579,65 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        return Err(ConfigError::new(
+        errors.push(ConfigError::new(
             join(path, "name"),
             format!("{:?} must be 1-64 letters, digits, '_' or '-'", api.name),
         ));
     }
-    validate_prefix(&api.path_prefix)
-        .map_err(|reason| ConfigError::new(join(path, "path_prefix"), reason))?;
+    keep(
+        errors,
+        validate_prefix(&api.path_prefix)
+            .map_err(|reason| ConfigError::new(join(path, "path_prefix"), reason)),
+    );
 
-    let cors = api
-        .cors
-        .as_ref()
-        .map(|c| CorsPolicy::compile(c, &join(path, "cors")))
-        .transpose()?;
-    let ip_filter = api
-        .ip_filter
-        .as_ref()
-        .map(|c| IpFilterPolicy::compile(c, &join(path, "ip_filter")))
-        .transpose()?;
-    let client_certificate = api
-        .client_certificate
-        .as_ref()
-        .map(|c| ClientCertPolicy::compile(c, &join(path, "client_certificate")))
-        .transpose()?;
-    let subscription_key = api
-        .subscription_key
-        .as_ref()
-        .map(|c| SubscriptionKeyPolicy::compile(c, &join(path, "subscription_key")))
-        .transpose()?;
-
-    let jwt = api
-        .jwt
-        .as_ref()
-        .map(|c| JwtPolicy::compile(c, &join(path, "jwt"), env))
-        .transpose()?;
+    let cors = keep(
+        errors,
+        api.cors
+            .as_ref()
+            .map(|c| CorsPolicy::compile(c, &join(path, "cors")))
+            .transpose(),
+    );
+    let ip_filter = keep(
+        errors,
+        api.ip_filter
+            .as_ref()
+            .map(|c| IpFilterPolicy::compile(c, &join(path, "ip_filter")))
+            .transpose(),
+    );
+    let client_certificate = keep(
+        errors,
+        api.client_certificate
+            .as_ref()
+            .map(|c| ClientCertPolicy::compile(c, &join(path, "client_certificate")))
+            .transpose(),
+    );
+    let subscription_key = keep(
+        errors,
+        api.subscription_key
+            .as_ref()
+            .map(|c| SubscriptionKeyPolicy::compile(c, &join(path, "subscription_key")))
+            .transpose(),
+    );
+    let jwt = keep(
+        errors,
+        api.jwt
+            .as_ref()
+            .map(|c| JwtPolicy::compile(c, &join(path, "jwt"), env))
+            .transpose(),
+    );
     if jwt
         .as_ref()
-        .is_some_and(|j| j.certificate_bound().is_some())
+        .is_some_and(|j| j.as_ref().is_some_and(|j| j.certificate_bound().is_some()))
         && api.client_certificate.is_none()
     {
-        return Err(ConfigError::new(
+        errors.push(ConfigError::new(
             join(path, "jwt.certificate_bound"),
             "needs \"client_certificate\" on this API: its sources give the certificate a token \
              is bound to",
         ));
     }
-    if api.replay.is_some() && jwt.is_none() {
-        return Err(ConfigError::new(
+    if api.replay.is_some() && api.jwt.is_none() {
+        errors.push(ConfigError::new(
             join(path, "replay"),
             "replay detection needs \"jwt\": only validated tokens are recorded",
         ));
@@ -390,47 +648,60 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
     let mut inject_headers = Vec::with_capacity(api.inject_headers.len());
     for (name, source) in &api.inject_headers {
         let field = join(&inject_path, name);
-        check_upstream_header_name(name).map_err(|r| ConfigError::new(&field, r))?;
-        let value = source.resolve(&field, env)?;
+        if let Err(r) = check_upstream_header_name(name) {
+            errors.push(ConfigError::new(&field, r));
+            continue;
+        }
+        let Some(value) = keep(errors, source.resolve(&field, env)) else {
+            continue;
+        };
         if !is_header_value(&value) {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 field,
                 "value contains control characters (CR, LF, NUL...)",
             ));
+            continue;
         }
         let lower = name.to_ascii_lowercase();
         if inject_headers.iter().any(|(n, _)| *n == lower) {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 field,
                 "header listed twice (names are case-insensitive)",
             ));
+            continue;
         }
         inject_headers.push((lower, value));
     }
 
-    let methods = api
-        .methods
-        .as_ref()
-        .map(|m| MethodsPolicy::compile(m, &join(path, "methods")))
-        .transpose()?;
-    let limits = api
-        .limits
-        .as_ref()
-        .map(|l| LimitsPolicy::compile(l, &join(path, "limits")))
-        .transpose()?;
+    let methods = keep(
+        errors,
+        api.methods
+            .as_ref()
+            .map(|m| MethodsPolicy::compile(m, &join(path, "methods")))
+            .transpose(),
+    );
+    let limits = keep(
+        errors,
+        api.limits
+            .as_ref()
+            .map(|l| LimitsPolicy::compile(l, &join(path, "limits")))
+            .transpose(),
+    );
     // Headers the API reads or sets itself: forbidding one would refuse every request.
     let mut owned: Vec<&str> = inject_headers.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some(keys) = &subscription_key {
+    if let Some(Some(keys)) = &subscription_key {
         owned.push(keys.header_name());
     }
-    if let Some(jwt) = &jwt {
+    if let Some(Some(jwt)) = &jwt {
         owned.extend(jwt.consumed_header_names());
     }
-    let headers = api
-        .headers
-        .as_ref()
-        .map(|h| HeaderRules::compile(h, &join(path, "headers"), &owned))
-        .transpose()?;
+    let headers = keep(
+        errors,
+        api.headers
+            .as_ref()
+            .map(|h| HeaderRules::compile(h, &join(path, "headers"), &owned))
+            .transpose(),
+    );
     let mut call_limits = Vec::new();
     for (field, kind, cfg) in [
         ("rate_limit", LimitKind::Rate, &api.rate_limit),
@@ -438,14 +709,16 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
     ] {
         let Some(cfg) = cfg else { continue };
         let field = join(path, field);
-        let limit = CallLimit::compile(cfg, kind, &field)?;
+        let Some(limit) = keep(errors, CallLimit::compile(cfg, kind, &field)) else {
+            continue;
+        };
         let missing = match limit.by {
-            LimitKey::SubscriptionKey if subscription_key.is_none() => Some("subscription_key"),
-            LimitKey::Subject if jwt.is_none() => Some("jwt"),
+            LimitKey::SubscriptionKey if api.subscription_key.is_none() => Some("subscription_key"),
+            LimitKey::Subject if api.jwt.is_none() => Some("jwt"),
             _ => None,
         };
         if let Some(missing) = missing {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 join(&field, "by"),
                 format!(
                     "{:?} needs \"{missing}\" on this API: calls are counted by a credential it \
@@ -453,11 +726,36 @@ fn compile_api(api: &ApiConfig, path: &str, env: EnvLookup<'_>) -> Result<ApiPol
                     limit.by.name()
                 ),
             ));
+            continue;
         }
         call_limits.push(limit);
     }
-
-    Ok(ApiPolicy {
+    if errors.len() > before {
+        return None;
+    }
+    let (
+        Some(cors),
+        Some(ip_filter),
+        Some(client_certificate),
+        Some(subscription_key),
+        Some(jwt),
+        Some(methods),
+        Some(limits),
+        Some(headers),
+    ) = (
+        cors,
+        ip_filter,
+        client_certificate,
+        subscription_key,
+        jwt,
+        methods,
+        limits,
+        headers,
+    )
+    else {
+        return None;
+    };
+    Some(ApiPolicy {
         name: api.name.clone(),
         path_prefix: api.path_prefix.clone(),
         cors,
@@ -485,6 +783,174 @@ mod tests {
 
     fn parse(text: &str) -> Result<CompiledPolicy, ConfigError> {
         parse_policy(text.as_bytes(), &no_env)
+    }
+
+    fn report(text: &str) -> Vec<(String, Option<usize>)> {
+        parse_policy_report(text.as_bytes(), &no_env)
+            .unwrap_err()
+            .iter()
+            .map(|e| (e.path.clone(), e.line))
+            .collect()
+    }
+
+    #[test]
+    fn every_api_and_section_reports_its_own_errors() {
+        // Meaning errors: one per section of every API, and the top-level sections.
+        let text = r#"{"apis": [
+  {"name": "a b", "path_prefix": "/a",
+   "ip_filter": {"allow": ["10.0.0.300"]}},
+  {"name": "b", "path_prefix": "/b", "cors": {"allowed_origins": ["https://*"]},
+   "replay": {"mode": "with_ip"}},
+  {"name": "c", "path_prefix": "/c"}
+],
+"token_cache": {"max_entries": 2000000}}"#;
+        assert_eq!(
+            report(text),
+            [
+                ("apis[0].name".to_string(), Some(2)),
+                ("apis[0].ip_filter.allow[0]".to_string(), Some(3)),
+                ("apis[1].cors.allowed_origins[0]".to_string(), Some(4)),
+                ("apis[1].replay".to_string(), Some(5)),
+                ("token_cache.max_entries".to_string(), Some(8)),
+            ]
+        );
+        // The first is what parse_policy says.
+        assert_eq!(parse(text).unwrap_err().path, "apis[0].name");
+    }
+
+    #[test]
+    fn a_shape_error_leaves_the_other_apis_and_sections_to_be_checked() {
+        let text = r#"{"apis": [
+  {"name": "a", "path_prefix": "/a", "corz": {}},
+  {"name": "b", "path_prefix": "/b", "ip_filter": {"allow": ["10.0.0.0/33"]}},
+  {"name": "c", "path_prefix": "/c", "methods": "GET"},
+  {"name": "d", "path_prefix": "/d"}
+],
+"client_ip": {"trusted_proxy_hopz": 1},
+"bogus": true,
+"token_cache": {"max_entries": 2000000}}"#;
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(found[0], ("apis[0].corz", Some(2)));
+        for want in [
+            ("apis[1].ip_filter.allow[0]", Some(3)),
+            ("apis[2].methods", Some(4)),
+            ("client_ip.trusted_proxy_hopz", Some(7)),
+            ("bogus", Some(8)),
+            ("token_cache.max_entries", Some(9)),
+        ] {
+            assert!(found.contains(&want), "{want:?} not in {found:?}");
+        }
+        assert_eq!(errors.len(), 6, "{found:?}");
+        // Reported once, with the position the full parse gave it.
+        let corz = errors.iter().find(|e| e.path == "apis[0].corz").unwrap();
+        assert!(
+            corz.reason.starts_with("unknown field `corz`"),
+            "{}",
+            corz.reason
+        );
+        // A column on the piece's first line lands on the document's.
+        let methods = errors.iter().find(|e| e.path == "apis[2].methods").unwrap();
+        assert!(
+            methods.reason.contains("expected a sequence"),
+            "{}",
+            methods.reason
+        );
+        assert!(methods.column.unwrap() > 40, "{methods:?}");
+        // "must define at least one API" is not made up when the APIs could not be read.
+        let only_bad = report(r#"{"apis": [{"name": "a", "path_prefix": "/a", "x": 1}]}"#);
+        assert_eq!(only_bad, [("apis[0].x".to_string(), Some(1))]);
+    }
+
+    #[test]
+    fn a_megabyte_of_broken_apis_reports_a_bounded_list_quickly() {
+        let api = r#"{"name": "a", "path_prefix": "/a", "x": 1}"#;
+        let n = MAX_POLICY_BYTES / (api.len() + 2);
+        let text = format!("{{\"apis\": [{}]}}", vec![api; n].join(",\n"));
+        assert!(text.len() <= MAX_POLICY_BYTES);
+        let start = std::time::Instant::now();
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
+        let last = errors.iter().last().unwrap();
+        assert!(
+            last.reason.starts_with("stopped after 100 errors"),
+            "{last}"
+        );
+        assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+        // The same for meaning errors, which all compile.
+        let api =
+            |i: usize| format!(r#"{{"name": "a{i}", "path_prefix": "/a{i}", "methods": []}}"#);
+        let list: Vec<String> = (0..5000).map(api).collect();
+        let text = format!("{{\"apis\": [{}]}}", list.join(",\n"));
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
+        assert_eq!(errors.first().line, Some(1));
+    }
+
+    #[test]
+    fn a_syntax_error_is_the_only_error() {
+        let text =
+            "{\"apis\": [{\"name\": \"a b\", \"path_prefix\": \"/a\", \"x\": 1}],\n \"y\" 1}";
+        let found = report(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let found =
+            report("{\"apis\": [{\"name\": \"a\", \"path_prefix\": \"/a\", \"x\": 1}]} trailing");
+        assert_eq!(found.len(), 1, "{found:?}");
+        let found = report(r#"{"apis": {"name": "a"}, "client_ip": 3}"#);
+        assert_eq!(
+            found.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+            ["apis", "client_ip"]
+        );
+        let found = report(r#"{"client_ip": 3}"#);
+        assert_eq!(found.len(), 2, "{found:?}");
+    }
+
+    #[test]
+    fn secrets_stay_masked_in_every_reported_error() {
+        let text = r#"{"apis": [
+  {"name": "a", "path_prefix": "/a", "inject_headers": {"x-k": "s3cret-one"}},
+  {"name": "b", "path_prefix": "/b", "inject_headers": {"x-k": {"vaule": "s3cret-two"}}},
+  {"name": "c", "path_prefix": "/c", "jwt": {"issuers": ["i"], "audiences": ["a"],
+   "algorithms": ["HS256"], "hmac_secret": {"s3cret-three": 1}}}
+]}"#;
+        let errors = parse_policy_report(text.as_bytes(), &no_env).unwrap_err();
+        assert_eq!(errors.len(), 3);
+        for e in errors.iter() {
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+        assert!(!errors.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let text = "\u{feff}{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/api\"}]}";
+        let p = parse(text).unwrap();
+        assert_eq!(p.apis[0].name, "a");
+        let bad = "\u{feff}{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/api\", \"x\":1}]}";
+        let e = parse(bad).unwrap_err();
+        assert_eq!((e.path.as_str(), e.line), ("apis[0].x", Some(1)));
+        // Only at the start, and only one.
+        assert!(
+            parse("\u{feff}\u{feff}{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/a\"}]}").is_err()
+        );
+        // The fingerprint is the document's, mark included: another document, another binding.
+        let plain = parse("{\"apis\":[{\"name\":\"a\",\"path_prefix\":\"/api\"}]}").unwrap();
+        assert_ne!(plain.fingerprint, p.fingerprint);
+    }
+
+    #[test]
+    fn a_json_schema_reference_is_a_string_and_is_ignored() {
+        let p = parse(r#"{"$schema": "./gateguard.schema.json", "apis": [{"name": "a", "path_prefix": "/a"}]}"#)
+            .unwrap();
+        assert_eq!(p.apis.len(), 1);
+        for bad in [r#"{"x": 1}"#, "null", "3"] {
+            let e = parse(&format!(
+                r#"{{"$schema": {bad}, "apis": [{{"name": "a", "path_prefix": "/a"}}]}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, "$schema");
+        }
     }
 
     #[test]

@@ -46,6 +46,80 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Every error found in a policy: the first one the document meets, then the others that do not
+/// depend on it (another API's, another section's). Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    first: ConfigError,
+    more: Vec<ConfigError>,
+}
+
+/// How many errors the filter's log line lists before "and N more".
+pub const LOGGED_ERRORS: usize = 10;
+
+impl ConfigErrors {
+    /// `None` for an empty list.
+    pub fn from_vec(list: Vec<ConfigError>) -> Option<Self> {
+        let mut list = list.into_iter();
+        let first = list.next()?;
+        Some(Self {
+            first,
+            more: list.collect(),
+        })
+    }
+
+    pub fn first(&self) -> &ConfigError {
+        &self.first
+    }
+
+    pub fn into_first(self) -> ConfigError {
+        self.first
+    }
+
+    pub fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Always false: there is at least one error.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(first: ConfigError) -> Self {
+        Self {
+            first,
+            more: Vec::new(),
+        }
+    }
+}
+
+/// One line, as the filter logs it: the first [`LOGGED_ERRORS`] errors, then how many more.
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.more.is_empty() {
+            return write!(f, "{}", self.first);
+        }
+        write!(f, "{} errors:", self.len())?;
+        for (i, e) in self.iter().take(LOGGED_ERRORS).enumerate() {
+            write!(f, " [{}] {e}", i + 1)?;
+        }
+        if self.len() > LOGGED_ERRORS {
+            write!(
+                f,
+                " ... and {} more (`gateguard validate` lists them all)",
+                self.len() - LOGGED_ERRORS
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Joins a JSON path prefix and a field name: `join("apis[0]", "cors")` is `apis[0].cors`.
 pub fn join(prefix: &str, field: &str) -> String {
     if prefix.is_empty() {
@@ -147,6 +221,30 @@ pub fn index(prefix: &str, i: usize) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_display_on_one_bounded_line() {
+        let one = ConfigErrors::from(ConfigError::new("apis", "must define at least one API"));
+        assert_eq!(one.to_string(), "apis: must define at least one API");
+        let list = (0..12)
+            .map(|i| ConfigError::new(format!("apis[{i}].name"), "bad").at(i + 1, 2))
+            .collect();
+        let many = ConfigErrors::from_vec(list).unwrap();
+        assert_eq!(many.len(), 12);
+        let line = many.to_string();
+        assert!(
+            line.starts_with("12 errors: [1] apis[0].name: bad (line 1, column 2) [2] apis[1]"),
+            "{line}"
+        );
+        assert!(line.contains("[10] apis[9].name"), "{line}");
+        assert!(!line.contains("apis[10]"), "{line}");
+        assert!(
+            line.ends_with("... and 2 more (`gateguard validate` lists them all)"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        assert!(ConfigErrors::from_vec(Vec::new()).is_none());
+    }
 
     #[test]
     fn secret_paths() {

@@ -29,7 +29,7 @@ pub mod value;
 #[cfg(feature = "serialize")]
 mod serialize;
 
-pub use config::{parse_policy, CompiledPolicy};
+pub use config::{parse_policy, parse_policy_report, CompiledPolicy};
 pub use decision::{Decision, Outcome, Refusal};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigErrors};
 pub use pipeline::Request;
