@@ -547,6 +547,23 @@ def test_online_refuses_a_wrong_issuer_missing_keys_and_garbage(tmp_path, idp):
     assert "HTTP status 500" in line
 
 
+def test_online_accepts_a_multi_tenant_discovery_issuer_for_a_listed_tenant(tmp_path, idp):
+    # Entra's organizations/common documents name a template issuer; a policy that lists one
+    # tenant's issuer under that template works, one that lists another host's does not.
+    base = f"http://127.0.0.1:{idp.port}"
+    idp.issuer = base + "/{tenantid}/v2.0"
+    ok = online_policy(tmp_path, discovery(idp), [f"{base}/8eaef023-2b34-4da1-9baa-8bc8c9d6a490/v2.0"])
+    r = run("validate", "--online", ok)
+    assert r.returncode == 0, r.stderr
+    line = online_error(run("validate", "--online", online_policy(
+        tmp_path, discovery(idp), ["https://login.example/8eaef023-2b34-4da1-9baa-8bc8c9d6a490/v2.0"])))
+    assert "is not one of the policy's issuers" in line
+    # The template never stands for a path: a listed issuer with a slash in its place is no match.
+    line = online_error(run("validate", "--online", online_policy(
+        tmp_path, discovery(idp), [f"{base}/a/b/v2.0"])))
+    assert "is not one of the policy's issuers" in line
+
+
 def test_online_reports_an_identity_provider_down_or_silent(tmp_path):
     from envoy_harness import free_port
     import socket

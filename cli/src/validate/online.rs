@@ -138,6 +138,8 @@ struct Target<'a> {
     label: String,
     provider: &'a Provider,
     issuers: Vec<String>,
+    /// `entra.tenants`: the tenants a multi-tenant Entra provider accepts.
+    tenants: Vec<String>,
     algorithms: Vec<Algorithm>,
 }
 
@@ -206,7 +208,8 @@ fn targets<'a>(raw: &PolicyConfig, policy: &'a CompiledPolicy) -> Vec<Target<'a>
             continue;
         };
         let jwt_path = format!("apis[{i}].jwt");
-        let written: Vec<(String, Vec<String>, Vec<String>, bool)> = match &cfg.providers {
+        type Written = (String, Vec<String>, Vec<String>, Option<Vec<String>>);
+        let written: Vec<Written> = match &cfg.providers {
             Some(list) => list
                 .iter()
                 .enumerate()
@@ -215,7 +218,7 @@ fn targets<'a>(raw: &PolicyConfig, policy: &'a CompiledPolicy) -> Vec<Target<'a>
                         format!("{jwt_path}.providers[{k}]"),
                         p.issuers.clone(),
                         p.algorithms.clone(),
-                        p.entra.is_some(),
+                        p.entra.as_ref().map(|e| e.tenants.clone()),
                     )
                 })
                 .collect(),
@@ -223,7 +226,7 @@ fn targets<'a>(raw: &PolicyConfig, policy: &'a CompiledPolicy) -> Vec<Target<'a>
                 jwt_path.clone(),
                 cfg.issuers.clone(),
                 cfg.algorithms.clone(),
-                cfg.entra.is_some(),
+                cfg.entra.as_ref().map(|e| e.tenants.clone()),
             )],
         };
         let several = written.len() > 1;
@@ -233,7 +236,7 @@ fn targets<'a>(raw: &PolicyConfig, policy: &'a CompiledPolicy) -> Vec<Target<'a>
             let mut algorithms: Vec<Algorithm> =
                 algorithms.iter().filter_map(|a| a.parse().ok()).collect();
             // What `entra` allows when it lists none (docs/policy.md, "Entra ID").
-            if algorithms.is_empty() && entra {
+            if algorithms.is_empty() && entra.is_some() {
                 algorithms.push(Algorithm::RS256);
             }
             let label = if several {
@@ -250,6 +253,7 @@ fn targets<'a>(raw: &PolicyConfig, policy: &'a CompiledPolicy) -> Vec<Target<'a>
                 label,
                 provider,
                 issuers,
+                tenants: entra.unwrap_or_default(),
                 algorithms,
             });
         }
@@ -266,7 +270,7 @@ fn check_provider(client: &Client, target: &Target, uri: &str) -> Result<Vec<Str
             .map_err(|e| format!("discovery document {uri}: {e}"))?;
         let issuer =
             discovery_issuer(&doc).map_err(|e| format!("discovery document {uri}: {e}"))?;
-        if !target.provider.accepts_issuer(&issuer, None) {
+        if !accepts_discovery_issuer(target, &issuer) {
             return Err(format!(
                 "discovery document {uri}: issuer {issuer:?} is not one of the policy's issuers"
             ));
@@ -346,6 +350,32 @@ fn check_provider(client: &Client, target: &Target, uri: &str) -> Result<Vec<Str
         keys.len()
     ));
     Ok(lines)
+}
+
+/// Whether the policy accepts tokens from a discovery document's `issuer`. Entra's multi-tenant
+/// documents (`organizations`, `common`) name a template, `https://login.microsoftonline.com/
+/// {tenantid}/v2.0`: it is accepted when the policy accepts it for one of its tenants or
+/// issuers, the way the filter accepts a token's `iss` with its `tid`.
+fn accepts_discovery_issuer(target: &Target, issuer: &str) -> bool {
+    const TEMPLATE: &str = "{tenantid}";
+    if target.provider.accepts_issuer(issuer, None) {
+        return true;
+    }
+    let Some((prefix, suffix)) = issuer.split_once(TEMPLATE) else {
+        return false;
+    };
+    let tenant_of = |iss: &str| -> Option<String> {
+        let middle = iss.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        (!middle.is_empty() && !middle.contains('/')).then(|| middle.to_string())
+    };
+    target.tenants.iter().any(|t| {
+        target
+            .provider
+            .accepts_issuer(&issuer.replace(TEMPLATE, t), Some(t))
+    }) || target
+        .issuers
+        .iter()
+        .any(|iss| tenant_of(iss).is_some_and(|t| target.provider.accepts_issuer(iss, Some(&t))))
 }
 
 /// The `issuer` of a discovery document.
