@@ -160,6 +160,13 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
         }
         out.push(octet);
     }
+    // The same once decoded: `%25%34%31` is `%41` after one decoding and `A` after two.
+    if out
+        .windows(3)
+        .any(|w| w[0] == b'%' && hex::nibble(w[1]).is_some() && hex::nibble(w[2]).is_some())
+    {
+        return Err(PathError::DoubleEncoding);
+    }
     Ok(out)
 }
 
