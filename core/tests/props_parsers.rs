@@ -34,14 +34,58 @@ fn cases(cases: u32) -> ProptestConfig {
 
 /// Field names of the policy, so random documents reach past the top level.
 const POLICY_KEYS: &[&str] = &[
-    "apis", "name", "path_prefix", "cors", "allowed_origins", "allowed_methods",
-    "allowed_headers", "ip_filter", "allow", "deny", "subscription_key", "keys_sha256", "jwt",
-    "issuers", "audiences", "algorithms", "jwks", "inline", "keys", "uri", "replay", "mode",
-    "client_ip", "trusted_proxy_hops", "trusted_proxies", "replay_cache", "max_entries",
-    "client_certificate", "thumbprints", "sources", "headers", "required", "forbidden",
-    "patterns", "methods", "limits", "rate_limit", "quota", "calls", "period_seconds", "by",
-    "inject_headers", "env", "required_claims", "claims_to_headers", "replay_store", "etcd",
-    "listener", "upstream", "token_cache", "log", "$schema",
+    "apis",
+    "name",
+    "path_prefix",
+    "cors",
+    "allowed_origins",
+    "allowed_methods",
+    "allowed_headers",
+    "ip_filter",
+    "allow",
+    "deny",
+    "subscription_key",
+    "keys_sha256",
+    "jwt",
+    "issuers",
+    "audiences",
+    "algorithms",
+    "jwks",
+    "inline",
+    "keys",
+    "uri",
+    "replay",
+    "mode",
+    "client_ip",
+    "trusted_proxy_hops",
+    "trusted_proxies",
+    "replay_cache",
+    "max_entries",
+    "client_certificate",
+    "thumbprints",
+    "sources",
+    "headers",
+    "required",
+    "forbidden",
+    "patterns",
+    "methods",
+    "limits",
+    "rate_limit",
+    "quota",
+    "calls",
+    "period_seconds",
+    "by",
+    "inject_headers",
+    "env",
+    "required_claims",
+    "claims_to_headers",
+    "replay_store",
+    "etcd",
+    "listener",
+    "upstream",
+    "token_cache",
+    "log",
+    "$schema",
 ];
 
 fn arb_string() -> impl Strategy<Value = String> {
@@ -96,7 +140,11 @@ fn pointers(doc: &Value, at: String, out: &mut Vec<String>) {
     match doc {
         Value::Object(m) => {
             for (k, v) in m {
-                pointers(v, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+                pointers(
+                    v,
+                    format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                    out,
+                );
             }
         }
         Value::Array(a) => {
@@ -239,8 +287,7 @@ fn arb_segment() -> impl Strategy<Value = String> {
 
 fn arb_token() -> impl Strategy<Value = String> {
     prop_oneof![
-        (arb_segment(), arb_segment(), arb_segment())
-            .prop_map(|(a, b, c)| format!("{a}.{b}.{c}")),
+        (arb_segment(), arb_segment(), arb_segment()).prop_map(|(a, b, c)| format!("{a}.{b}.{c}")),
         proptest::collection::vec(arb_segment(), 0..5).prop_map(|v| v.join(".")),
         any::<String>(),
     ]
@@ -288,15 +335,28 @@ proptest! {
 fn arb_jwk() -> impl Strategy<Value = Value> {
     let b64 = proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| Value::String(b64url(&b)));
     let field = prop_oneof![
-        Just("kty"), Just("crv"), Just("x"), Just("y"), Just("n"), Just("e"), Just("kid"),
-        Just("alg"), Just("use"), Just("key_ops"), Just("d"), Just("k"), Just("x5c"),
+        Just("kty"),
+        Just("crv"),
+        Just("x"),
+        Just("y"),
+        Just("n"),
+        Just("e"),
+        Just("kid"),
+        Just("alg"),
+        Just("use"),
+        Just("key_ops"),
+        Just("d"),
+        Just("k"),
+        Just("x5c"),
     ];
     let value = prop_oneof![
         b64,
-        proptest::sample::select(&[
-            "RSA", "EC", "OKP", "oct", "P-256", "P-384", "P-521", "Ed25519", "X25519", "RS256",
-            "ES256", "EdDSA", "HS256", "sig", "enc", "AQAB", "",
-        ][..])
+        proptest::sample::select(
+            &[
+                "RSA", "EC", "OKP", "oct", "P-256", "P-384", "P-521", "Ed25519", "X25519", "RS256",
+                "ES256", "EdDSA", "HS256", "sig", "enc", "AQAB", "",
+            ][..]
+        )
         .prop_map(|s| Value::String(s.to_string())),
         arb_json(),
     ];
@@ -389,8 +449,10 @@ fn arb_ip() -> impl Strategy<Value = IpAddr> {
         any::<[u8; 16]>().prop_map(|o| IpAddr::V6(Ipv6Addr::from(o))),
         // A few networks' worth of neighbours, so lists and addresses meet.
         (0u8..4, any::<u8>()).prop_map(|(c, d)| IpAddr::V4(Ipv4Addr::new(10, 0, c, d))),
-        (0u8..4, any::<u8>()).prop_map(|(c, d)| IpAddr::V6(Ipv4Addr::new(10, 0, c, d).to_ipv6_mapped())),
-        (0u16..4, any::<u16>()).prop_map(|(c, d)| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, c, 0, 0, 0, d))),
+        (0u8..4, any::<u8>())
+            .prop_map(|(c, d)| IpAddr::V6(Ipv4Addr::new(10, 0, c, d).to_ipv6_mapped())),
+        (0u16..4, any::<u16>())
+            .prop_map(|(c, d)| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, c, 0, 0, 0, d))),
     ]
 }
 
@@ -415,23 +477,39 @@ fn reference_address(s: &str) -> Option<IpAddr> {
         let close = rest.find(']')?;
         let (addr, after) = (&rest[..close], &rest[close + 1..]);
         let ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
-        return ok.then(|| addr.parse::<Ipv6Addr>().ok().map(IpAddr::V6)).flatten();
+        return ok
+            .then(|| addr.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+            .flatten();
     }
     let colon = s.rfind(':')?;
-    port_ok(&s[colon + 1..]).then(|| s[..colon].parse::<Ipv4Addr>().ok().map(IpAddr::V4)).flatten()
+    port_ok(&s[colon + 1..])
+        .then(|| s[..colon].parse::<Ipv4Addr>().ok().map(IpAddr::V4))
+        .flatten()
 }
 
 fn arb_net() -> impl Strategy<Value = IpNet> {
     prop_oneof![
-        (any::<[u8; 4]>(), 0u8..=32).prop_map(|(o, p)| IpNet::V4(Ipv4Net::new(o.into(), p).unwrap().trunc())),
-        (0u8..4, 22u8..=32).prop_map(|(c, p)| IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 0, c, 0), p).unwrap().trunc())),
-        (any::<[u8; 16]>(), 0u8..=128).prop_map(|(o, p)| IpNet::V6(Ipv6Net::new(o.into(), p).unwrap().trunc())),
+        (any::<[u8; 4]>(), 0u8..=32)
+            .prop_map(|(o, p)| IpNet::V4(Ipv4Net::new(o.into(), p).unwrap().trunc())),
+        (0u8..4, 22u8..=32).prop_map(|(c, p)| IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::new(10, 0, c, 0), p).unwrap().trunc()
+        )),
+        (any::<[u8; 16]>(), 0u8..=128)
+            .prop_map(|(o, p)| IpNet::V6(Ipv6Net::new(o.into(), p).unwrap().trunc())),
         (0u16..4, 48u8..=128).prop_map(|(c, p)| {
-            IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0, c, 0, 0, 0, 0), p).unwrap().trunc())
+            IpNet::V6(
+                Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0, c, 0, 0, 0, 0), p)
+                    .unwrap()
+                    .trunc(),
+            )
         }),
         // IPv4-mapped IPv6 networks: compared as the IPv4 networks they hold.
         (0u8..4, 96u8..=128).prop_map(|(c, p)| {
-            IpNet::V6(Ipv6Net::new(Ipv4Addr::new(10, 0, c, 0).to_ipv6_mapped(), p).unwrap().trunc())
+            IpNet::V6(
+                Ipv6Net::new(Ipv4Addr::new(10, 0, c, 0).to_ipv6_mapped(), p)
+                    .unwrap()
+                    .trunc(),
+            )
         }),
     ]
 }
@@ -557,7 +635,19 @@ proptest! {
 
 // ---------------------------------------------------------------- CORS origins
 
-const LABELS: &[&str] = &["a", "b", "contoso", "com", "example", "portal", "evil", "xn--80ak6aa92e", "1", "a-b", "_x"];
+const LABELS: &[&str] = &[
+    "a",
+    "b",
+    "contoso",
+    "com",
+    "example",
+    "portal",
+    "evil",
+    "xn--80ak6aa92e",
+    "1",
+    "a-b",
+    "_x",
+];
 
 fn arb_host() -> impl Strategy<Value = String> {
     proptest::collection::vec(proptest::sample::select(LABELS), 1..4).prop_map(|l| l.join("."))
@@ -573,7 +663,11 @@ fn arb_origin() -> impl Strategy<Value = String> {
     )
         .prop_map(|(scheme, host, up, port, v6)| {
             let host = if up { host.to_ascii_uppercase() } else { host };
-            let host = if v6 && host.len() < 4 { "[2001:DB8::1]".to_string() } else { host };
+            let host = if v6 && host.len() < 4 {
+                "[2001:DB8::1]".to_string()
+            } else {
+                host
+            };
             match port {
                 Some(p) => format!("{scheme}://{host}:{p}"),
                 None => format!("{scheme}://{host}"),
@@ -615,7 +709,8 @@ fn reference_origin(text: &str) -> Option<RefOrigin> {
         "" => default,
         p => {
             let digits = p.strip_prefix(':')?;
-            if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
                 return None;
             }
             digits.parse().ok()?
@@ -625,20 +720,27 @@ fn reference_origin(text: &str) -> Option<RefOrigin> {
     let name_ok = host.starts_with('[')
         || (host.len() <= 253
             && host.split('.').all(|l| {
-                !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             }));
     name_ok.then_some(RefOrigin { scheme, host, port })
 }
 
 fn reference_allows(allowed: &[String], origin: &str) -> bool {
-    let Some(o) = reference_origin(origin) else { return false };
+    let Some(o) = reference_origin(origin) else {
+        return false;
+    };
     allowed.iter().any(|entry| {
         if entry == "*" {
             return true;
         }
         if let Some((scheme, rest)) = entry.split_once("://*.") {
             // A wildcard: the same scheme and port, and at least one more label in front.
-            let Some(w) = reference_origin(&format!("{scheme}://{rest}")) else { return false };
+            let Some(w) = reference_origin(&format!("{scheme}://{rest}")) else {
+                return false;
+            };
             return o.scheme == w.scheme
                 && o.port == w.port
                 && o.host.len() > w.host.len() + 1
@@ -712,10 +814,51 @@ proptest! {
 // ---------------------------------------------------------------- paths
 
 const SEGMENTS: &[&str] = &[
-    "api", "API", "admin", "x", "..", ".", "%2e", "%2E%2e", "%2F", "%5c", "\\", "%25", "%252e", "%2541",
-    ";v=1", "..;", "admin;x", "%3B", "%3F", "%23", "%24metadata", "%61pi", "x.", "x%20", "%00", "%zz",
-    "ı", "%C4%B1", "%C0%AE", "ａ", "%EF%BC%8F", "", "~user", "a%2Fb", "%", "%4", "é", "%C3%A9",
-    "%34", "%31", "%36%31", "%2", "4", "1", "e",
+    "api",
+    "API",
+    "admin",
+    "x",
+    "..",
+    ".",
+    "%2e",
+    "%2E%2e",
+    "%2F",
+    "%5c",
+    "\\",
+    "%25",
+    "%252e",
+    "%2541",
+    ";v=1",
+    "..;",
+    "admin;x",
+    "%3B",
+    "%3F",
+    "%23",
+    "%24metadata",
+    "%61pi",
+    "x.",
+    "x%20",
+    "%00",
+    "%zz",
+    "ı",
+    "%C4%B1",
+    "%C0%AE",
+    "ａ",
+    "%EF%BC%8F",
+    "",
+    "~user",
+    "a%2Fb",
+    "%",
+    "%4",
+    "é",
+    "%C3%A9",
+    "%34",
+    "%31",
+    "%36%31",
+    "%2",
+    "4",
+    "1",
+    "e",
 ];
 
 fn arb_path() -> impl Strategy<Value = String> {
@@ -744,7 +887,10 @@ fn arb_path() -> impl Strategy<Value = String> {
 /// Percent-encodes what a raw request target cannot carry literally: the normal form read back
 /// as a request path.
 fn as_target(normalized: &str) -> String {
-    normalized.replace('%', "%25").replace('?', "%3F").replace('#', "%23")
+    normalized
+        .replace('%', "%25")
+        .replace('?', "%3F")
+        .replace('#', "%23")
 }
 
 /// An independent reading of where a raw path leads: decode every escape, drop `;` parameters,
@@ -911,10 +1057,18 @@ proptest! {
 #[test]
 fn double_encoding_through_escaped_hex_digits_is_refused() {
     use gateguard_core::path::PathError;
-    for path in ["/%25%36%31pi/admin", "/%25%34%31", "/api/%25%32%65%25%32%65/admin", "/%254%31"] {
+    for path in [
+        "/%25%36%31pi/admin",
+        "/%25%34%31",
+        "/api/%25%32%65%25%32%65/admin",
+        "/%254%31",
+    ] {
         assert_eq!(normalize(path), Err(PathError::DoubleEncoding), "{path}");
     }
     // A lone percent sign is still a literal one.
     assert_eq!(normalize("/api/100%25").unwrap().normalized, "/api/100%");
-    assert_eq!(normalize("/api/100%25%7A").unwrap().normalized, "/api/100%z");
+    assert_eq!(
+        normalize("/api/100%25%7A").unwrap().normalized,
+        "/api/100%z"
+    );
 }
