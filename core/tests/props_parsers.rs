@@ -555,7 +555,11 @@ proptest! {
         deny in proptest::option::of(proptest::collection::vec((arb_net(), any::<bool>()), 1..5)),
         clients in proptest::collection::vec(arb_ip(), 1..16),
     ) {
-        prop_assume!(allow.is_some() || deny.is_some());
+        // A policy needs one of the lists.
+        let allow = match (allow, &deny) {
+            (None, None) => Some(vec![(IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap()), false)]),
+            (allow, _) => allow,
+        };
         let texts = |l: &Option<Vec<(IpNet, bool)>>| {
             l.as_ref().map(|l| l.iter().map(|(n, bare)| net_text(n, *bare)).collect::<Vec<_>>())
         };
