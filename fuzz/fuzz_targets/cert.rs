@@ -11,12 +11,23 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, rest)) = data.split_first() else { return };
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
     let text = String::from_utf8_lossy(rest);
     let presented = match which % 4 {
-        0 => PresentedCertificates { connection: Some(rest), ..Default::default() },
-        1 => PresentedCertificates { xfcc: Some(&text), ..Default::default() },
-        2 => PresentedCertificates { arr: Some(&text), ..Default::default() },
+        0 => PresentedCertificates {
+            connection: Some(rest),
+            ..Default::default()
+        },
+        1 => PresentedCertificates {
+            xfcc: Some(&text),
+            ..Default::default()
+        },
+        2 => PresentedCertificates {
+            arr: Some(&text),
+            ..Default::default()
+        },
         _ => {
             if let Ok(der) = pem_or_der_to_der(rest) {
                 assert!(describe_der(&der).is_ok());

@@ -12,7 +12,9 @@ const TARGET: ProofTarget<'static> = ProofTarget {
 };
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let (proof, jkt) = text.split_once('\n').unwrap_or((text, ""));
     let _ = check_proof(proof, "a.b.c", jkt, &TARGET, NOW, 60);
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {

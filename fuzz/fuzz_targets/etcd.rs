@@ -7,15 +7,28 @@ use gateguard_fuzz::NOW;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, mut rest)) = data.split_first() else { return };
+    let Some((&flags, mut rest)) = data.split_first() else {
+        return;
+    };
     let mut digest = [0u8; 32];
     let n = rest.len().min(8);
     digest[..n].copy_from_slice(&rest[..n]);
     rest = &rest[n..];
     let check = RemoteCheck {
-        token: TokenRef { digest, exp: NOW + u64::from(flags) * 7 },
-        mode: if flags & 1 == 0 { ReplayMode::WithIp } else { ReplayMode::WithoutIp },
-        ip: (flags & 2 == 0).then(|| "10.1.2.3".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())),
+        token: TokenRef {
+            digest,
+            exp: NOW + u64::from(flags) * 7,
+        },
+        mode: if flags & 1 == 0 {
+            ReplayMode::WithIp
+        } else {
+            ReplayMode::WithoutIp
+        },
+        ip: (flags & 2 == 0).then(|| {
+            "10.1.2.3"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())
+        }),
     };
     let credentials = (flags & 4 == 0).then(|| ("user".to_string(), "pw".to_string()));
     let mut session = Session::new(credentials);
@@ -26,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         // status u8, message length u8, body length u16, message, body.
-        let [status, mlen, b0, b1, tail @ ..] = rest else { break };
+        let [status, mlen, b0, b1, tail @ ..] = rest else {
+            break;
+        };
         let mlen = usize::from(*mlen).min(tail.len());
         let (message, tail) = tail.split_at(mlen);
         let blen = usize::from(u16::from_be_bytes([*b0, *b1])).min(tail.len());
@@ -34,7 +49,13 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         now_ms += 7;
         let message = String::from_utf8_lossy(message);
-        step = exchange.on_response(u32::from(*status % 18), &message, body, now_ms, &mut session);
+        step = exchange.on_response(
+            u32::from(*status % 18),
+            &message,
+            body,
+            now_ms,
+            &mut session,
+        );
     }
     if matches!(step, Step::Send(_)) {
         let _ = exchange.not_sent();

@@ -4,7 +4,9 @@ use gateguard_core::header_rules::{HeaderRules, HeaderRulesConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let mut lines = text.split('\n');
     let pattern = lines.next().unwrap_or_default();
     let headers: Vec<(String, String)> = lines
@@ -15,8 +17,15 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let cfg = HeaderRulesConfig {
         required: headers.iter().take(1).map(|(n, _)| n.clone()).collect(),
-        forbidden: headers.iter().skip(1).take(1).map(|(n, _)| n.clone()).collect(),
-        patterns: [("x-h".to_string(), pattern.to_string())].into_iter().collect(),
+        forbidden: headers
+            .iter()
+            .skip(1)
+            .take(1)
+            .map(|(n, _)| n.clone())
+            .collect(),
+        patterns: [("x-h".to_string(), pattern.to_string())]
+            .into_iter()
+            .collect(),
     };
     if let Ok(rules) = HeaderRules::compile(&cfg, "headers", &["authorization"]) {
         if rules.check(&headers).is_ok() && pattern.bytes().all(|b| b.is_ascii_alphanumeric()) {

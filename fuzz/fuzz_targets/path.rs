@@ -4,13 +4,22 @@ use gateguard_core::path::{normalize, prefix_matches, validate_prefix};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(n) = normalize(text) {
         // The normal form, read back as a request path, is its own normal form.
-        let target = n.normalized.replace('%', "%25").replace('?', "%3F").replace('#', "%23");
+        let target = n
+            .normalized
+            .replace('%', "%25")
+            .replace('?', "%3F")
+            .replace('#', "%23");
         match normalize(&target) {
             Ok(again) => assert_eq!(again.normalized, n.normalized, "{text:?}"),
-            Err(e) => panic!("{text:?} normalised to {:?}, which is refused: {e:?}", n.normalized),
+            Err(e) => panic!(
+                "{text:?} normalised to {:?}, which is refused: {e:?}",
+                n.normalized
+            ),
         }
         assert!(n.normalized.starts_with('/') && !n.normalized.contains("//"));
         for prefix in ["/", "/api", "/odata/$metadata"] {

@@ -37,7 +37,9 @@ fuzz_target!(|data: &[u8]| {
     let period = u32::from(u16::from_be_bytes([head[17], head[18]])).max(1);
     let now = NOW + u64::from(head[19]);
     let store = OneBucket(RefCell::new((stored.to_vec(), 1)));
-    let Ok(policy) = CounterStorePolicy::compile(1000, "counters") else { return };
+    let Ok(policy) = CounterStorePolicy::compile(1000, "counters") else {
+        return;
+    };
     let mut last = None;
     for _ in 0..3 {
         match count_call(&store, &policy, CounterId(id), calls, period, now) {

@@ -79,10 +79,13 @@ pub fn policy() -> CompiledPolicy {
     }
 }
 
+/// Verified tokens by cache key: (claims, exp).
+type TokenCache = HashMap<[u8; 32], (Map<String, Value>, u64)>;
+
 /// The filter's host, in memory.
 pub struct FuzzHost {
     keys: Rc<KeySet>,
-    cache: RefCell<HashMap<[u8; 32], (Map<String, Value>, u64)>>,
+    cache: RefCell<TokenCache>,
     pub store: MemoryStore,
     prefix: String,
     memo: ReplayMemo,
