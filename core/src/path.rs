@@ -27,7 +27,8 @@ pub enum PathError {
     /// `%2F`, `%5C`, a backslash or a control character: something a backend may read as a
     /// separator or terminator when we would not.
     AmbiguousCharacter,
-    /// `%25` followed by two hex digits: a backend that decodes twice reads another path.
+    /// `%25` followed by two hex digits, plain or escaped (`%252e`, `%25%32%65`): a backend that
+    /// decodes twice reads another path.
     DoubleEncoding,
     /// Not UTF-8 once decoded (overlong forms such as `%C0%AE` included), or a letter that some
     /// backends fold to ASCII (`ı`, `ſ`, the Kelvin sign...), or a full-width `.`, `/`, `\`.
@@ -159,6 +160,13 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
             return Err(PathError::AmbiguousCharacter);
         }
         out.push(octet);
+    }
+    // The same once decoded: `%25%34%31` is `%41` after one decoding and `A` after two.
+    if out
+        .windows(3)
+        .any(|w| w[0] == b'%' && hex::nibble(w[1]).is_some() && hex::nibble(w[2]).is_some())
+    {
+        return Err(PathError::DoubleEncoding);
     }
     Ok(out)
 }

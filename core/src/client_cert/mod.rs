@@ -12,6 +12,8 @@ mod thumbprint;
 mod xfcc;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

@@ -218,3 +218,6 @@ pub fn count_call(
     }
     Count::Unavailable
 }
+
+#[cfg(test)]
+mod props;

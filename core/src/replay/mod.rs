@@ -114,4 +114,6 @@ pub use store::{
 };
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
