@@ -6,6 +6,7 @@ says so where it changes it."""
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -16,7 +17,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "gateguard.wasm"
 CLI = ROOT / "target" / "release" / "gateguard"
+# The Envoy every test runs, `envoy --mode validate` included: .venv's (the newest supported), or
+# the one ENVOY_BIN names (`make test-compat` sets it to each version of docs/compatibility.md).
 ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
+
+
+def envoy_version():
+    """ENVOY's version as a tuple, e.g. (1, 36, 4), from `envoy --version`; raises RuntimeError
+    naming ENVOY_BIN when the binary is missing or does not say."""
+    global _ENVOY_VERSION
+    if _ENVOY_VERSION is None:
+        try:
+            r = subprocess.run([ENVOY, "--version"], capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise RuntimeError(f"ENVOY_BIN: cannot run {ENVOY}: {e}") from e
+        m = re.search(r"version: [0-9a-f]+/(\d+)\.(\d+)\.(\d+)", r.stdout + r.stderr)
+        if r.returncode != 0 or not m:
+            raise RuntimeError(f"ENVOY_BIN: {ENVOY} --version exited with {r.returncode} and no "
+                               f"version: {(r.stdout + r.stderr)[-500:]}")
+        _ENVOY_VERSION = tuple(int(g) for g in m.groups())
+    return _ENVOY_VERSION
+
+
+_ENVOY_VERSION = None
 
 
 def free_port():
