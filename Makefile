@@ -89,7 +89,7 @@ test-compat: deps build cli
 	  fi; \
 	  echo "===== Envoy $$v: $$($$bin --version | grep -o 'version: [^ ]*')"; \
 	  log=$(COMPAT_DIR)/$$v.log; \
-	  ENVOY_BIN=$$PWD/$$bin $(PY) -m pytest -q -rs $(COMPAT_PYTEST_ARGS) 2>&1 | tee $$log; rc=$${PIPESTATUS[0]}; \
+	  ENVOY_BIN=$$PWD/$$bin $(PY) -m pytest -q -rfEs $(COMPAT_PYTEST_ARGS) 2>&1 | tee $$log; rc=$${PIPESTATUS[0]}; \
 	  line=$$(grep -E '^=*.*( passed| failed| error| skipped| no tests ran).* in [0-9.]+s' $$log | tail -1 | sed 's/^=* *//; s/ *=*$$//'); \
 	  [ $$rc -eq 0 ] && verdict=OK || { verdict="FAILED (exit $$rc)"; failed=1; }; \
 	  summary="$$summary\n  Envoy $$v: $$verdict  $$line  (log: $$log)"; \
