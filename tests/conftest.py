@@ -9,15 +9,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import upstream  # noqa: E402
-from envoy_harness import WASM, Envoy  # noqa: E402
+from envoy_harness import ENVOY, WASM, Envoy, envoy_version  # noqa: E402
 
 
 def sha256_hex(text):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def pytest_report_header(config):
+    try:
+        return f"envoy: {ENVOY} ({'.'.join(map(str, envoy_version()))})"
+    except RuntimeError as e:
+        return f"envoy: {e}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def built_wasm():
+    try:
+        envoy_version()
+    except RuntimeError as e:
+        pytest.fail(str(e))
     if not WASM.exists():
         pytest.fail(f"{WASM} is missing: run `make build` (make test does it)")
 

@@ -6,6 +6,7 @@ says so where it changes it."""
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -16,7 +17,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "gateguard.wasm"
 CLI = ROOT / "target" / "release" / "gateguard"
+# The Envoy every test runs, `envoy --mode validate` included: .venv's (the newest supported), or
+# the one ENVOY_BIN names (`make test-compat` sets it to each version of docs/compatibility.md).
 ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
+
+
+def envoy_version():
+    """ENVOY's version as a tuple, e.g. (1, 36, 4), from `envoy --version`; raises RuntimeError
+    naming ENVOY_BIN when the binary is missing or does not say."""
+    global _ENVOY_VERSION
+    if _ENVOY_VERSION is None:
+        try:
+            r = subprocess.run([ENVOY, "--version"], capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise RuntimeError(f"ENVOY_BIN: cannot run {ENVOY}: {e}") from e
+        m = re.search(r"version: [0-9a-f]+/(\d+)\.(\d+)\.(\d+)", r.stdout + r.stderr)
+        if r.returncode != 0 or not m:
+            raise RuntimeError(f"ENVOY_BIN: {ENVOY} --version exited with {r.returncode} and no "
+                               f"version: {(r.stdout + r.stderr)[-500:]}")
+        _ENVOY_VERSION = tuple(int(g) for g in m.groups())
+    return _ENVOY_VERSION
+
+
+_ENVOY_VERSION = None
 
 
 def free_port():
@@ -68,10 +91,52 @@ def compose(gateways, admin_port):
         if "node" in config and config["node"] not in nodes:
             nodes.append(config["node"])
     assert len(nodes) <= 1, f"gateways render different node identities: {nodes}"
+    share_env_keys(listeners)
     composed = bootstrap(listeners, list(clusters.values()), admin_port)
     if nodes:
         composed["node"] = nodes[0]
     return composed
+
+
+def share_env_keys(listeners):
+    """Gives every gateguard filter the union of the rendered `host_env_keys`. Envoy before 1.39
+    runs filters whose vm_id and code are the same in ONE Wasm VM, created with the environment
+    of the first (docs/compatibility.md): composed gateways that list different variables would
+    otherwise see only the first one's. One rendered config lists the same keys on every listener."""
+    configs = [f["typed_config"]["config"] for l in listeners for chain in l["filter_chains"]
+               for nf in chain["filters"] for f in nf.get("typed_config", {}).get("http_filters", [])
+               if f["name"] == "envoy.filters.http.wasm" and "vm_config" in f.get("typed_config", {}).get("config", {})]
+    keys = sorted({k for c in configs for k in c["vm_config"].get("environment_variables", {}).get("host_env_keys", [])})
+    for c in configs:
+        if keys:
+            c["vm_config"].setdefault("environment_variables", {})["host_env_keys"] = keys
+
+
+def requires_envoy(minimum, why):
+    """A pytest mark skipping a test on an Envoy older than `minimum` (a tuple), saying `why`."""
+    import pytest
+
+    return pytest.mark.skipif(envoy_version() < minimum,
+                              reason=f"needs Envoy {'.'.join(map(str, minimum))} or newer "
+                                     f"(this is {'.'.join(map(str, envoy_version()))}): {why}")
+
+
+def connection_certificate_readable():
+    return envoy_version() >= (1, 38)
+
+
+def _connection_certificate(test):
+    """Marks a test that needs a client certificate read from the TLS connection accepted."""
+    import pytest
+
+    return pytest.mark.skipif(
+        not connection_certificate_readable(),
+        reason="needs Envoy 1.38 or newer, the first to give Wasm filters the client certificate "
+               "(the connection.peer_certificate attribute); older ones refuse these requests, "
+               "fail closed (test_client_cert.py::test_connection_certificate_fails_closed_on_older_envoy)")(test)
+
+
+CONNECTION_CERTIFICATE = _connection_certificate
 
 
 def listener(config, name):

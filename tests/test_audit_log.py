@@ -27,7 +27,7 @@ import pytest
 import jwtkit
 from conftest import start_envoy
 from envoy_harness import (
-    CLI, ENVOY, ROOT, compose, connection_manager, free_port, gateway, request, run_with_policy_text,
+    CLI, ENVOY, ROOT, compose, envoy_version, connection_manager, free_port, gateway, request, run_with_policy_text,
     wait_for,
 )
 
@@ -84,6 +84,14 @@ def doc_otel_block():
     assert len(found) == 1, "docs/operations.md should hold one OpenTelemetry access-log block"
     block = yaml.safe_load(found[0])
     assert set(block) == {"access_log", "clusters"}, block.keys()
+    if envoy_version() < (1, 37):
+        # As the doc's note says: Envoy 1.36 has `log_name` and `grpc_service` only under
+        # `common_config` (with `transport_api_version: V3`), which 1.37+ deprecate.
+        assert "put `log_name` and `grpc_service` under `common_config:`" in " ".join(DOC.read_text().split())
+        config = block["access_log"][0]["typed_config"]
+        config["common_config"] = {"log_name": config.pop("log_name"),
+                                   "grpc_service": config.pop("grpc_service"),
+                                   "transport_api_version": "V3"}
     return block
 
 

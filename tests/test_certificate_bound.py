@@ -16,7 +16,8 @@ import pytest
 import jwtkit
 from certs import make_ca, make_leaf
 from conftest import start_envoy
-from envoy_harness import Response, compose, connection_manager, free_port, gateway, render, request
+from envoy_harness import (CONNECTION_CERTIFICATE, Response, compose, connection_manager, free_port, gateway, render,
+                           request)
 
 ISS = "https://login.microsoftonline.com/tenant/v2.0"
 AUD = "api://orders"
@@ -143,12 +144,14 @@ def assert_bad_cert(r):
 
 # --- over mutual TLS, the certificate of the connection ---------------------------------------
 
+@CONNECTION_CERTIFICATE
 @pytest.mark.parametrize("path", ["/optional/x", "/required/x"])
 def test_token_bound_to_the_presented_certificate_accepted(gw, key, pki, path):
     ok(tls_get(gw, pki, path, pki["mine"], token(key, pki["mine"])))
     ok(tls_get(gw, pki, path, pki["other"], token(key, pki["other"])))
 
 
+@CONNECTION_CERTIFICATE
 @pytest.mark.parametrize("path", ["/optional/x", "/required/x"])
 def test_token_bound_to_another_accepted_certificate_refused(gw, key, pki, path):
     # `other` passes the API's certificate check (the unbound token below proves it) but is
@@ -168,12 +171,14 @@ def test_no_client_certificate_is_refused_by_the_certificate_check_first(gw, key
     assert_bad_cert(tls_get(gw, pki, "/optional/x", pki["unlisted"], token(key, pki["unlisted"])))
 
 
+@CONNECTION_CERTIFICATE
 def test_required_refuses_unbound_tokens(gw, key, pki):
     assert_unbound(tls_get(gw, pki, "/required/x", pki["mine"], token(key)))
     # A `cnf` without `x5t#S256` (a DPoP key thumbprint) is no certificate binding.
     assert_unbound(tls_get(gw, pki, "/required/x", pki["mine"], token(key, jkt="0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I")))
 
 
+@CONNECTION_CERTIFICATE
 def test_optional_accepts_unbound_tokens(gw, key, pki):
     ok(tls_get(gw, pki, "/optional/x", pki["mine"], token(key)))
     ok(tls_get(gw, pki, "/optional/x", pki["other"], token(key, jkt="0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I")))
@@ -192,11 +197,13 @@ def sha256(cert):
     lambda c: [jwtkit.x5t_s256(c.der)],                                # not a string
     lambda c: None,
 ], ids=["hex", "HEX", "padded", "standard", "sha1", "array", "null"])
+@CONNECTION_CERTIFICATE
 def test_thumbprint_in_another_form_binds_to_nothing(gw, key, pki, form):
     t = token(key, **{"x5t#S256": form(pki["mine"])})
     assert_unbound(tls_get(gw, pki, "/optional/x", pki["mine"], t))
 
 
+@CONNECTION_CERTIFICATE
 def test_forwarded_certificate_headers_do_not_bind_on_a_connection_api(gw, key, pki):
     # The API reads the connection only: a header naming the token's certificate changes nothing.
     t = token(key, pki["mine"])
@@ -205,6 +212,7 @@ def test_forwarded_certificate_headers_do_not_bind_on_a_connection_api(gw, key, 
     assert "x-arr-clientcert" not in seen["headers"]
 
 
+@CONNECTION_CERTIFICATE
 def test_a_cached_token_is_checked_against_each_requests_certificate(gw, key, pki):
     t = token(key, pki["mine"])
     ok(tls_get(gw, pki, "/optional/x", pki["mine"], t))
@@ -214,6 +222,7 @@ def test_a_cached_token_is_checked_against_each_requests_certificate(gw, key, pk
     assert gw.counter("gateguard.optional.jwt_cache_hit") >= hits + 2  # both answered from the cache
 
 
+@CONNECTION_CERTIFICATE
 def test_a_stolen_bound_token_cannot_be_spent_by_the_thief(gw, key, pki):
     # `without_ip` replay runs after the binding: the thief's refused attempts record nothing,
     # and the owner still gets the token's one use.
@@ -226,6 +235,7 @@ def test_a_stolen_bound_token_cannot_be_spent_by_the_thief(gw, key, pki):
     assert r.status == 401 and r.json()["message"] == "Token replay detected", r
 
 
+@CONNECTION_CERTIFICATE
 def test_binding_is_checked_after_the_signature_and_before_the_claims_rules(gw, key, pki):
     t = token(key, pki["mine"])  # bound, without the role the API requires
     assert_unbound(tls_get(gw, pki, "/claims/x", pki["other"], t))

@@ -11,7 +11,7 @@ import pytest
 
 from certs import DAY, NOW, make_ca, make_leaf
 from conftest import start_envoy
-from envoy_harness import compose, connection_manager, free_port, gateway
+from envoy_harness import CONNECTION_CERTIFICATE, compose, connection_manager, envoy_version, free_port, gateway
 
 MSG = {"statusCode": 403, "message": "Invalid client certificate"}
 
@@ -104,10 +104,12 @@ def refused(result):
     return status == 403 and json.loads(body) == MSG
 
 
+@CONNECTION_CERTIFICATE
 def test_listed_sha256_thumbprint_accepted(gw, pki):
     assert tls_get(gw, "/sha256/x", pki["good"])[0] == 200
 
 
+@CONNECTION_CERTIFICATE
 def test_listed_sha1_thumbprint_with_colons_accepted(gw, pki):
     assert tls_get(gw, "/sha1/x", pki["good"])[0] == 200
 
@@ -126,12 +128,14 @@ def test_plain_http_to_certificate_api_refused(gw):
     assert refused(plain_get(gw, "/sha256/x"))
 
 
+@CONNECTION_CERTIFICATE
 def test_rotation_accepts_both_listed_certificates(gw, pki):
     assert tls_get(gw, "/rotate/x", pki["good"])[0] == 200
     assert tls_get(gw, "/rotate/x", pki["rotated"])[0] == 200
     assert refused(tls_get(gw, "/rotate/x", pki["unlisted"]))
 
 
+@CONNECTION_CERTIFICATE
 def test_validity_dates_checked(gw, pki):
     assert refused(tls_get(gw, "/validity/x", pki["expired"]))
     assert refused(tls_get(gw, "/validity/x", pki["future"]))
@@ -139,6 +143,7 @@ def test_validity_dates_checked(gw, pki):
     assert tls_get(gw, "/novalidity/x", pki["expired"])[0] == 200
 
 
+@CONNECTION_CERTIFICATE
 def test_expiring_certificate_is_counted_and_logged_once(gw, pki):
     for _ in range(3):
         assert tls_get(gw, "/validity/x", pki["expiring"])[0] == 200
@@ -189,6 +194,7 @@ def test_arr_truncated_real_certificate_refused(gw, pki):
     assert refused(plain_get(gw, "/arr/x", {"x-arr-clientcert": base64.b64encode(der[: len(der) // 2]).decode()}))
 
 
+@CONNECTION_CERTIFICATE
 def test_first_source_that_yields_decides(gw, pki):
     arr_bad = base64.b64encode(pki["unlisted"].der).decode()
     assert refused(tls_get(gw, "/either/x", pki["good"], {"x-arr-clientcert": arr_bad}))
@@ -203,3 +209,15 @@ def test_open_api_passes_headers_through_untouched(gw, pki):
 
 def test_cert_refusals_counted(gw):
     assert gw.counter("gateguard.sha256.cert_denied") >= 1
+
+
+@pytest.mark.skipif(envoy_version() >= (1, 38), reason="Envoy 1.38+ gives the filter the certificate "
+                    "(test_listed_sha256_thumbprint_accepted and the others run instead)")
+def test_connection_certificate_fails_closed_on_older_envoy(gw, pki):
+    """Envoy before 1.38 has no connection.peer_certificate attribute: a listed certificate is
+    refused like no certificate at all, and the log says why, naming the version."""
+    assert refused(tls_get(gw, "/sha256/x", pki["good"]))
+    assert refused(tls_get(gw, "/rotate/x", pki["rotated"]))
+    assert refused(tls_get(gw, "/validity/x", pki["expiring"]))
+    lines = [l for l in gw.log_text().splitlines() if "connection.peer_certificate attribute needs Envoy 1.38" in l]
+    assert lines, "no log line naming the Envoy version"
