@@ -19,6 +19,8 @@ pub mod memo;
 pub mod methods;
 pub mod path;
 pub mod pipeline;
+#[cfg(test)]
+mod proptest_config;
 pub mod query;
 pub mod rate_limit;
 pub mod replay;

@@ -100,17 +100,24 @@ fn part(text: &str) -> Option<Map<String, Value>> {
     }
 }
 
-/// jsonwebtoken's verdict on `token`'s signature, with the key its header names.
-fn independently_verified(token: &str) -> bool {
-    let [h, c, s] = token.split('.').collect::<Vec<_>>()[..] else {
-        return false;
+/// A compact JWS's three parts, its header and the algorithm that header names.
+type SignedParts<'a> = (&'a str, &'a str, &'a str, Map<String, Value>, Algorithm);
+
+fn signed_parts(jws: &str) -> Option<SignedParts<'_>> {
+    let [h, c, s] = jws.split('.').collect::<Vec<_>>()[..] else {
+        return None;
     };
-    let Some(header) = part(h) else { return false };
-    let Some(alg) = header
+    let header = part(h)?;
+    let alg = header
         .get("alg")
         .and_then(Value::as_str)
-        .and_then(|a| a.parse::<Algorithm>().ok())
-    else {
+        .and_then(|a| a.parse::<Algorithm>().ok())?;
+    Some((h, c, s, header, alg))
+}
+
+/// jsonwebtoken's verdict on `token`'s signature, with the key its header names.
+fn independently_verified(token: &str) -> bool {
+    let Some((h, c, s, header, alg)) = signed_parts(token) else {
         return false;
     };
     let kid = header.get("kid").and_then(Value::as_str);
@@ -291,15 +298,7 @@ fn target() -> ProofTarget<'static> {
 
 /// jsonwebtoken's verdict on a proof, with the key its own header carries.
 fn proof_verified_independently(proof: &str) -> bool {
-    let [h, c, s] = proof.split('.').collect::<Vec<_>>()[..] else {
-        return false;
-    };
-    let Some(header) = part(h) else { return false };
-    let Some(alg) = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .and_then(|a| a.parse::<Algorithm>().ok())
-    else {
+    let Some((h, c, s, header, alg)) = signed_parts(proof) else {
         return false;
     };
     let Some(jwk) = header

@@ -9,17 +9,11 @@ use base64::Engine;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use proptest::prelude::*;
 
+use crate::proptest_config::cases;
+
 use super::decode::{arr_to_der, connection_to_der, xfcc_cert_to_der, MAX_INPUT_BYTES};
 use super::thumbprint::Thumbprint;
 use super::xfcc::{last_element_certificate, Extracted};
-
-fn cases(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
 
 struct Cert {
     der: Vec<u8>,

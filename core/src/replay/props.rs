@@ -7,16 +7,10 @@ use std::net::Ipv6Addr;
 
 use proptest::prelude::*;
 
+use crate::proptest_config::cases;
+
 use super::record::{live_entries, parse_entry, push_entry, raw_expiry};
 use super::*;
-
-fn cases(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
 
 fn arb_entry() -> impl Strategy<Value = Entry> {
     (

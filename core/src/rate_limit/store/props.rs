@@ -7,15 +7,9 @@ use std::cell::RefCell;
 
 use proptest::prelude::*;
 
-use super::*;
+use crate::proptest_config::cases;
 
-fn cases(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
+use super::*;
 
 const NOW: u64 = 1_800_000_000;
 
