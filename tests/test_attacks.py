@@ -200,7 +200,8 @@ def test_strict_api_is_reached_in_every_spelling(gw, path):
     "/api/x/%2e%2e;/admin/users", "/api/x/..;/admin/users", "/api/x/.%2e;x/admin", "/api/x%2F..%2Fadmin",
     "/api/x%5c..%5cadmin", "/api/%252e%252e/admin", "/odata/%2524metadata", "/api/%C0%AE%C0%AE/admin",
     "/ap%C4%B1/admin", "/api/x/...;/admin", "/api/x/..%00/admin", "/api/admin./users", "/api/admin%20/users",
-    "/api/%EF%BD%81dmin/users", "/api/x/%E2%80%A5/admin",
+    "/api/%EF%BD%81dmin/users", "/api/x/%E2%80%A5/admin", "/api%3F/admin/users", "/api%3f/admin",
+    "/api%23/admin/users",
 ])
 def test_ambiguous_paths_never_reach_the_lenient_api(gw, path):
     status, body = call(gw.port, path)

@@ -24,8 +24,8 @@ pub struct RequestPath<'a> {
 pub enum PathError {
     NotAbsolute,
     BadEscape,
-    /// `%2F`, `%5C`, a backslash or a control character: something a backend may read as a
-    /// separator or terminator when we would not.
+    /// `%2F`, `%3F`, `%23`, `%5C`, a backslash or a control character: something a backend may
+    /// read as a separator or terminator when we would not.
     AmbiguousCharacter,
     /// `%25` followed by two hex digits, plain or escaped (`%252e`, `%25%32%65`): a backend that
     /// decodes twice reads another path.
@@ -45,7 +45,7 @@ impl PathError {
             PathError::NotAbsolute => "path is not absolute",
             PathError::BadEscape => "invalid percent-escape in path",
             PathError::AmbiguousCharacter => {
-                "encoded slash, backslash or control character in path"
+                "encoded slash, question mark or hash, backslash or control character in path"
             }
             PathError::DoubleEncoding => "double percent-encoding in path",
             PathError::AmbiguousUnicode => "invalid or ambiguous Unicode in path",
@@ -148,7 +148,9 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
                     }
                 }
             }
-            if octet == b'/' {
+            // A backend that decodes and then parses the URL again ends the path at a decoded
+            // `?` or `#`: `/admin%3F/x` would be `/admin` there and `/admin?/x` here.
+            if matches!(octet, b'/' | b'?' | b'#') {
                 return Err(PathError::AmbiguousCharacter);
             }
             octet
@@ -294,6 +296,9 @@ mod tests {
     fn separators_controls_and_double_encoding_are_refused() {
         for p in [
             "/api%2Fx",
+            "/admin%3F/x",
+            "/admin%3f",
+            "/admin%23/x",
             "/api%2fx",
             "/api%5cx",
             "/api%5Cx",
