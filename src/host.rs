@@ -1,5 +1,7 @@
 //! Envoy shared data, called through the raw ABI: the SDK's wrappers panic on statuses they do
 //! not expect, and a panic traps the VM. Every status here is a value we handle.
+// Lengths and counts here come from the host's buffers: no overflow on them.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::ptr::{null, null_mut};
 
@@ -352,7 +354,7 @@ pub fn record_metric(id: u32, value: u64) {
 /// names and values. Bounds-checked: a malformed map yields what could be read.
 fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
     let read_u32 = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
         usize::try_from(u32::from_le_bytes(b)).ok()
     };
     let Some(count) = read_u32(0) else {
@@ -363,7 +365,11 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
         return out;
     };
     for i in 0..count {
-        let (Some(klen), Some(vlen)) = (read_u32(4 + i * 8), read_u32(8 + i * 8)) else {
+        // Inside the header `p` was checked to fit in: `4 + 8 × count` does not overflow.
+        let lengths_at = i.saturating_mul(8).saturating_add(4);
+        let (Some(klen), Some(vlen)) =
+            (read_u32(lengths_at), read_u32(lengths_at.saturating_add(4)))
+        else {
             break;
         };
         let Some(key) = bytes.get(p..p.saturating_add(klen)) else {
@@ -399,7 +405,12 @@ fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -166,8 +166,8 @@ fn secret_path_masked(path: String) -> String {
     } else {
         3
     };
-    if segments.len() >= keyed {
-        let key = segments[keyed - 1..].join(".");
+    if let Some(rest) = segments.get(keyed - 1..).filter(|rest| !rest.is_empty()) {
+        let key = rest.join(".");
         if key != "value" && key != "env" {
             segments.truncate(keyed - 1);
             segments.push("***");

@@ -1,13 +1,17 @@
 //! Lower-case hex, for digests in policies, stats and logs.
 
 pub fn encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
+    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
     for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+        out.push(digit(b >> 4));
+        out.push(digit(b & 0x0f));
     }
     out
+}
+
+/// The lower-case digit of a nibble (`0..=15`; the callers mask).
+fn digit(nibble: u8) -> char {
+    char::from_digit(u32::from(nibble), 16).unwrap_or('0')
 }
 
 /// Decodes hex of any case. `None` on odd length or a non-hex character.
@@ -17,8 +21,11 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     bytes
-        .chunks(2)
-        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
+        .chunks_exact(2)
+        .map(|pair| match pair {
+            [hi, lo] => Some((nibble(*hi)? << 4) | nibble(*lo)?),
+            _ => None,
+        })
         .collect()
 }
 

@@ -171,9 +171,8 @@ impl Default for TokenMemo {
 /// other; a fact is used only when the whole text matches.
 fn summary(token: &str) -> u64 {
     let bytes = token.as_bytes();
-    let tail = &bytes[bytes.len().saturating_sub(16)..];
     let mut h: u64 = bytes.len() as u64;
-    for &b in tail {
+    for &b in bytes.iter().skip(bytes.len().saturating_sub(16)) {
         h = h.rotate_left(5) ^ u64::from(b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }

@@ -164,10 +164,9 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
         out.push(octet);
     }
     // The same once decoded: `%25%34%31` is `%41` after one decoding and `A` after two.
-    if out
-        .windows(3)
-        .any(|w| w[0] == b'%' && hex::nibble(w[1]).is_some() && hex::nibble(w[2]).is_some())
-    {
+    if out.windows(3).any(
+        |w| matches!(w, [b'%', a, b] if hex::nibble(*a).is_some() && hex::nibble(*b).is_some()),
+    ) {
         return Err(PathError::DoubleEncoding);
     }
     Ok(out)
@@ -179,10 +178,10 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
     }
-    let (p, n) = (prefix.as_bytes(), path.as_bytes());
-    n.len() >= p.len()
-        && n[..p.len()].eq_ignore_ascii_case(p)
-        && (n.len() == p.len() || n[p.len()] == b'/')
+    let Some((head, rest)) = path.as_bytes().split_at_checked(prefix.len()) else {
+        return false;
+    };
+    head.eq_ignore_ascii_case(prefix.as_bytes()) && rest.first().is_none_or(|&c| c == b'/')
 }
 
 /// Validates a policy's `path_prefix`.

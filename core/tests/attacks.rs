@@ -1,6 +1,11 @@
 //! Attack classes a review confirmed against the landed filter, natively: each test is the
 //! reported request and the neighbours a reviewer would try next.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! `jwt.certificate_bound` (RFC 8705): a token naming a certificate thumbprint in
 //! `cnf["x5t#S256"]` works only with that certificate; with `required`, every token must name one.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! `jwt.dpop` (RFC 9449) through the pipeline: a DPoP-bound token needs a fresh proof of its
 //! key for this request, each proof works once, and a bound token is never a bearer token.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,7 +1,12 @@
 //! The pipeline with `replay_store.etcd`: which requests wait for etcd, what they become once
 //! etcd answers (or does not), and what the local cache decides alone. The exchange itself and
 //! the model etcd: `core/src/replay/etcd/tests.rs`; the real etcd: tests/test_etcd_replay.py.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

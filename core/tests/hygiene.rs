@@ -2,7 +2,12 @@
 //! rules", "Rate limits and quotas"): where each step runs in the order of checks, and that
 //! limits keyed by a credential count only calls whose credential was valid.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! The whole pipeline, natively: checks in docs/policy.md's order, exact statuses and messages, the
 //! verified-token cache and replay detection against an in-memory store with Envoy's semantics.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -2,7 +2,12 @@
 //! statuses and protobuf bodies (valid, of the wrong call, or garbage) ends the exchange or asks
 //! for a next call, never panics, and a decision is only ever etcd's transaction answer, read
 //! the way an independent reader of the reply would.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::net::IpAddr;
 

@@ -1,7 +1,12 @@
 //! Property tests of token and DPoP proof acceptance: whatever gateguard accepts (signatures
 //! checked with ring) also verifies with an independent implementation (jsonwebtoken's
 //! RustCrypto backend), and no single changed bit of a signed token or proof is ever accepted.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::OnceLock;
 

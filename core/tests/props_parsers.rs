@@ -1,7 +1,12 @@
 //! Property tests of the parsers a request or a policy reaches, through the public API: no input
 //! panics, and what each one accepts is what an independent reading accepts. `PROPTEST_CASES`
 //! raises the (quick) default case counts.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

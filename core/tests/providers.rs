@@ -2,7 +2,12 @@
 //! Entra ID shorthand ("Entra ID"): the token's `iss` picks the provider before any signature
 //! work, each provider has its own keys (kids may overlap), and nothing verified under one
 //! provider's keys counts for another.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! `jwt.token_sources`: the token from a header, the query or a cookie; exactly one per request;
 //! a query token never reaches the backend, a cookie token only when the policy says so.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,7 +1,12 @@
 //! `jwt.verify_with: "envoy"`: the payload comes from what Envoy's `jwt_authn` verified on this
 //! request (its dynamic metadata), never from the token alone or a header; everything after the
 //! signature is gateguard's, with the same statuses and messages.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -144,7 +144,9 @@ fn value_of(attr: &AttributeTypeAndValue<'_>) -> Option<String> {
             if !units.remainder().is_empty() {
                 return None;
             }
-            char::decode_utf16(units.map(|pair| u16::from_be_bytes([pair[0], pair[1]])))
+            // `chunks_exact(2)` yields pairs only: the conversion never drops one.
+            let units = units.filter_map(|pair| <[u8; 2]>::try_from(pair).ok());
+            char::decode_utf16(units.map(u16::from_be_bytes))
                 .collect::<Result<String, _>>()
                 .ok()
         }

@@ -491,8 +491,9 @@ impl Provider {
 pub(super) fn check_distinct_issuers(providers: &[Provider]) -> Result<(), ConfigError> {
     for (j, later) in providers.iter().enumerate() {
         for iss in later.concrete_issuers() {
-            if let Some(earlier) = providers[..j]
+            if let Some(earlier) = providers
                 .iter()
+                .take(j)
                 .find(|p| p.concrete_issuers().contains(&iss))
             {
                 return Err(ConfigError::new(

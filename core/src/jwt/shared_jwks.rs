@@ -77,7 +77,8 @@ impl JwksRequest {
 impl SharedJwks {
     /// `prefix`: the shared-data prefix of everything gateguard stores.
     pub fn new(prefix: &str, cluster: &str, uri: &str, refresh_seconds: u64) -> Self {
-        let id = hex::encode(&Sha256::digest(format!("{cluster}\n{uri}").as_bytes())[..8]);
+        let digest: [u8; 32] = Sha256::digest(format!("{cluster}\n{uri}").as_bytes()).into();
+        let id = hex::encode(&digest[..8]);
         Self {
             fetcher: JwksFetcher::new(uri, refresh_seconds),
             keys_key: format!("{prefix}jwks.{id}"),

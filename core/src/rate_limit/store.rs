@@ -8,6 +8,8 @@
 //!
 //! The bucket count is part of the key (`gateguard.limits.<buckets>.<index>`): a policy that
 //! changes `limit_counters.max_entries` starts counting afresh in its own buckets.
+// Counts, windows and the clock come from shared data and the host: no overflow on them.
+#![deny(clippy::arithmetic_side_effects)]
 
 use super::{CounterId, Standing};
 use crate::error::{join, ConfigError};
@@ -72,7 +74,10 @@ impl CounterStorePolicy {
                 format!("must be 1 to {MAX_COUNTERS}"),
             ));
         }
-        let wanted = (4 * max_entries).div_ceil(SLOTS as u64).next_power_of_two();
+        let wanted = max_entries
+            .saturating_mul(4)
+            .div_ceil(SLOTS as u64)
+            .next_power_of_two();
         let buckets = u32::try_from(wanted.min(u64::from(MAX_BUCKETS))).unwrap_or(MAX_BUCKETS);
         Ok(Self { buckets })
     }
@@ -83,12 +88,13 @@ impl CounterStorePolicy {
 
     /// Shared-data bytes the store may take at most.
     pub fn max_store_bytes(&self) -> u64 {
-        u64::from(self.buckets) * (1 + SLOTS * ENTRY_LEN) as u64
+        u64::from(self.buckets).saturating_mul((1 + SLOTS * ENTRY_LEN) as u64)
     }
 
     fn bucket_key(&self, id: &CounterId) -> String {
         let [a, b, c, d, ..] = id.0;
-        let index = u32::from_be_bytes([a, b, c, d]) & (self.buckets - 1);
+        // `buckets` is a power of two, at least 1 (`compile`).
+        let index = u32::from_be_bytes([a, b, c, d]) & self.buckets.saturating_sub(1);
         format!("{KEY_PREFIX}{}.{index}", self.buckets)
     }
 }
@@ -133,7 +139,7 @@ fn decode(value: &[u8]) -> Option<Vec<Entry>> {
 }
 
 fn encode(entries: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + entries.len() * ENTRY_LEN);
+    let mut out = Vec::with_capacity(entries.len().saturating_mul(ENTRY_LEN).saturating_add(1));
     out.push(FORMAT_VERSION);
     for e in entries {
         out.extend_from_slice(&e.id);
@@ -178,15 +184,16 @@ pub fn count_call(
             Some(e) if e.count >= calls => {
                 return Count::Exceeded {
                     limit: calls,
-                    retry_after: (e.window_end - now).max(1),
+                    retry_after: e.window_end.saturating_sub(now).max(1),
                 }
             }
+            // Stored windows ended after `now` (retain above) and their count is below `calls`.
             Some(e) => {
-                e.count += 1;
+                e.count = e.count.saturating_add(1);
                 Standing {
                     limit: calls,
-                    remaining: calls - e.count,
-                    reset: e.window_end - now,
+                    remaining: calls.saturating_sub(e.count),
+                    reset: e.window_end.saturating_sub(now),
                 }
             }
             None if live >= SLOTS => {
@@ -196,7 +203,7 @@ pub fn count_call(
                 };
             }
             None => {
-                let window_end = now + u64::from(period);
+                let window_end = now.saturating_add(u64::from(period));
                 entries.push(Entry {
                     id: id.0,
                     window_start: now,
@@ -205,7 +212,7 @@ pub fn count_call(
                 });
                 Standing {
                     limit: calls,
-                    remaining: calls - 1,
+                    remaining: calls.saturating_sub(1),
                     reset: u64::from(period),
                 }
             }
@@ -220,4 +227,5 @@ pub fn count_call(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod props;

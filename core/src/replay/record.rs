@@ -22,6 +22,11 @@ pub const MAX_BUCKETS: u32 = 65_536;
 pub const ENTRY_LEN: usize = 41;
 pub const HEADER_LEN: usize = 4;
 pub(crate) const STORED_DIGEST_LEN: usize = 16;
+/// Where an entry's fields start: digest, expiry, flags, owner.
+const EXPIRY_AT: usize = STORED_DIGEST_LEN;
+const FLAGS_AT: usize = EXPIRY_AT + 8;
+const OWNER_AT: usize = FLAGS_AT + 1;
+const _: () = assert!(OWNER_AT + 16 == ENTRY_LEN);
 const LIVE: [u8; HEADER_LEN] = [b'G', b'R', FORMAT_VERSION, ENTRY_LEN as u8];
 const SEALED: [u8; 3] = [b'G', b'S', FORMAT_VERSION];
 pub const SEALED_LEN: usize = 11;
@@ -200,9 +205,10 @@ pub(crate) fn live_entries(bucket: &[u8]) -> Result<ChunksExact<'_, u8>, Corrupt
         return Err(CorruptBucket::Length);
     }
     for (index, raw) in body.chunks_exact(ENTRY_LEN).enumerate() {
-        let flags = raw[24];
+        let flags = flags_of(raw);
+        let owner = raw.get(OWNER_AT..).unwrap_or_default();
         let valid = flags & !(HAS_OWNER | CONFIRMED) == 0
-            && (flags & HAS_OWNER != 0 || raw[25..].iter().all(|&b| b == 0));
+            && (flags & HAS_OWNER != 0 || owner.iter().all(|&b| b == 0));
         if !valid {
             return Err(CorruptBucket::Entry { index });
         }
@@ -212,25 +218,31 @@ pub(crate) fn live_entries(bucket: &[u8]) -> Result<ChunksExact<'_, u8>, Corrupt
 
 /// `raw` is one chunk of [`live_entries`]: exactly `ENTRY_LEN` bytes.
 pub(crate) fn parse_entry(raw: &[u8]) -> Entry {
-    let mut digest = [0u8; STORED_DIGEST_LEN];
-    digest.copy_from_slice(&raw[..16]);
-    let mut expiry = [0u8; 8];
-    expiry.copy_from_slice(&raw[16..24]);
-    let mut owner = [0u8; 16];
-    owner.copy_from_slice(&raw[25..41]);
+    let flags = flags_of(raw);
     Entry {
-        digest,
-        expiry: u64::from_be_bytes(expiry),
-        owner: (raw[24] & HAS_OWNER != 0).then(|| Ipv6Addr::from(owner)),
-        confirmed: raw[24] & CONFIRMED != 0,
+        digest: array_at(raw, 0),
+        expiry: raw_expiry(raw),
+        owner: (flags & HAS_OWNER != 0).then(|| Ipv6Addr::from(array_at::<16>(raw, OWNER_AT))),
+        confirmed: flags & CONFIRMED != 0,
     }
 }
 
 /// The expiry of a raw entry, without decoding the rest.
 pub(crate) fn raw_expiry(raw: &[u8]) -> u64 {
-    let mut expiry = [0u8; 8];
-    expiry.copy_from_slice(&raw[16..24]);
-    u64::from_be_bytes(expiry)
+    u64::from_be_bytes(array_at(raw, EXPIRY_AT))
+}
+
+fn flags_of(raw: &[u8]) -> u8 {
+    raw.get(FLAGS_AT).copied().unwrap_or(0)
+}
+
+/// `N` bytes of an entry from `at`. Every chunk of [`live_entries`] has them; a shorter slice
+/// (none exists) would read as zeros rather than trap the VM.
+fn array_at<const N: usize>(raw: &[u8], at: usize) -> [u8; N] {
+    raw.get(at..)
+        .and_then(|rest| rest.first_chunk::<N>())
+        .copied()
+        .unwrap_or([0; N])
 }
 
 pub(crate) fn push_entry(out: &mut Vec<u8>, entry: &Entry) {

@@ -1,6 +1,12 @@
 //! What the pipeline tests share: signers, an in-memory host with Envoy's semantics, a request
 //! builder and assertions on decisions.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -47,7 +47,7 @@ pub fn judge_cached(
     };
     let key = token.stored_digest();
     for raw in raws {
-        if raw_expiry(raw) <= now || &raw[..STORED_DIGEST_LEN] != key {
+        if raw_expiry(raw) <= now || raw.get(..STORED_DIGEST_LEN) != Some(key) {
             continue;
         }
         let entry = parse_entry(raw);
@@ -100,7 +100,7 @@ fn record_confirmed(bucket: &[u8], entry: &Entry, now: u64, capacity: u32) -> Ad
             reclaimed = reclaimed.saturating_add(1);
             continue;
         }
-        if raw[..STORED_DIGEST_LEN] == entry.digest {
+        if raw.get(..STORED_DIGEST_LEN) == Some(&entry.digest[..]) {
             let found = parse_entry(raw);
             if found.confirmed || found.owner != entry.owner {
                 return Admission::unchanged(Verdict::Replay);

@@ -142,7 +142,7 @@ impl Lease {
         h.update(prefix.as_bytes());
         h.update([0]);
         h.update(window_end.to_be_bytes());
-        let digest = h.finalize();
+        let digest: [u8; 32] = h.finalize().into();
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
         // Positive and non-zero: etcd picks its own ID for 0, and IDs are int64.
