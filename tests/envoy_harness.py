@@ -6,6 +6,7 @@ says so where it changes it."""
 import http.client
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -42,10 +43,42 @@ def envoy_version():
 _ENVOY_VERSION = None
 
 
+def _ephemeral_low():
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_ISSUED_PORTS = set()
+_PORT_RANDOM = random.Random()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, for a server a test starts. It comes from
+    below the kernel's ephemeral range, so no outgoing connection (Envoy to an upstream, a client
+    to Envoy) can be holding it when the server binds a moment later, and it is never handed out
+    twice in one run, so two servers of one test cannot get the same one."""
+    low, high = 20000, _ephemeral_low()
+    for _ in range(200 if high - low >= 1000 else 0):
+        port = _PORT_RANDOM.randrange(low, high)
+        if port in _ISSUED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ISSUED_PORTS.add(port)
+        return port
+    for _ in range(1000):  # an unusual ephemeral range: the kernel's pick, still never twice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def render(policy, **options):
