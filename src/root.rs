@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use gateguard_core::jwt::fetch::FetchResult;
 use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
+use gateguard_core::jwt::keys::MAX_JWKS_BYTES;
 use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{Session, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
@@ -72,13 +73,19 @@ impl Context for GatewayRoot {
             .and_then(|s| String::from_utf8(s).ok())
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
-        let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size).unwrap_or_default();
         let (Some(gateway), Some(remote)) = (self.gateway.clone(), self.remotes.get_mut(index))
         else {
             return;
         };
         let api_name = gateway.api_name(remote.api).to_string();
-        match remote.jwks.on_response(&HostStore, now, status, &body) {
+        let result = if body_size > MAX_JWKS_BYTES {
+            // Never copied into the VM: its memory would keep the peak for good.
+            Err(remote.jwks.on_oversized_response(&HostStore, now))
+        } else {
+            let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size);
+            remote.jwks.on_response(&HostStore, now, status, &body.unwrap_or_default())
+        };
+        match result {
             Ok(FetchResult::Keys(set)) => {
                 log(
                     LogLevel::Info,

@@ -152,6 +152,16 @@ impl SharedJwks {
         result
     }
 
+    /// An answer of `body_size` bytes, more than any key set or discovery document may be
+    /// ([`MAX_JWKS_BYTES`](super::keys::MAX_JWKS_BYTES)): a failed fetch, decided without reading the body, so that an
+    /// identity provider (or whatever answers in its place) sending megabytes never has them
+    /// copied into the VM, whose memory does not shrink back.
+    pub fn on_oversized_response(&mut self, store: &dyn SharedStore, now: u64) -> JwksError {
+        self.fetcher.on_failure(now);
+        release_lease(store, &self.lease_key, self.fetcher.next_attempt());
+        JwksError::TooLarge
+    }
+
     /// When this worker's fetcher will next want to fetch.
     pub fn next_attempt(&self) -> u64 {
         self.fetcher.next_attempt()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::super::fetch::{FetchResult, FETCH_TIMEOUT_SECONDS};
+use super::super::keys::MAX_JWKS_BYTES;
 use super::super::shared_jwks::{JwksRequest, SharedJwks, MIN_FETCH_GAP_SECONDS};
 use super::{jwks, keys, NOW};
 use crate::shared_data::{MemoryStore, SetError, SharedStore, StoreError, CREATE_CAS};
@@ -265,4 +266,27 @@ fn a_new_configuration_adopts_the_published_keys_and_fetches_nothing() {
     let mut reloaded = worker();
     assert!(reloaded.adopt(&store, NOW + 2).is_some());
     assert_eq!(next_fetch(&mut reloaded, &store, NOW + 2), NOW + REFRESH);
+}
+
+#[test]
+fn an_oversized_answer_is_a_failure_that_backs_off_and_keeps_the_last_key_set() {
+    let store = MemoryStore::default();
+    let mut w = worker();
+    assert!(matches!(fetch(&mut w, &store, NOW, &body()), FetchResult::Keys(_)));
+    let published = store.get(KEYS_KEY).unwrap().unwrap();
+
+    // The refresh is answered with more bytes than any key set may have.
+    let due = next_fetch(&mut w, &store, NOW + 1);
+    let err = w.on_oversized_response(&store, due);
+    assert_eq!(err.reason(), format!("JWKS larger than {MAX_JWKS_BYTES} bytes"));
+    // The last good key set stays published, the lease names the backoff, and nobody fetches
+    // again before it.
+    assert_eq!(store.get(KEYS_KEY).unwrap().unwrap(), published);
+    let lease = store.get(LEASE_KEY).unwrap().unwrap().0;
+    let until = u64::from_be_bytes(lease.try_into().unwrap());
+    assert_eq!(until, w.next_attempt());
+    assert!(until > due, "a failure backs off");
+    let mut other = worker();
+    assert!(other.begin(&store, due).is_none());
+    assert_eq!(next_fetch(&mut w, &store, due), until);
 }
