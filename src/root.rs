@@ -11,8 +11,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateguard_core::jwt::fetch::FetchResult;
-use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
 use gateguard_core::jwt::keys::MAX_JWKS_BYTES;
+use gateguard_core::jwt::shared_jwks::{JwksRequest, SharedJwks};
 use gateguard_core::jwt::JwksSource;
 use gateguard_core::replay::etcd::{Session, PASSWORD_ENV, USERNAME_ENV};
 use gateguard_core::replay::{current_layout, ensure_buckets, sweep, Layout, Prepared};
@@ -83,7 +83,9 @@ impl Context for GatewayRoot {
             Err(remote.jwks.on_oversized_response(&HostStore, now))
         } else {
             let body = host::buffer(BufferType::HttpCallResponseBody, 0, body_size);
-            remote.jwks.on_response(&HostStore, now, status, &body.unwrap_or_default())
+            remote
+                .jwks
+                .on_response(&HostStore, now, status, &body.unwrap_or_default())
         };
         match result {
             Ok(FetchResult::Keys(set)) => {

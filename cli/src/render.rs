@@ -174,6 +174,11 @@ pub fn run(args: &Args) -> ExitCode {
         }
     };
     let etcd = compiled.replay_store.etcd();
+    for line in
+        crate::validate::plain_http_jwks_warnings(&args.policy.display().to_string(), &compiled)
+    {
+        eprintln!("{line}");
+    }
     // Before anything is written: --filter-only swaps the policy under a bootstrap that already
     // holds its clusters, so only a full render needs --etcd.
     if !args.filter_only {

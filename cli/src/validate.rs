@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gateguard_core::config::without_bom;
+use gateguard_core::jwt::JwksSource;
 use gateguard_core::locate::secret_spans;
 use gateguard_core::{parse_policy_report, CompiledPolicy, ConfigError, ConfigErrors};
 
@@ -165,6 +166,7 @@ fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
             etcd.cluster
         ));
     }
+    lines.extend(plain_http_jwks_warnings(file, policy));
     let by_envoy: Vec<&str> = policy
         .apis
         .iter()
@@ -193,6 +195,32 @@ fn summary(file: &str, policy: &CompiledPolicy) -> Vec<String> {
             "{file}: note: {} set up Envoy, not the filter: `gateguard render` writes them into the TLS listener and the function_app cluster; a hand-written Envoy configuration must carry them itself",
             for_envoy.join(" and ")
         ));
+    }
+    lines
+}
+
+/// A warning for each remote key set fetched in plain http across a network: whoever sits on
+/// that path can hand the gateway their own keys and mint tokens it accepts (docs/policy.md,
+/// "JWT"). Loopback and https are quiet; an Envoy cluster of your own that adds TLS makes the
+/// warning moot, which is why it is not a refusal.
+pub fn plain_http_jwks_warnings(file: &str, policy: &CompiledPolicy) -> Vec<String> {
+    let mut lines = Vec::new();
+    for api in &policy.apis {
+        let providers = api.jwt.as_ref().map(|j| j.providers()).unwrap_or_default();
+        for provider in providers {
+            let JwksSource::Remote { cluster, uri, .. } = &provider.jwks else {
+                continue;
+            };
+            if let Some(host) = online::plain_http_across_network(uri) {
+                let line = format!(
+                    "{file}: warning: api {}: jwks.uri {uri:?} is plain http to {host:?}, not a loopback address: unless cluster {cluster:?} adds TLS, anyone on the path can replace the keys and mint tokens the gateway accepts; use https",
+                    api.name
+                );
+                if !lines.contains(&line) {
+                    lines.push(line);
+                }
+            }
+        }
     }
     lines
 }
@@ -302,6 +330,40 @@ mod tests {
                 ["p.json: ok (1 APIs: a)"]
             );
         }
+    }
+
+    #[test]
+    fn plain_http_key_sets_across_a_network_are_warned_about() {
+        let api = |name: &str, uri: &str| {
+            format!(
+                r#"{{"name": "{name}", "path_prefix": "/{name}", "jwt": {{"issuers": ["i"],
+                    "audiences": ["a"], "algorithms": ["RS256"],
+                    "jwks": {{"cluster": "idp", "uri": "{uri}"}}}}}}"#
+            )
+        };
+        let warning = |name: &str, uri: &str, host: &str| {
+            format!("p.json: warning: api {name}: jwks.uri \"{uri}\" is plain http to \"{host}\", not a loopback address: unless cluster \"idp\" adds TLS, anyone on the path can replace the keys and mint tokens the gateway accepts; use https")
+        };
+        let text = format!(
+            r#"{{"apis": [{}, {}, {}, {}, {}]}}"#,
+            api("tls", "https://idp.example/keys"),
+            api("local", "http://127.0.0.1:9000/keys"),
+            api("named", "http://localhost/keys"),
+            api("remote", "http://idp.example:8080/keys"),
+            api("tricked", "http://127.0.0.1@evil.example/keys")
+        );
+        assert_eq!(
+            summary_of(&text),
+            [
+                "p.json: ok (5 APIs: tls, local, named, remote, tricked)".to_string(),
+                warning("remote", "http://idp.example:8080/keys", "idp.example"),
+                warning(
+                    "tricked",
+                    "http://127.0.0.1@evil.example/keys",
+                    "evil.example"
+                ),
+            ]
+        );
     }
 
     #[test]

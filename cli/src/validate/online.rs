@@ -111,9 +111,22 @@ fn plain_http_refused(uri: &str) -> Result<(), String> {
     if uri.starts_with("https://") {
         return Ok(());
     }
-    let Some(rest) = uri.strip_prefix("http://") else {
+    if !uri.starts_with("http://") {
         return Err("not an http or https URL".into());
-    };
+    }
+    match plain_http_across_network(uri) {
+        None => Ok(()),
+        Some(host) => Err(format!(
+            "not fetched: plain http to {host:?}, which is not a loopback address (use https)"
+        )),
+    }
+}
+
+/// The host of a plain `http://` URL that is not a loopback address (`127.0.0.0/8`, `::1`,
+/// `localhost`): keys fetched from it cross a network in clear. None for https, loopback, or
+/// anything else.
+pub fn plain_http_across_network(uri: &str) -> Option<&str> {
+    let rest = uri.strip_prefix("http://")?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host = match host.strip_prefix('[') {
@@ -122,13 +135,7 @@ fn plain_http_refused(uri: &str) -> Result<(), String> {
     };
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if loopback {
-        Ok(())
-    } else {
-        Err(format!(
-            "not fetched: plain http to {host:?}, which is not a loopback address (use https)"
-        ))
-    }
+    (!loopback).then_some(host)
 }
 
 /// One identity provider, as the policy describes it.

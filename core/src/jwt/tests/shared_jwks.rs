@@ -272,13 +272,19 @@ fn a_new_configuration_adopts_the_published_keys_and_fetches_nothing() {
 fn an_oversized_answer_is_a_failure_that_backs_off_and_keeps_the_last_key_set() {
     let store = MemoryStore::default();
     let mut w = worker();
-    assert!(matches!(fetch(&mut w, &store, NOW, &body()), FetchResult::Keys(_)));
+    assert!(matches!(
+        fetch(&mut w, &store, NOW, &body()),
+        FetchResult::Keys(_)
+    ));
     let published = store.get(KEYS_KEY).unwrap().unwrap();
 
     // The refresh is answered with more bytes than any key set may have.
     let due = next_fetch(&mut w, &store, NOW + 1);
     let err = w.on_oversized_response(&store, due);
-    assert_eq!(err.reason(), format!("JWKS larger than {MAX_JWKS_BYTES} bytes"));
+    assert_eq!(
+        err.reason(),
+        format!("JWKS larger than {MAX_JWKS_BYTES} bytes")
+    );
     // The last good key set stays published, the lease names the backoff, and nobody fetches
     // again before it.
     assert_eq!(store.get(KEYS_KEY).unwrap().unwrap(), published);
