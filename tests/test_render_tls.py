@@ -194,6 +194,12 @@ def test_render_refuses_what_would_run_otherwise_than_the_policy_says(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f'stands for the policy\'s "upstream": {{"tls": {{"sni": "{APP}"}}}}' in r.stderr
     assert f"host_rewrite_literal: {APP}" in out.read_text()
+    assert "host_rewrite is false" not in r.stderr
+    # Passing the client's Host on is allowed, and said to be what it is.
+    r = rendered(dict(ECHO, upstream={"tls": {"sni": APP, "host_rewrite": False}}), "--upstream", f"{APP}:443")
+    assert r.returncode == 0, r.stderr
+    assert "warning: upstream.tls.host_rewrite is false: the function app gets the Host each client sends" in r.stderr
+    assert "host_rewrite_literal" not in out.read_text()
 
 
 @pytest.mark.parametrize("policy,expected", [

@@ -179,6 +179,22 @@ pub fn run(args: &Args) -> ExitCode {
     {
         eprintln!("{line}");
     }
+    if !args.filter_only
+        && compiled
+            .upstream
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.host_rewrite.is_none())
+    {
+        // The rendered route matches any Host (domains "*"): with no rewrite, whatever Host a
+        // client writes is what the function app gets.
+        eprintln!(
+            "{}: warning: upstream.tls.host_rewrite is false: the function app gets the Host each \
+             client sends, whatever it is (the gateway's route takes any); the app must not build \
+             links, redirects or tenant choices from Host, and an App Service front end routes by it",
+            args.policy.display()
+        );
+    }
     // Before anything is written: --filter-only swaps the policy under a bootstrap that already
     // holds its clusters, so only a full render needs --etcd.
     if !args.filter_only {
