@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::error::{index, join, ConfigError};
 use crate::headers::{is_token, same_header_name};
+use crate::literals::Literals;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -70,7 +71,24 @@ pub struct HeaderRules {
     /// Lower-case names, in the policy's order.
     required: Vec<String>,
     forbidden: Vec<String>,
-    patterns: Vec<(String, Regex)>,
+    patterns: Vec<(String, Matcher)>,
+}
+
+/// How one pattern is matched: literal alternatives (often a shared secret an APIM
+/// `<check-header>` compared) in constant time, anything else by the regex engine.
+#[derive(Debug, Clone)]
+enum Matcher {
+    Literals(Literals),
+    Regex(Regex),
+}
+
+impl Matcher {
+    fn is_match(&self, value: &str) -> bool {
+        match self {
+            Matcher::Literals(l) => l.matches(value),
+            Matcher::Regex(r) => r.is_match(value),
+        }
+    }
 }
 
 /// Why a request's headers were refused; each names the header as the policy spells it.
@@ -156,7 +174,7 @@ impl HeaderRules {
             }
             forbidden.push(n);
         }
-        let mut patterns: Vec<(String, Regex)> = Vec::new();
+        let mut patterns: Vec<(String, Matcher)> = Vec::new();
         for (n, pattern) in &cfg.patterns {
             let field = join(&join(path, "patterns"), n);
             let n = name(n, field.clone())?;
@@ -199,7 +217,11 @@ impl HeaderRules {
                     format!("pattern does not compile: {}", one_line(&e.to_string())),
                 )
             })?;
-            patterns.push((n, regex));
+            let matcher = match Literals::parse(pattern) {
+                Some(literals) => Matcher::Literals(literals),
+                None => Matcher::Regex(regex),
+            };
+            patterns.push((n, matcher));
         }
         Ok(Self {
             required,
@@ -224,7 +246,7 @@ impl HeaderRules {
                 return Err(HeaderError::NotAllowed(name.clone()));
             }
         }
-        for (name, regex) in &self.patterns {
+        for (name, matcher) in &self.patterns {
             // Every spelling a backend may fold into this header, each checked; a second value
             // would reach a backend joined to the first (`a, b`), which the pattern never saw.
             let mut values = headers
@@ -236,7 +258,7 @@ impl HeaderRules {
             };
             if values.next().is_some()
                 || value.len() > MAX_PATTERN_VALUE_BYTES
-                || !regex.is_match(value)
+                || !matcher.is_match(value)
             {
                 return Err(HeaderError::Invalid(name.clone()));
             }

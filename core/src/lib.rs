@@ -14,6 +14,7 @@ pub mod hex;
 pub mod ip_filter;
 pub mod jwt;
 pub mod limits;
+mod literals;
 pub mod locate;
 pub mod memo;
 pub mod methods;
