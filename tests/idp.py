@@ -7,6 +7,7 @@ Run standalone: python3 tests/idp.py PORT JWKS_FILE
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -14,6 +15,10 @@ class IdentityProvider:
     def __init__(self, jwks, port=0):
         self.jwks = jwks
         self.fail_status = None  # e.g. 500 to simulate an outage
+        # Faults served one per request, in order, before answering normally again (see
+        # `fault`); `served` counts the good answers and the faults served.
+        self.script = []
+        self.served = {"good": 0, "faults": 0}
         self.fetches = {"discovery": 0, "jwks": 0}
         self.lock = threading.Lock()
         idp = self
@@ -27,6 +32,10 @@ class IdentityProvider:
                     idp.fetches[kind] += 1
                     fail = idp.fail_status
                     jwks = idp.jwks
+                    fault = idp.script.pop(0) if idp.script else None
+                    idp.served["faults" if fault or fail else "good"] += 1
+                if fault and self.serve_fault(fault):
+                    return
                 if fail:
                     body, status = b'{"error":"unavailable"}', fail
                 elif kind == "discovery":
@@ -39,11 +48,34 @@ class IdentityProvider:
                     body, status = json.dumps(jwks).encode(), 200
                 else:
                     body, status = b'{"error":"not found"}', 404
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the gateway gave up first (an answer later than its timeout)
+
+            def serve_fault(self, fault):
+                """True when the fault was the whole answer; a slow answer is late, then normal."""
+                kind, arg = fault
+                if kind == "slow":
+                    time.sleep(arg)
+                    return False
+                if kind == "close":  # the connection ends without an answer
+                    self.close_connection = True
+                    return True
+                status, body = (arg, b'{"error":"unavailable"}') if kind == "status" else (200, arg)
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the gateway hung up first (a body larger than it reads)
+                return True
 
             def log_message(self, *args):
                 pass
@@ -72,6 +104,21 @@ class IdentityProvider:
     def recover(self):
         with self.lock:
             self.fail_status = None
+
+    def fault(self, *faults):
+        """Serve these, one per request in order, then answer normally: ("status", 503),
+        ("body", bytes) as a 200, ("slow", seconds) before a normal answer, ("close", None) for a
+        connection closed without an answer."""
+        with self.lock:
+            self.script = list(faults)
+
+    def pending_faults(self):
+        with self.lock:
+            return len(self.script)
+
+    def good_answers(self):
+        with self.lock:
+            return self.served["good"]
 
     def count(self, kind="jwks"):
         with self.lock:
