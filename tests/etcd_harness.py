@@ -44,9 +44,10 @@ class Etcd:
     `client_ca` (then clients must present a certificate that chains to it:
     `--client-cert-auth`) with `client_cert`, `client_key` for etcdctl."""
 
-    def __init__(self, name="gateguard", tls=None, fsync=False):
+    def __init__(self, name="gateguard", tls=None, fsync=False, extra_args=()):
         """`fsync`: sync each write to disk as a production etcd does (the benchmark); tests
-        skip it."""
+        skip it. `extra_args`: more etcd flags (`--quota-backend-bytes`...)."""
+        self.extra_args = list(extra_args)
         self.name = name
         self.tls = tls
         self.fsync = fsync
@@ -84,6 +85,7 @@ class Etcd:
             args += ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"])]
             if self.tls.get("client_ca"):
                 args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls["client_ca"])]
+        args += self.extra_args
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
