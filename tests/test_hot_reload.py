@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from envoy_harness import CLI, WASM, Envoy, free_port, request, wait_for
 
@@ -83,6 +84,44 @@ def test_bad_policy_is_refused_and_the_running_one_keeps_serving(reloadable):
     assert request(port, "GET", "/beta/x").status == 200
     assert request(port, "GET", "/gamma/x").status == 404
     assert "gateguard: policy refused" in reloadable.log_text()
+
+
+def test_every_kind_of_bad_update_is_rejected_and_a_good_one_applies_after(reloadable):
+    """Hand-edited or truncated updates of every kind reach Envoy: each is rejected (Envoy's
+    counter, gateguard's log line), the running policy keeps answering as before, the worker
+    VMs survive (no panic: checked at teardown), and the next good update applies."""
+    port = reloadable.ports["listen"]
+    stat = "extension_config_discovery.http_filter.gateguard.update_rejected"
+    filter_file = reloadable.tmp / "ecds" / "gateguard-filter.yaml"
+    document = yaml.safe_load(filter_file.read_text())
+    running = {path: request(port, "GET", path).status for path in ("/alpha/x", "/beta/x", "/gamma/x")}
+    bad = {
+        "not JSON": '{"apis": [{"name": "gamma", "path_prefix": "/gamma"',
+        "empty": "",
+        "not an object": "[]",
+        "an unknown field": json.dumps({"apis": [{"name": "gamma", "path_prefix": "/gamma", "ipfilter": {}}]}),
+        "over 1 MiB": json.dumps({"apis": [{"name": "gamma", "path_prefix": "/gamma"}],
+                                  "padding": "x" * (1024 * 1024 + 1)}),
+        "invalid UTF-8 escape": '{"apis": [{"name": "gamma\\ud800", "path_prefix": "/gamma"}]}',
+    }
+    for kind, policy in bad.items():
+        rejected = int(reloadable.stats().get(stat, "0"))
+        config = document["resources"][0]["typed_config"]["config"]
+        config["configuration"]["value"] = policy
+        tmp = filter_file.with_name(".bad.tmp")
+        tmp.write_text(yaml.safe_dump(document))
+        os.rename(tmp, filter_file)
+        assert wait_for(lambda: int(reloadable.stats().get(stat, "0")) > rejected), kind
+        for path, status in running.items():
+            assert request(port, "GET", path).status == status, (kind, path)
+        assert reloadable.proc.poll() is None, kind
+    assert reloadable.log_text().count("gateguard: policy refused") >= len(bad)
+    # The next good update applies.
+    with_delta = {"apis": V2["apis"] + [{"name": "delta", "path_prefix": "/delta"}]}
+    r = render(reloadable.tmp, with_delta, reloadable.ports, "--filter-only")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: request(port, "GET", "/delta/x").status == 200), "the good update did not apply"
+    assert request(port, "GET", "/beta/x").status == 200
 
 
 def test_a_policy_needing_jwt_authn_is_refused_where_none_runs(reloadable):
