@@ -192,7 +192,9 @@ impl Host for ConfiguredGateway {
                 self.metrics
                     .add(Some(api), REPLAY_RECLAIMED, u64::from(outcome.reclaimed));
                 match outcome.verdict {
-                    Verdict::StoreFull => self.store_full.set(self.store_full.get() + 1),
+                    Verdict::StoreFull => {
+                        self.store_full.set(self.store_full.get().saturating_add(1))
+                    }
                     Verdict::Corrupt
                     | Verdict::MissingBucket
                     | Verdict::Contention

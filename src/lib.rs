@@ -1,6 +1,9 @@
 //! gateguard's proxy-wasm adapter: collects request facts, asks the core for a decision, and
 //! applies it. Everything that decides lives in `gateguard-core`.
 
+// As in the core: no unchecked arithmetic outside tests.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 mod configured;
 mod etcd;
 mod filter;

@@ -318,7 +318,7 @@ impl GatewayRoot {
                 self.occupancy_cursor..end,
                 now,
             );
-            self.occupancy_live += seen.live;
+            self.occupancy_live = self.occupancy_live.saturating_add(seen.live);
             self.occupancy_cursor = end;
             if seen.sealed > 0 {
                 self.occupancy_cursor = 0;
@@ -335,7 +335,7 @@ impl GatewayRoot {
                 LogLevel::Warn,
                 &format!(
                     "gateguard: replay store full: {} new tokens refused (fail closed); raise replay_cache.max_entries (now {})",
-                    full - self.store_full_logged,
+                    full.saturating_sub(self.store_full_logged),
                     policy.replay_cache.max_entries()
                 ),
             );

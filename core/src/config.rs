@@ -200,7 +200,7 @@ impl CompiledPolicy {
             .iter()
             .filter_map(|a| a.jwt.as_ref())
             .flat_map(|j| j.providers())
-            .map(|p| p.slot() + 1)
+            .map(|p| p.slot().saturating_add(1))
             .max()
             .unwrap_or(0)
     }
@@ -351,7 +351,10 @@ fn compile_readable_parts(text: &str, env: EnvLookup<'_>, errors: &mut Vec<Confi
             Ok(_) => {
                 readable.push_str(&format!("{name}:{},", value.get()));
             }
-            Err(e) => add(errors, relocated(e, text, key, name.len() + 2)),
+            Err(e) => add(
+                errors,
+                relocated(e, text, key, name.len().saturating_add(2)),
+            ),
         }
     }
     readable.push_str("\"apis\":[]}");
@@ -410,9 +413,12 @@ fn relocated(mut e: ConfigError, text: &str, path: &str, prefix: usize) -> Confi
     };
     let (l, c) = (e.line.unwrap_or(1), e.column.unwrap_or(0));
     let at = match l {
-        1 if c <= prefix + 1 => (line, column),
-        1 => (line, column + c - prefix - 1),
-        _ => (line + l - 1, c),
+        1 if c <= prefix.saturating_add(1) => (line, column),
+        1 => (
+            line,
+            column.saturating_add(c.saturating_sub(prefix.saturating_add(1))),
+        ),
+        _ => (line.saturating_add(l.saturating_sub(1)), c),
     };
     e.at(at.0, at.1)
 }

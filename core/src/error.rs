@@ -77,7 +77,7 @@ impl ConfigErrors {
     }
 
     pub fn len(&self) -> usize {
-        1 + self.more.len()
+        self.more.len().saturating_add(1)
     }
 
     /// Always false: there is at least one error.
@@ -107,13 +107,13 @@ impl fmt::Display for ConfigErrors {
         }
         write!(f, "{} errors:", self.len())?;
         for (i, e) in self.iter().take(LOGGED_ERRORS).enumerate() {
-            write!(f, " [{}] {e}", i + 1)?;
+            write!(f, " [{}] {e}", i.saturating_add(1))?;
         }
         if self.len() > LOGGED_ERRORS {
             write!(
                 f,
                 " ... and {} more (`gateguard validate` lists them all)",
-                self.len() - LOGGED_ERRORS
+                self.len().saturating_sub(LOGGED_ERRORS)
             )?;
         }
         Ok(())
@@ -161,15 +161,16 @@ fn secret_path_masked(path: String) -> String {
     let (head, tail) = path.split_at(at);
     let mut segments: Vec<&str> = tail.split('.').collect();
     // hmac_secret.<key> or hash_key.<key>, or inject_headers.<header>.<key>
-    let keyed = if tail.starts_with("hmac_secret") || tail.starts_with("hash_key") {
-        2
+    // How many segments name the secret's field before its key.
+    let kept = if tail.starts_with("hmac_secret") || tail.starts_with("hash_key") {
+        1
     } else {
-        3
+        2
     };
-    if let Some(rest) = segments.get(keyed - 1..).filter(|rest| !rest.is_empty()) {
+    if let Some(rest) = segments.get(kept..).filter(|rest| !rest.is_empty()) {
         let key = rest.join(".");
         if key != "value" && key != "env" {
-            segments.truncate(keyed - 1);
+            segments.truncate(kept);
             segments.push("***");
         }
     }
@@ -195,7 +196,7 @@ fn reason_masked(reason: &str) -> String {
         .filter_map(|m| rest.find(m).map(|i| (i, *m)))
         .min_by_key(|(i, _)| *i)
     {
-        let open = at + marker.len();
+        let open = at.saturating_add(marker.len());
         out.push_str(rest.get(..open).unwrap_or(""));
         let quote = if marker.ends_with('"') { '"' } else { '`' };
         let body = rest.get(open..).unwrap_or("");

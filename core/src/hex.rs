@@ -31,12 +31,10 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
 
 /// The value of one hex digit of any case.
 pub fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
+    // ASCII hex digits only: `to_digit` would take no other byte for radix 16 either.
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 #[cfg(test)]

@@ -199,7 +199,7 @@ fn parse_network(s: &str) -> Result<IpNet, String> {
     if let IpNet::V6(v6) = net {
         if let Some(v4) = v6.addr().to_ipv4_mapped() {
             if v6.prefix_len() >= 96 {
-                if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
+                if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len().saturating_sub(96)) {
                     return Ok(IpNet::V4(n));
                 }
             }

@@ -1,6 +1,11 @@
 //! gateguard's policy engine: request facts in, decision out. No proxy-wasm dependency, so
 //! everything here is tested natively; the filter crate is a thin adapter around it.
 
+// Arithmetic on anything a request or a policy carries is checked or saturating: an overflow
+// would panic (and trap the Wasm VM) with overflow checks on, or wrap into a wrong decision
+// without them. Tests may compute freely.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 pub mod audit;
 pub mod client_cert;
 pub mod config;

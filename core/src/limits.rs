@@ -114,7 +114,7 @@ impl LimitsPolicy {
         if self.max_request_header_bytes.is_some() || self.max_header_bytes.is_some() {
             let mut total: u64 = 0;
             for (name, value) in headers {
-                let size = (name.len() + value.len()) as u64;
+                let size = (name.len() as u64).saturating_add(value.len() as u64);
                 if self.max_header_bytes.is_some_and(|max| size > max) {
                     return Err(LimitError::HeaderTooLarge);
                 }

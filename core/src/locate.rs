@@ -17,8 +17,12 @@ pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
     };
     let offset = scanner.find(&target)?;
     let before = text.get(..offset)?;
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let line = before.matches('\n').count().saturating_add(1);
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |l| l.chars().count())
+        .saturating_add(1);
     Some((line, column))
 }
 
@@ -54,13 +58,18 @@ struct Scanner<'a> {
 }
 
 impl Scanner<'_> {
+    /// Moves on `n` bytes (positions stay within the policy text, at most 1 MiB).
+    fn advance(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n);
+    }
+
     fn ws(&mut self) {
         while self
             .bytes
             .get(self.pos)
             .is_some_and(|b| b.is_ascii_whitespace())
         {
-            self.pos += 1;
+            self.advance(1);
         }
     }
 
@@ -70,13 +79,13 @@ impl Scanner<'_> {
         let Some((step, rest)) = path.split_first() else {
             return Some(self.pos);
         };
-        self.depth += 1;
+        self.depth = self.depth.saturating_add(1);
         if self.depth > 64 {
             return None;
         }
         match (step, self.bytes.get(self.pos)?) {
             (Step::Key(want), b'{') => {
-                self.pos += 1;
+                self.advance(1);
                 loop {
                     self.ws();
                     if self.bytes.get(self.pos)? == &b'}' {
@@ -87,20 +96,20 @@ impl Scanner<'_> {
                     if self.bytes.get(self.pos)? != &b':' {
                         return None;
                     }
-                    self.pos += 1;
+                    self.advance(1);
                     if key == *want {
                         return self.find(rest);
                     }
                     self.skip_value()?;
                     self.ws();
                     match self.bytes.get(self.pos)? {
-                        b',' => self.pos += 1,
+                        b',' => self.advance(1),
                         _ => return None,
                     }
                 }
             }
             (Step::Index(want), b'[') => {
-                self.pos += 1;
+                self.advance(1);
                 for i in 0.. {
                     self.ws();
                     if self.bytes.get(self.pos)? == &b']' {
@@ -112,7 +121,7 @@ impl Scanner<'_> {
                     self.skip_value()?;
                     self.ws();
                     match self.bytes.get(self.pos)? {
-                        b',' => self.pos += 1,
+                        b',' => self.advance(1),
                         _ => return None,
                     }
                 }
@@ -127,16 +136,16 @@ impl Scanner<'_> {
             return None;
         }
         let start = self.pos;
-        self.pos += 1;
+        self.advance(1);
         loop {
             match self.bytes.get(self.pos)? {
-                b'\\' => self.pos += 2,
+                b'\\' => self.advance(2),
                 b'"' => {
-                    self.pos += 1;
+                    self.advance(1);
                     let raw = std::str::from_utf8(self.bytes.get(start..self.pos)?).ok()?;
                     return serde_json::from_str(raw).ok();
                 }
-                _ => self.pos += 1,
+                _ => self.advance(1),
             }
         }
     }
@@ -153,17 +162,17 @@ impl Scanner<'_> {
                             self.string()?;
                             continue;
                         }
-                        b'{' | b'[' => depth += 1,
+                        b'{' | b'[' => depth = depth.saturating_add(1),
                         b'}' | b']' => {
                             depth = depth.checked_sub(1)?;
                             if depth == 0 {
-                                self.pos += 1;
+                                self.advance(1);
                                 return Some(());
                             }
                         }
                         _ => {}
                     }
-                    self.pos += 1;
+                    self.advance(1);
                 }
             }
             _ => {
@@ -172,7 +181,7 @@ impl Scanner<'_> {
                     .get(self.pos)
                     .is_some_and(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace())
                 {
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 Some(())
             }
@@ -226,36 +235,41 @@ struct SecretScan<'a> {
 }
 
 impl SecretScan<'_> {
+    /// Moves on `n` bytes.
+    fn advance(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n);
+    }
+
     fn run(&mut self) {
         while let Some(&b) = self.bytes.get(self.pos) {
             match b {
                 b'{' | b'[' => {
                     let child = self.child(b == b'{');
                     self.frames.push(child);
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 b'}' | b']' => {
                     self.frames.pop();
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 b',' => {
                     if let Some(f) = self.frames.last_mut().filter(|f| f.object) {
                         f.expect_key = true;
                         f.key = None;
                     }
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 b':' => {
                     if let Some(f) = self.frames.last_mut() {
                         f.expect_key = false;
                     }
-                    self.pos += 1;
+                    self.advance(1);
                 }
                 b'"' => {
                     let (inner, raw) = self.string();
                     self.token(inner, raw);
                 }
-                _ if b.is_ascii_whitespace() => self.pos += 1,
+                _ if b.is_ascii_whitespace() => self.advance(1),
                 _ => {
                     let start = self.pos;
                     while self
@@ -263,7 +277,7 @@ impl SecretScan<'_> {
                         .get(self.pos)
                         .is_some_and(|c| !c.is_ascii_whitespace() && !b"{}[],:\"".contains(c))
                     {
-                        self.pos += 1;
+                        self.advance(1);
                     }
                     let raw =
                         String::from_utf8_lossy(self.bytes.get(start..self.pos).unwrap_or(&[]));
@@ -318,19 +332,19 @@ impl SecretScan<'_> {
 
     /// Reads a string from its opening quote: (the range of its content, its decoded text).
     fn string(&mut self) -> (Range<usize>, String) {
-        let start = self.pos + 1;
+        let start = self.pos.saturating_add(1);
         let mut i = start;
         let end = loop {
             match self.bytes.get(i) {
                 None | Some(b'\n') => break i,
                 Some(b'"') => break i,
-                Some(b'\\') => i += 2,
-                Some(_) => i += 1,
+                Some(b'\\') => i = i.saturating_add(2),
+                Some(_) => i = i.saturating_add(1),
             }
         };
         let end = end.min(self.bytes.len());
         self.pos = if self.bytes.get(end) == Some(&b'"') {
-            end + 1
+            end.saturating_add(1)
         } else {
             end
         };

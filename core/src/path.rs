@@ -130,18 +130,19 @@ pub fn normalize(target: &str) -> Result<RequestPath<'_>, PathError> {
 fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
+    let mut rest = bytes;
+    while let Some((&b, after)) = rest.split_first() {
         let octet = if b == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex::nibble);
-            let lo = bytes.get(i + 2).copied().and_then(hex::nibble);
-            let (Some(hi), Some(lo)) = (hi, lo) else {
+            let (Some(hi), Some(lo)) = (
+                after.first().copied().and_then(hex::nibble),
+                after.get(1).copied().and_then(hex::nibble),
+            ) else {
                 return Err(PathError::BadEscape);
             };
-            i += 3;
+            rest = after.get(2..).unwrap_or_default();
             let octet = (hi << 4) | lo;
             if octet == b'%' {
-                let next = (bytes.get(i).copied(), bytes.get(i + 1).copied());
+                let next = (rest.first().copied(), rest.get(1).copied());
                 if let (Some(a), Some(b)) = next {
                     if hex::nibble(a).is_some() && hex::nibble(b).is_some() {
                         return Err(PathError::DoubleEncoding);
@@ -155,7 +156,7 @@ fn percent_decode(raw: &str) -> Result<Vec<u8>, PathError> {
             }
             octet
         } else {
-            i += 1;
+            rest = after;
             b
         };
         if octet == b'\\' || octet < 0x20 || octet == 0x7f {

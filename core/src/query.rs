@@ -52,7 +52,7 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
         let (pair, next, sep) = match rest.find(['&', ';']) {
             Some(i) => (
                 rest.get(..i).unwrap_or_default(),
-                Some(rest.get(i + 1..).unwrap_or_default()),
+                Some(rest.get(i..).and_then(|r| r.get(1..)).unwrap_or_default()),
                 rest.get(i..=i).unwrap_or_default(),
             ),
             None => (rest, None, ""),

@@ -181,8 +181,11 @@ pub(crate) fn check_size(input: &[u8]) -> Result<(), Malformed> {
 }
 
 fn pem_to_der(text: &[u8]) -> Result<Vec<u8>, Malformed> {
-    let start = find(text, PEM_BEGIN).ok_or(Malformed::NoCertificatePem)? + PEM_BEGIN.len();
-    let body = text.get(start..).ok_or(Malformed::TruncatedPem)?;
+    let start = find(text, PEM_BEGIN).ok_or(Malformed::NoCertificatePem)?;
+    let body = text
+        .get(start..)
+        .and_then(|rest| rest.get(PEM_BEGIN.len()..))
+        .ok_or(Malformed::TruncatedPem)?;
     let end = find(body, PEM_END).ok_or(Malformed::TruncatedPem)?;
     base64_decode(body.get(..end).ok_or(Malformed::TruncatedPem)?)
 }
@@ -206,19 +209,16 @@ fn base64_decode(text: &[u8]) -> Result<Vec<u8>, Malformed> {
 
 fn percent_decode(input: &[u8]) -> Result<Vec<u8>, Malformed> {
     // percent_encoding passes malformed escapes through; refuse them so garbage is not hashed.
-    let mut i = 0;
-    while let Some(pos) = input
-        .get(i..)
-        .and_then(|rest| rest.iter().position(|b| *b == b'%'))
-    {
-        let at = i + pos;
-        let ok = input
-            .get(at + 1..at + 3)
+    let mut rest = input;
+    while let Some(pos) = rest.iter().position(|b| *b == b'%') {
+        let after = rest.get(pos..).and_then(|r| r.get(1..)).unwrap_or_default();
+        let ok = after
+            .get(..2)
             .is_some_and(|pair| pair.iter().all(u8::is_ascii_hexdigit));
         if !ok {
             return Err(Malformed::BadPercentEncoding);
         }
-        i = at + 3;
+        rest = after.get(2..).unwrap_or_default();
     }
     Ok(percent_encoding::percent_decode(input).collect())
 }

@@ -89,7 +89,7 @@ fn split_unquoted(text: &str, separator: u8) -> Result<Vec<&str>, Malformed> {
         } else if b == separator && !in_quotes {
             // Separators are ASCII, so these indices are char boundaries.
             parts.push(text.get(start..i).ok_or(Malformed::XfccSyntax)?);
-            start = i + 1;
+            start = i.saturating_add(1);
         }
     }
     if in_quotes || escaped {

@@ -16,7 +16,7 @@ pub fn encode(digest: &[u8; 32], exp: u64, claims: &Map<String, Value>) -> Optio
     if json.len() > MAX_CACHED_CLAIMS_BYTES {
         return None;
     }
-    let mut out = Vec::with_capacity(4 + 32 + 8 + json.len());
+    let mut out = Vec::with_capacity(json.len().saturating_add(4 + 32 + 8));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(digest);
     out.extend_from_slice(&exp.to_be_bytes());
@@ -44,5 +44,5 @@ pub fn decode(bytes: &[u8], digest: &[u8; 32], now: u64) -> Option<(Map<String, 
 
 pub fn slot(digest: &[u8; 32], slots: u32) -> u32 {
     let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
-    n % slots.max(1)
+    n.checked_rem(slots).unwrap_or(0)
 }

@@ -144,8 +144,10 @@ pub fn check_proof(
         .ok_or(DpopError::Algorithm)?;
     let jwk = header.get("jwk").ok_or(DpopError::Key)?;
     let key = public_key(jwk, alg)?;
+    // `header.claims`: the proof has exactly two dots, so this is all before the second.
     let signing_input = proof
-        .get(..header_b64.len() + 1 + claims_b64.len())
+        .rsplit_once('.')
+        .map(|(input, _)| input)
         .ok_or(DpopError::Malformed)?;
     if !signature_is_valid(signature, signing_input, &key, alg) {
         return Err(DpopError::BadSignature);

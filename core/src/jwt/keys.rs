@@ -274,7 +274,10 @@ pub(crate) fn parse_jwk_checked(value: &Value, check: PointCheck) -> Option<Veri
 fn rsa_key(n: &[u8], e: &[u8]) -> Option<VerifyingKey> {
     let strip = |b: &[u8]| -> Vec<u8> { b.iter().copied().skip_while(|x| *x == 0).collect() };
     let (n, e) = (strip(n), strip(e));
-    let bits = (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
+    let bits = n
+        .len()
+        .saturating_mul(8)
+        .saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
     if !(2048..=4096).contains(&bits) || e.len() > 5 {
         return None;
     }

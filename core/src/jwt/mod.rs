@@ -392,7 +392,7 @@ impl JwtPolicy {
     pub fn assign_slots(&mut self, mut next: usize) -> usize {
         for p in &mut self.providers {
             p.set_slot(next);
-            next += 1;
+            next = next.saturating_add(1);
         }
         next
     }

@@ -61,8 +61,10 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, JwtError> {
         .get("exp")
         .and_then(numeric_date)
         .ok_or(JwtError::Malformed)?;
+    // Exactly two dots (above): all before the second.
     let signing_input = token
-        .get(..token.len() - signature.len() - 1)
+        .rsplit_once('.')
+        .map(|(input, _)| input)
         .ok_or(JwtError::Malformed)?;
     Ok(ParsedToken {
         header,

@@ -169,6 +169,9 @@ fn concurrent_workers_count_every_call_exactly_once() {
                                 passed.fetch_add(1, Ordering::SeqCst);
                             }
                             Count::Exceeded { .. } => {}
+                            // 8 threads on a loaded machine can keep one losing 64 CAS races
+                            // in a row: refused (fail closed), never counted twice.
+                            Count::Unavailable => {}
                             other => panic!("{other:?}"),
                         }
                     }

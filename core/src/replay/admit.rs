@@ -137,7 +137,12 @@ pub fn admit(
     if live >= capacity {
         return Admission::unchanged(Verdict::StoreFull);
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + (live as usize + 1) * ENTRY_LEN);
+    let mut out = Vec::with_capacity(
+        (live as usize)
+            .saturating_add(1)
+            .saturating_mul(ENTRY_LEN)
+            .saturating_add(HEADER_LEN),
+    );
     out.extend_from_slice(&live_header());
     for raw in raws {
         if raw_expiry(raw) > now {

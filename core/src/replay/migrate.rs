@@ -135,7 +135,8 @@ pub fn ensure_buckets(
         let step = match found {
             None => {
                 // Buckets first: the pointer makes the layout reachable.
-                prepared.created += create_buckets(store, prefix, wanted)?;
+                let created = create_buckets(store, prefix, wanted)?;
+                prepared.created = prepared.created.saturating_add(created);
                 let pointer = Pointer {
                     current: wanted,
                     next: None,
@@ -151,7 +152,7 @@ pub fn ensure_buckets(
                 match pointer.next {
                     Some(next) => {
                         let (migration, created) = migrate(store, prefix, pointer.current, next)?;
-                        prepared.created += created;
+                        prepared.created = prepared.created.saturating_add(created);
                         prepared.migrations.push(migration);
                         let done = Pointer {
                             current: next,
@@ -198,14 +199,14 @@ pub fn create_buckets(
     layout: Layout,
 ) -> Result<u32, StoreError> {
     let fresh = encode(&[]);
-    let mut created = 0;
+    let mut created: u32 = 0;
     for index in 0..layout.buckets {
         let key = layout.bucket_key(prefix, index);
         if store.get(&key)?.is_some() {
             continue;
         }
         match store.set(&key, &fresh, CREATE_CAS) {
-            Ok(()) => created += 1,
+            Ok(()) => created = created.saturating_add(1),
             // Another root context created it between our get and set.
             Err(SetError::CasMismatch) => {}
             Err(SetError::Other(e)) => return Err(e),
@@ -309,7 +310,7 @@ fn migrate_group(
         let mut targets_live = true;
         for (index, entries) in &by_target {
             match merge_into(store, prefix, to, *index, entries)? {
-                Some(copied) => migration.copied += copied,
+                Some(copied) => migration.copied = migration.copied.saturating_add(copied),
                 None => targets_live = false,
             }
         }
@@ -324,8 +325,8 @@ fn migrate_group(
         for source in sources {
             match store.set(&from.bucket_key(prefix, source.index), &marker, source.cas) {
                 Ok(()) => {
-                    migration.sealed += 1;
-                    migration.corrupt += u32::from(source.corrupt);
+                    migration.sealed = migration.sealed.saturating_add(1);
+                    migration.corrupt = migration.corrupt.saturating_add(u32::from(source.corrupt));
                 }
                 Err(e) => match set_failed(e) {
                     None => pending.push(source.index),
@@ -370,27 +371,30 @@ pub(super) fn merge_into(
         };
         let mut at: HashMap<[u8; STORED_DIGEST_LEN], usize> = HashMap::new();
         for (i, raw) in raws.enumerate() {
-            at.insert(parse_entry(raw).digest, HEADER_LEN + i * ENTRY_LEN);
+            at.insert(
+                parse_entry(raw).digest,
+                i.saturating_mul(ENTRY_LEN).saturating_add(HEADER_LEN),
+            );
         }
         let mut out = if value.is_empty() { encode(&[]) } else { value };
         let mut changed: u64 = 0;
         for entry in incoming {
             match at.get(&entry.digest) {
                 Some(&offset) => {
-                    let Some(slot) = out.get_mut(offset..offset + ENTRY_LEN) else {
+                    let Some(slot) = out.get_mut(offset..offset.saturating_add(ENTRY_LEN)) else {
                         return Err(corrupt);
                     };
                     if entry.expiry > raw_expiry(slot) {
                         let mut raw = Vec::with_capacity(ENTRY_LEN);
                         push_entry(&mut raw, entry);
                         slot.copy_from_slice(&raw);
-                        changed += 1;
+                        changed = changed.saturating_add(1);
                     }
                 }
                 None => {
                     at.insert(entry.digest, out.len());
                     push_entry(&mut out, entry);
-                    changed += 1;
+                    changed = changed.saturating_add(1);
                 }
             }
         }

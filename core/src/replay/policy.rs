@@ -147,14 +147,16 @@ impl ReplayCachePolicy {
     /// at most at capacity, so it never holds more than this many entries (live or expired),
     /// but for entries a reload to a smaller size carried over (a migration drops none).
     pub fn max_stored_entries(&self) -> u64 {
-        u64::from(self.buckets) * u64::from(self.capacity())
+        u64::from(self.buckets).saturating_mul(u64::from(self.capacity()))
     }
 
     /// [`Self::max_stored_entries`] in bytes of shared-data values (Envoy adds the keys,
     /// ~30 bytes each, and its own per-key overhead).
     pub fn max_store_bytes(&self) -> u64 {
-        u64::from(self.buckets)
-            * (HEADER_LEN as u64 + u64::from(self.capacity()) * ENTRY_LEN as u64)
+        let bucket = u64::from(self.capacity())
+            .saturating_mul(ENTRY_LEN as u64)
+            .saturating_add(HEADER_LEN as u64);
+        u64::from(self.buckets).saturating_mul(bucket)
     }
 
     /// The key prefix of the replay store under `base`. It does not depend on the policy: every

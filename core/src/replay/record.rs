@@ -271,7 +271,12 @@ pub fn decode(bucket: &[u8]) -> Result<Record, CorruptBucket> {
 /// `encode(&[])` is the fresh bucket configuration writes: the header alone, never an empty
 /// value (the SDK reports an empty value like a missing one).
 pub fn encode(entries: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + entries.len() * ENTRY_LEN);
+    let mut out = Vec::with_capacity(
+        entries
+            .len()
+            .saturating_mul(ENTRY_LEN)
+            .saturating_add(HEADER_LEN),
+    );
     out.extend_from_slice(&LIVE);
     for e in entries {
         push_entry(&mut out, e);
@@ -298,5 +303,5 @@ pub fn bucket_index(digest: &[u8], buckets: u32) -> u32 {
         .get(12..16)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map_or(0, u32::from_be_bytes);
-    n % buckets.max(1)
+    n.checked_rem(buckets).unwrap_or(0)
 }

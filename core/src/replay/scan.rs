@@ -57,24 +57,24 @@ fn scan(
     for index in range.start..range.end.min(layout.buckets) {
         let key = layout.bucket_key(prefix, index);
         let Ok(Some((value, cas))) = store.get(&key) else {
-            occ.unreadable += 1;
+            occ.unreadable = occ.unreadable.saturating_add(1);
             continue;
         };
         let raws = match parse_bucket(&value) {
             Ok(Bucket::Live(raws)) => raws,
             Ok(Bucket::Sealed(_)) => {
-                occ.sealed += 1;
+                occ.sealed = occ.sealed.saturating_add(1);
                 continue;
             }
             Err(_) => {
-                occ.unreadable += 1;
+                occ.unreadable = occ.unreadable.saturating_add(1);
                 continue;
             }
         };
         let stored = raws.len() as u64;
         let live = raws.clone().filter(|raw| raw_expiry(raw) > now).count() as u64;
-        occ.stored += stored;
-        occ.live += live;
+        occ.stored = occ.stored.saturating_add(stored);
+        occ.live = occ.live.saturating_add(live);
         if reclaim && live < stored && cas != 0 {
             let mut out = Vec::with_capacity(value.len());
             out.extend_from_slice(&live_header());
@@ -82,7 +82,7 @@ fn scan(
                 out.extend_from_slice(raw);
             }
             if store.set(&key, &out, cas).is_ok() {
-                occ.reclaimed += stored - live;
+                occ.reclaimed = occ.reclaimed.saturating_add(stored.saturating_sub(live));
             }
         }
     }

@@ -141,7 +141,7 @@ pub(crate) fn on_live_bucket(
                 if out.hops >= MAX_HOPS {
                     return done(out, Verdict::Contention);
                 }
-                out.hops += 1;
+                out.hops = out.hops.saturating_add(1);
                 layout = target;
                 continue;
             }
@@ -158,7 +158,7 @@ pub(crate) fn on_live_bucket(
                 return done(out, admission.verdict);
             }
             Err(SetError::CasMismatch) if out.cas_retries < MAX_CAS_RETRIES => {
-                out.cas_retries += 1;
+                out.cas_retries = out.cas_retries.saturating_add(1);
             }
             Err(SetError::CasMismatch) => return done(out, Verdict::Contention),
             Err(SetError::Other(_)) => return done(out, Verdict::StoreUnavailable),

@@ -39,7 +39,11 @@ impl MemoryStore {
     /// Bytes of keys and values, for measurements.
     pub fn bytes(&self) -> usize {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.map.iter().map(|(k, (v, _))| k.len() + v.len()).sum()
+        inner
+            .map
+            .iter()
+            .map(|(k, (v, _))| k.len().saturating_add(v.len()))
+            .sum()
     }
 }
 

@@ -90,7 +90,7 @@ fn record_confirmed(bucket: &[u8], entry: &Entry, now: u64, capacity: u32) -> Ad
     let Ok(raws) = live_entries(bucket) else {
         return Admission::unchanged(Verdict::Corrupt);
     };
-    let mut out = Vec::with_capacity(bucket.len().max(HEADER_LEN) + ENTRY_LEN);
+    let mut out = Vec::with_capacity(bucket.len().max(HEADER_LEN).saturating_add(ENTRY_LEN));
     out.extend_from_slice(&live_header());
     let mut live: u32 = 0;
     let mut reclaimed: u32 = 0;

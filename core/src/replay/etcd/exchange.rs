@@ -73,7 +73,7 @@ pub struct RemoteCheck {
 impl RemoteCheck {
     /// `{prefix}{hex of the 32-byte digest}`.
     pub fn key(&self, prefix: &str) -> Vec<u8> {
-        let mut key = Vec::with_capacity(prefix.len() + 64);
+        let mut key = Vec::with_capacity(prefix.len().saturating_add(64));
         key.extend_from_slice(prefix.as_bytes());
         key.extend_from_slice(hex::encode(&self.token.digest).as_bytes());
         key
