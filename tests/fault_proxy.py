@@ -92,8 +92,7 @@ class FaultProxy:
         """Copies src → dst (`upward`: client → server) as the mode says, until either closes."""
         src.settimeout(0.1)
         while not self.stopping.is_set():
-            mode = self.mode
-            if mode == "hold" and not state["dead"]:
+            if self.mode == "hold" and not state["dead"]:
                 time.sleep(0.02)
                 continue
             try:
@@ -106,7 +105,8 @@ class FaultProxy:
                 break
             while self.mode == "hold" and not state["dead"] and not self.stopping.is_set():
                 time.sleep(0.02)  # read just before the hold began: held too
-            if state["dead"] or (mode == "answers_lost" and not upward):
+            # The mode as it is now, not as it was when the read began.
+            if state["dead"] or (self.mode == "answers_lost" and not upward):
                 continue  # thrown away
             try:
                 dst.sendall(data)

@@ -209,12 +209,18 @@ def settle(gw, tokens):
 
 
 @pytest.fixture(autouse=True)
-def healed(request, proxy, etcd):
-    """Whatever a test did, the network and etcd are whole again after it."""
+def healed(proxy, etcd, gw, key):
+    """Whatever a test did (or left half done when it failed), the network and etcd are whole
+    again after it: connections a fault may have left mid-frame are reset, and the gateway
+    has reconnected before the next test."""
     yield
     proxy.heal()
     if etcd.running():
         etcd.proc.send_signal(signal.SIGCONT)
+    proxy.cut()
+    time.sleep(0.5)  # the resets have reached Envoy (the proxy's readers notice within 0.1 s)
+    for _ in range(5):  # on every worker, each with its own connections
+        recovered(gw, "deny", "/once/x", key, within=KEEPALIVE_SECONDS + 15)
 
 
 def test_a_stalled_etcd_is_a_timeout_and_what_it_commits_late_stays_spent(gw, etcd, key):
