@@ -238,13 +238,6 @@ def limited_worker(port, deadline, tally, sources):
                 break
 
 
-def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 STAT_NAMES = ("once.allowed", "once.replay_denied", "once.replay_store_full", "once.replay_unavailable",
               "once.jwt_cache_miss", "dpop.allowed", "dpop.jwt_denied", "dpop.dpop_denied",
               "limited.allowed", "limited.rate_limited", "limited.limit_unavailable",
@@ -290,7 +283,6 @@ def main():
     tally, samples = Tally(), []
     try:
         wait_for_jwks(port, idp, key)
-        pid = envoy.proc.pid
         start = time.monotonic()
         deadline = start + SECONDS
         threads = []
@@ -309,7 +301,7 @@ def main():
             stats = gateguard_stats(envoy)
             with tally.lock:
                 requests = sum(tally.counts.values())
-            samples.append((now, rss_kib(pid), requests, stats))
+            samples.append((now, envoy.rss_kib(), requests, stats))
             if len(samples) % 10 == 1:
                 print(f"[{now:6.0f}s] RSS {samples[-1][1] / 1024:.1f} MiB, {requests:,} requests, "
                       f"live replay entries {stats.get('replay_store_live_entries', 0):,}, errors {tally.errors}",
@@ -319,7 +311,7 @@ def main():
             t.join(30)
         elapsed = time.monotonic() - start
         final = gateguard_stats(envoy)
-        samples.append((elapsed, rss_kib(pid), sum(tally.counts.values()), final))
+        samples.append((elapsed, envoy.rss_kib(), sum(tally.counts.values()), final))
         problems = envoy.problems()
     finally:
         envoy.stop()

@@ -306,6 +306,13 @@ class Envoy:
                 return int(stats[key])
         raise KeyError(f"{name} not in stats")
 
+    def rss_kib(self):
+        """Envoy's resident set (VmRSS of its process), in KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for Envoy (pid {self.proc.pid})")
+
     def log_text(self):
         try:
             return self.log_path.read_text(errors="replace")

@@ -39,14 +39,6 @@ NO_KEYS_YET = {
 SLOW = ("slow", 12)
 
 
-def rss_kib(envoy):
-    """Envoy's resident set (VmRSS), in KiB."""
-    for line in open(f"/proc/{envoy.proc.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def jwt_api(name, idp, refresh_seconds):
     return {"name": name, "path_prefix": f"/{name}", "jwt": {
         "issuers": [ISS], "audiences": [AUD], "algorithms": ["RS256"],
@@ -147,7 +139,7 @@ def test_a_flapping_identity_provider_never_opens_and_never_loses_the_last_good_
         time.sleep(0.1)
     assert token_request(gw.port, "/flap/x", old).status == 200
     time.sleep(1.2)  # every worker has adopted it
-    rss_before = rss_kib(gw)
+    rss_before = gw.rss_kib()
     failed_before = gw.counter("gateguard.flap.jwks_fetch_failed")
     faults = [("body", TEN_MB), ("close", None), ("body", b"garbage"), ("body", TEN_MB), ("status", 500)]
     flap.fault(*faults)
@@ -173,7 +165,7 @@ def test_a_flapping_identity_provider_never_opens_and_never_loses_the_last_good_
     time.sleep(1.2)
     assert_jwt_401(token_request(gw.port, "/flap/x", token(key)), INVALID)
     assert gw.counter("gateguard.flap.jwks_fetch_failed") - failed_before == len(faults)
-    rss_after = rss_kib(gw)
+    rss_after = gw.rss_kib()
     print(f"flapping: {checked} requests during {len(faults)} faults; "
           f"Envoy RSS {rss_before // 1024} -> {rss_after // 1024} MiB")
     # Two 10 MB answers went through Envoy: neither stays (nor is copied into a Wasm VM,
@@ -230,7 +222,7 @@ def fill_until_full(send, ttl_seconds, limit=200):
 
 def test_a_full_replay_store_refuses_new_tokens_then_takes_them_once_the_old_expire(stores, key):
     port = stores.replay_port
-    rss_before = rss_kib(stores)
+    rss_before = stores.rss_kib()
 
     first = short_lived(key)
 
@@ -260,7 +252,7 @@ def test_a_full_replay_store_refuses_new_tokens_then_takes_them_once_the_old_exp
     assert token_request(port, "/replayfull/x", again).status == 200
     assert_jwt_401(token_request(port, "/replayfull/x", again), "Token replay detected")
     print(f"replay store: full after {len(statuses) - 1} tokens, new tokens taken again after {recovered:.1f}s "
-          f"(tokens live {TTL}s); RSS {rss_before // 1024} -> {rss_kib(stores) // 1024} MiB")
+          f"(tokens live {TTL}s); RSS {rss_before // 1024} -> {stores.rss_kib() // 1024} MiB")
 
 
 def test_a_full_counter_store_refuses_new_callers_then_takes_them_once_windows_end(stores):

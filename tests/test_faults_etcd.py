@@ -171,13 +171,6 @@ def grew(before, after):
     return {k: after[k] - before[k] for k in before}
 
 
-def rss_kib(envoy):
-    for line in open(f"/proc/{envoy.proc.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def recovered(gw, name, path, key, within):
     """Seconds until a fresh token is accepted again (bounded by `within`), and the 503s meanwhile."""
     start = time.monotonic()
@@ -190,6 +183,17 @@ def recovered(gw, name, path, key, within):
         refused += 1
         time.sleep(0.2)
     raise AssertionError(f"{name}{path}: no recovery within {within}s")
+
+
+def refused_during(gw, proxy, mode, key, n=4):
+    """Puts the link in `mode` and sends `n` fresh tokens at once: each must get the 503 in
+    time. Returns the tokens and their answers."""
+    tokens = [fresh(key) for _ in range(n)]
+    proxy.set(mode)
+    answers = burst(gw, "deny", "/once/x", tokens)
+    for a in answers:
+        assert_unavailable_in_time(a)
+    return tokens, answers
 
 
 def settle(gw, tokens):
@@ -231,7 +235,7 @@ def test_a_stalled_etcd_is_a_timeout_and_what_it_commits_late_stays_spent(gw, et
     it."""
     spent = fresh(key)
     assert call(gw, "deny", "/once/x", spent).status == 200
-    rss = rss_kib(gw)
+    rss = gw.rss_kib()
     deny, allow, withip = counters(gw, "once"), counters(gw, "open"), counters(gw, "withip")
     stalled = [fresh(key) for _ in range(6)]
     owned = fresh(key)
@@ -259,7 +263,7 @@ def test_a_stalled_etcd_is_a_timeout_and_what_it_commits_late_stays_spent(gw, et
     assert call(gw, "deny", "/withip/x", owned, ip=X).status == 200
     r = call(gw, "deny", "/withip/x", owned, ip=Y)
     assert r.status == 401 and r.json() == REPLAY, r
-    growth = rss_kib(gw) - rss
+    growth = gw.rss_kib() - rss
     print(f"stall: {len(stalled)} requests answered in <= {max(x.seconds for x in answers):.2f}s; "
           f"recovered {took:.1f}s after SIGCONT; {spent_late} spent late, {unused} unused; RSS +{growth} KiB")
     assert growth < RSS_BOUND_KIB
@@ -270,11 +274,7 @@ def test_answers_lost_mid_transaction_fail_closed_and_the_committed_token_is_spe
     connections die (reset): 503 in time; afterwards, a token etcd recorded is spent, one it
     never recorded is still unused, and none is accepted twice."""
     before = counters(gw, "once")
-    lost = [fresh(key) for _ in range(4)]
-    proxy.set("answers_lost")
-    answers = burst(gw, "deny", "/once/x", lost)
-    for a in answers:
-        assert_unavailable_in_time(a)
+    lost, answers = refused_during(gw, proxy, "answers_lost", key)
     proxy.cut()
     proxy.heal()
     took, late = recovered(gw, "deny", "/once/x", key, within=15)
@@ -301,7 +301,7 @@ def test_a_silently_dead_connection_is_dropped_by_keepalive_and_service_resumes(
     503 in time; after the link is back, the dead connections are noticed by Envoy's HTTP/2
     keepalive (render's etcd cluster) and new ones work, with no restart."""
     before = counters(gw, "once")
-    rss = rss_kib(gw)
+    rss = gw.rss_kib()
     assert call(gw, "deny", "/once/x", fresh(key)).status == 200
     proxy.set("blackhole")
     dark = time.monotonic()
@@ -314,7 +314,7 @@ def test_a_silently_dead_connection_is_dropped_by_keepalive_and_service_resumes(
     took, late = recovered(gw, "deny", "/once/x", key, within=KEEPALIVE_SECONDS + 15)
     d = grew(before, counters(gw, "once"))
     assert d["replay_unavailable"] == len(answers) + late and d["etcd_timeouts"] >= len(answers), d
-    growth = rss_kib(gw) - rss
+    growth = gw.rss_kib() - rss
     print(f"black hole: {len(answers)} requests refused in time; service back {took:.1f}s after the "
           f"link (keepalive {KEEPALIVE_SECONDS}s); RSS +{growth} KiB")
     assert growth < RSS_BOUND_KIB
@@ -324,11 +324,7 @@ def test_held_traffic_is_a_timeout_then_flows_late_without_harm(gw, proxy, key):
     """Packets held for a while (a congested or flapping link), then delivered: the requests
     waiting meanwhile get 503 in time; what etcd then carries out late is spent; nothing is
     accepted twice."""
-    held = [fresh(key) for _ in range(4)]
-    proxy.set("hold")
-    answers = burst(gw, "deny", "/once/x", held)
-    for a in answers:
-        assert_unavailable_in_time(a)
+    held, _ = refused_during(gw, proxy, "hold", key)
     proxy.heal()
     took, _ = recovered(gw, "deny", "/once/x", key, within=KEEPALIVE_SECONDS + 15)
     spent, unused = settle(gw, held)
